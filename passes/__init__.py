@@ -1,0 +1,19 @@
+"""The zb pass pipeline. The order lives here and nowhere else."""
+
+from zb.passes.capture_joint import capture_joint
+from zb.passes.partition_fw_bw import partition_fw_bw
+from zb.passes.plan import PIECES, InputSpec, Plan, Stage
+from zb.passes.runner import PassError, dump_plan, run_passes
+from zb.passes.split_backward import split_backward
+
+# Each pass takes the Plan and returns it; see each file's docstring for its contract.
+PASSES = [
+    capture_joint,
+    partition_fw_bw,
+    split_backward,
+]
+
+__all__ = [
+    "PASSES", "PIECES", "InputSpec", "Plan", "Stage", "PassError",
+    "capture_joint", "partition_fw_bw", "split_backward", "dump_plan", "run_passes",
+]

@@ -1,0 +1,52 @@
+"""partition_fw_bw: each stage's joint graph -> a forward piece and one (unsplit) backward graph.
+
+Contract
+  input:  `stage.joint` as capture_joint leaves it (placeholders in:<i>, tangent:<j>; outputs out:<j>, grad:<i>).
+  output: `stage.pieces["forward"]`: placeholders in:<i>; outputs out:<j> then saved:<name> for each activation
+          the backward needs. `stage.backward`: placeholders saved:<name> and tangent:<j>; outputs grad:<i>.
+  Which activations are saved and which are recomputed is decided by the same min-cut rematerialisation
+  partitioner Inductor uses, so `compiler="eager"` and `compiler="inductor"` run the same graphs.
+
+    joint:    in:0, in:1, tangent:0 -> out:0, grad:0, grad:1
+    forward:  in:0, in:1            -> out:0, saved:addmm, saved:in_1
+    backward: saved:addmm, saved:in_1, tangent:0 -> grad:0, grad:1
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from zb.passes.plan import Plan, output_keys
+
+
+def partition_fw_bw(plan: Plan) -> Plan:
+    for stage in plan.stages:
+        if stage.joint is None:
+            continue
+        keys = output_keys(stage.joint)
+        num_fwd = sum(1 for k in keys if k is not None and k.startswith("out:"))
+        # The partitioner recognises primals and tangents by placeholder name, which the export guarantees.
+        forward, backward = min_cut_rematerialization_partition(stage.joint, None, num_fwd_outputs=num_fwd)
+        _label(forward, backward, stage, keys[:num_fwd], keys[num_fwd:])
+        stage.pieces["forward"] = forward
+        stage.backward = backward
+        plan.counters["partition_fw_bw.saved_values"] += len(output_keys(forward)) - num_fwd
+    return plan
+
+
+def _label(forward: fx.GraphModule, backward: fx.GraphModule, stage, fwd_keys, grad_keys) -> None:
+    by_name = {n.name: n.meta["zb_key"] for n in stage.joint.graph.find_nodes(op="placeholder")}
+    for node in forward.graph.find_nodes(op="placeholder"):
+        node.meta["zb_key"] = by_name[node.name]
+    (fw_out,) = forward.graph.find_nodes(op="output")
+    saved = fw_out.args[0][len(fwd_keys):]
+    forward.meta["zb_output_keys"] = list(fwd_keys) + [f"saved:{n.name}" for n in saved]
+    # The backward's placeholders are named after the forward outputs they receive (or tangents_<k>).
+    saved_names = {n.name for n in saved}
+    for node in backward.graph.find_nodes(op="placeholder"):
+        node.meta["zb_key"] = f"saved:{node.name}" if node.name in saved_names else by_name[node.name]
+    backward.meta["zb_output_keys"] = list(grad_keys)
+    for gm in (forward, backward):
+        for node in gm.graph.nodes:
+            node.meta.setdefault("zb_stage", stage.index)

@@ -1,0 +1,159 @@
+"""The program zb compiles, as plain data: what every pass reads and writes.
+
+A `Plan` holds the Dynamo graph, a description of its inputs, and one `Stage` per pipeline stage. A stage
+owns its pieces: `forward` (F), `backward_input` (B) and `backward_weight` (W), each an `fx.GraphModule`.
+
+Pieces talk to each other only through *value keys*, strings that name a tensor of one microbatch:
+
+    in:<i>         the i-th input of the Dynamo graph (parameter, buffer or user input)
+    out:<j>        the j-th output of the model (out:0 is the loss when training)
+    tangent:<j>    the incoming gradient of out:<j>
+    saved:<name>   an activation F saves for the backward
+    stash:<name>   a value B computes that W needs
+    grad:<i>       the gradient of in:<i>
+
+Every placeholder of a piece carries its key in `node.meta["zb_key"]`, and `gm.meta["zb_output_keys"]` lists the
+key of each output (None for an output nobody reads). So a piece describes its own calling convention, the
+runtime is a loop over `env[key]`, and the dumps show how data flows between pieces.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+
+from zb.options import Options
+
+PIECES = ("forward", "backward_input", "backward_weight")
+
+InputKind = Literal["parameter", "buffer", "input", "constant"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of the Dynamo graph."""
+
+    index: int
+    kind: InputKind
+    name: str  # "blocks.0.attn.qkv.weight" for a parameter, "x" for a user input
+    requires_grad: bool
+    batched: bool  # split along dim 0 into microbatches
+
+    @property
+    def key(self) -> str:
+        return f"in:{self.index}"
+
+
+@dataclass
+class Stage:
+    index: int
+    joint: fx.GraphModule | None = None
+    pieces: dict[str, fx.GraphModule] = field(default_factory=dict)
+    # The unsplit backward, kept for inspection and for checking the split against it.
+    backward: fx.GraphModule | None = None
+
+    @property
+    def forward(self) -> fx.GraphModule | None:
+        return self.pieces.get("forward")
+
+    @property
+    def backward_input(self) -> fx.GraphModule | None:
+        return self.pieces.get("backward_input")
+
+    @property
+    def backward_weight(self) -> fx.GraphModule | None:
+        return self.pieces.get("backward_weight")
+
+    def graphs(self) -> dict[str, fx.GraphModule]:
+        """Every graph this stage holds, joint and unsplit backward included, by name."""
+        named = {"joint": self.joint, "backward": self.backward, **self.pieces}
+        return {k: v for k, v in named.items() if v is not None}
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+
+
+@dataclass
+class Plan:
+    """What the backend built for one input signature; `zb.explain` returns it."""
+
+    graph: fx.GraphModule  # the Dynamo graph, untouched
+    inputs: list[InputSpec]
+    example_inputs: list[Any]  # one microbatch's inputs, in Dynamo's order
+    num_outputs: int
+    training: bool
+    options: Options
+    stages: list[Stage] = field(default_factory=list)
+    counters: collections.Counter = field(default_factory=collections.Counter)
+    history: list[PassRecord] = field(default_factory=list)
+
+    @property
+    def parameters(self) -> list[InputSpec]:
+        return [s for s in self.inputs if s.kind == "parameter"]
+
+    def summary(self) -> str:
+        """A readable account of what was built: inputs, pieces with op counts, counters, pass times."""
+        lines = [
+            f"zb plan: {len(self.stages)} stage(s), {'training' if self.training else 'inference'}, "
+            f"options {self.options.as_dict()}",
+            f"inputs: {sum(s.kind == 'parameter' for s in self.inputs)} parameters, "
+            f"{sum(s.kind == 'buffer' for s in self.inputs)} buffers, "
+            f"{sum(s.kind == 'input' for s in self.inputs)} user inputs "
+            f"({', '.join(s.name for s in self.inputs if s.kind == 'input')})",
+        ]
+        for stage in self.stages:
+            for name in PIECES:
+                gm = stage.pieces.get(name)
+                if gm is None:
+                    lines.append(f"  stage {stage.index} {name:<16} (empty)")
+                    continue
+                ops = op_counts(gm)
+                top = ", ".join(f"{op} x{n}" for op, n in ops.most_common(6))
+                lines.append(
+                    f"  stage {stage.index} {name:<16} {sum(ops.values()):4d} ops, "
+                    f"{len(input_keys(gm))} inputs -> {len(output_keys(gm))} outputs   [{top}]"
+                )
+        if self.counters:
+            lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counters.items())))
+        if self.history:
+            lines.append("passes: " + ", ".join(f"{r.name} {r.seconds * 1e3:.0f} ms" for r in self.history))
+        return "\n".join(lines)
+
+    def replace(self, **changes: Any) -> Plan:
+        return dataclasses.replace(self, **changes)
+
+
+def input_keys(gm: fx.GraphModule) -> list[str]:
+    return [n.meta["zb_key"] for n in gm.graph.find_nodes(op="placeholder")]
+
+
+def output_keys(gm: fx.GraphModule) -> list[str | None]:
+    return gm.meta["zb_output_keys"]
+
+
+def output_values(gm: fx.GraphModule) -> list[Any]:
+    """The output node's arguments, flattened to one list (graphs here return a flat tuple)."""
+    (out,) = gm.graph.find_nodes(op="output")
+    values = out.args[0]
+    return list(values) if isinstance(values, (tuple, list)) else [values]
+
+
+def op_counts(gm: fx.GraphModule) -> collections.Counter:
+    """How many times each operator is called, by its short name (aten.mm, aten.add, ...)."""
+    counts: collections.Counter = collections.Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            target = node.target
+            name = getattr(target, "__name__", str(target))
+            if isinstance(target, torch._ops.OpOverload):
+                name = f"{target.namespace}.{target._schema.name.split('::')[-1]}"
+            counts[name] += 1
+    return counts

@@ -1,0 +1,67 @@
+"""The invariants every graph satisfies between passes (see passes/README.md), checked after each pass.
+
+The runner calls `verify_plan` after every pass when ZB_VERIFY=1 and always in the test suite (tests/conftest.py
+sets it); a violation raises `InvariantError` naming the pass, the stage, the graph and the node.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from zb.passes.plan import Plan, input_keys, output_keys, output_values
+
+
+class InvariantError(AssertionError):
+    pass
+
+
+def verify_plan(plan: Plan) -> None:
+    for stage in plan.stages:
+        for name, gm in stage.graphs().items():
+            try:
+                verify_graph(gm, stage.index)
+            except InvariantError as e:
+                raise InvariantError(f"stage {stage.index} {name}: {e}") from None
+    _verify_gradients_once(plan)
+
+
+def verify_graph(gm: fx.GraphModule, stage_index: int) -> None:
+    try:
+        gm.graph.lint()
+    except Exception as e:  # fx raises RuntimeError for a malformed graph
+        raise InvariantError(f"graph lint failed: {e}") from None
+    keys = input_keys(gm) if all("zb_key" in n.meta for n in gm.graph.find_nodes(op="placeholder")) else None
+    if keys is None:
+        raise InvariantError("a placeholder has no meta['zb_key']")
+    if len(set(keys)) != len(keys):
+        raise InvariantError(f"duplicate input keys {keys}")
+    outs = output_keys(gm)
+    if len(outs) != len(output_values(gm)):
+        raise InvariantError(f"{len(outs)} output keys for {len(output_values(gm))} outputs")
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "call_function") and "val" not in node.meta:
+            raise InvariantError(f"node {node.name} has no meta['val']")
+        if node.op == "call_function":
+            if node.meta.get("zb_stage") != stage_index:
+                raise InvariantError(f"node {node.name} is tagged zb_stage={node.meta.get('zb_stage')}")
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+                raise InvariantError(f"node {node.name} mutates its input ({target})")
+
+
+def _verify_gradients_once(plan: Plan) -> None:
+    """Every parameter gradient comes from W, once; B produces none; W produces no input gradient."""
+    params = {f"grad:{s.index}" for s in plan.parameters}
+    produced: list[str] = []
+    for stage in plan.stages:
+        b, w = stage.backward_input, stage.backward_weight
+        if b is not None and params & set(output_keys(b)):
+            raise InvariantError(f"stage {stage.index} B produces parameter gradients")
+        if w is not None:
+            grads = [k for k in output_keys(w) if k.startswith("grad:")]
+            if set(grads) - params:
+                raise InvariantError(f"stage {stage.index} W produces input gradients {set(grads) - params}")
+            produced += grads
+    if len(produced) != len(set(produced)):
+        raise InvariantError(f"a parameter gradient is produced more than once: {sorted(produced)}")

@@ -1,0 +1,13 @@
+"""Errors zb raises on purpose: each says what is wrong and what to change."""
+
+
+class ZbError(RuntimeError):
+    """Base class for every error zb raises about a model, an input or an option."""
+
+
+class ZbOptionError(ZbError, ValueError):
+    """An unknown option, or a known option with a wrong value."""
+
+
+class ZbUnsupportedError(ZbError):
+    """The model does something zb cannot compile yet (a graph break, a non-scalar loss, ...)."""
