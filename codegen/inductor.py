@@ -11,12 +11,12 @@ import logging
 import os
 import pathlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.fx as fx
-
+from torch import fx
 from zb.passes.plan import PIECES, PassRecord, Plan, input_keys, output_keys
 from zb.passes.runner import dump_plan
 

@@ -14,6 +14,15 @@ PASSES = [
 ]
 
 __all__ = [
-    "PASSES", "PIECES", "InputSpec", "Plan", "Stage", "PassError",
-    "capture_joint", "partition_fw_bw", "split_backward", "dump_plan", "run_passes",
+    "PASSES",
+    "PIECES",
+    "InputSpec",
+    "PassError",
+    "Plan",
+    "Stage",
+    "capture_joint",
+    "dump_plan",
+    "partition_fw_bw",
+    "run_passes",
+    "split_backward",
 ]

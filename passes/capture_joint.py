@@ -19,13 +19,18 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch._inductor.decomposition  # noqa: F401  (select_decomp_table lives here)
-import torch.fx as fx
-from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput, PlainAOTOutput, TangentAOTInput
+import torch._inductor.decomposition
+from torch import fx
+from torch._functorch._aot_autograd.descriptors import (
+    GradAOTOutput,
+    PlainAOTInput,
+    PlainAOTOutput,
+    TangentAOTInput,
+)
 from torch._functorch.aot_autograd import aot_export_joint_with_descriptors, aot_export_module
+from zb.passes.plan import Plan, Stage
 
 from zb.errors import ZbUnsupportedError
-from zb.passes.plan import Plan, Stage
 
 
 def capture_joint(plan: Plan) -> Plan:

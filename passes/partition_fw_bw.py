@@ -14,9 +14,8 @@ Contract
 
 from __future__ import annotations
 
-import torch.fx as fx
+from torch import fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
-
 from zb.passes.plan import Plan, output_keys
 
 

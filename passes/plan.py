@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from zb.options import Options
 
@@ -43,6 +43,7 @@ class InputSpec:
     name: str  # "blocks.0.attn.qkv.weight" for a parameter, "x" for a user input
     requires_grad: bool
     batched: bool  # split along dim 0 into microbatches
+    source: str = ""  # Dynamo's source, e.g. "L['self']._modules['fc']._parameters['weight']"
 
     @property
     def key(self) -> str:

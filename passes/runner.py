@@ -10,11 +10,12 @@ import logging
 import os
 import pathlib
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from zb.errors import ZbError
 from zb.passes.plan import PassRecord, Plan, input_keys, output_keys
 from zb.passes.verify import verify_plan
+
+from zb.errors import ZbError
 
 log = logging.getLogger(__name__)
 

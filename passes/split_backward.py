@@ -26,8 +26,7 @@ import copy
 import operator
 
 import torch
-import torch.fx as fx
-
+from torch import fx
 from zb.passes.plan import Plan, output_keys, output_values
 
 

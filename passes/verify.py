@@ -7,8 +7,7 @@ sets it); a violation raises `InvariantError` naming the pass, the stage, the gr
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
-
+from torch import fx
 from zb.passes.plan import Plan, input_keys, output_keys, output_values
 
 

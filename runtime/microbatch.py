@@ -9,13 +9,14 @@ microbatch reads them, so activations live from F to B (or W) as the schedule di
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-
 from zb.codegen import CompiledPiece
-from zb.errors import ZbError
 from zb.passes.plan import PIECES, InputSpec, Plan
+
+from zb.errors import ZbError
 
 
 def split_microbatches(specs: Sequence[InputSpec], args: Sequence[Any], microbatches: int) -> list[list[Any]]:

@@ -8,14 +8,16 @@ graph, the plan it built for each input signature, so tests and `zb.explain` can
 from __future__ import annotations
 
 import logging
-import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from zb.codegen import compile_plan
 from zb.errors import ZbUnsupportedError
+from zb.frame import FrameCapture, describe_inputs, placeholders
 from zb.options import Options
 from zb.passes import PASSES, InputSpec, Plan, run_passes
 from zb.runtime import MicrobatchRunner, split_microbatches
@@ -34,8 +36,12 @@ class ZbBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> CompiledGraph:
         if kwargs.get("options") is not None:
             raise ZbUnsupportedError("pass options to ZbBackend(...) or to backend='zb', not both")
-        _reject_graph_break(gm)
-        compiled = CompiledGraph(gm, example_inputs, self.options, codegen=self.codegen)
+        tx = _reject_graph_break(gm)
+        frame = None
+        if tx is not None:
+            inputs = describe_inputs(gm, example_inputs)
+            frame = FrameCapture(tx, {s.index: _source(gm, s.index) for s in inputs if s.kind == "input"})
+        compiled = CompiledGraph(gm, example_inputs, self.options, frame=frame, codegen=self.codegen)
         self.graphs.append(compiled)
         return compiled
 
@@ -50,76 +56,74 @@ def zb_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict 
 
 
 class CompiledGraph:
-    """What Dynamo calls in place of one graph: builds (once per input signature) and runs a plan."""
+    """What Dynamo calls in place of one graph: builds (once per input signature) and runs a plan.
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options, codegen: bool = True):
+    Dynamo's graph is traced at the full batch. When the batch is split (microbatches > 1) or Dynamo made the
+    graph dynamic, the plan is built from the same frame re-traced at microbatch size (see zb/frame.py).
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
+                 frame: FrameCapture | None = None, codegen: bool = True):
         self.gm = gm
         self.options = options
         self.codegen = codegen
         self.inputs = describe_inputs(gm, example_inputs)
+        self.frame = frame
+        self.static = not any(
+            s.kind == "constant" or _has_symbolic_shape(n) for s, n in zip(self.inputs, placeholders(gm))
+        )
         self.plans: dict[tuple, Plan] = {}
-        self._runners: dict[tuple, MicrobatchRunner] = {}
+        self._built: dict[tuple, tuple[MicrobatchRunner | None, list[int]]] = {}
 
     def __call__(self, *args: Any) -> Any:
         training = torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args
         )
         key = (training, *(_signature(a) for a in args))
-        if key not in self.plans:
-            self.plans[key] = self.build_plan(args, training)
-            if self.codegen:
-                self._runners[key] = MicrobatchRunner(self.plans[key], compile_plan(self.plans[key]))
-        if not self.codegen:
+        if key not in self._built:
+            plan, arg_map = self.build_plan(args, training)
+            self.plans[key] = plan
+            runner = MicrobatchRunner(plan, compile_plan(plan)) if self.codegen else None
+            self._built[key] = (runner, arg_map)
+        runner, arg_map = self._built[key]
+        if runner is None:
             return self.gm(*args)
-        return self._runners[key](*args)
+        return runner(*[args[i] for i in arg_map])
 
-    def build_plan(self, args: Sequence[Any], training: bool) -> Plan:
-        specs = [
-            InputSpec(s.index, s.kind, s.name, isinstance(a, torch.Tensor) and a.requires_grad, s.batched)
-            for s, a in zip(self.inputs, args)
-        ]
-        example = split_microbatches(specs, args, self.options.microbatches)[0]
+    def build_plan(self, args: Sequence[Any], training: bool) -> tuple[Plan, list[int]]:
+        """The plan for one call's inputs, and for each of the plan graph's inputs its position in `args`."""
+        outer = [_with_requires_grad(s, a) for s, a in zip(self.inputs, args)]
+        first = split_microbatches(outer, args, self.options.microbatches)[0]
+        if self.static and self.options.microbatches == 1:
+            gm, specs, example, arg_map = self.gm, outer, first, list(range(len(args)))
+        else:
+            if self.frame is None:
+                raise ZbUnsupportedError("this graph was not captured by Dynamo, so zb cannot split its batch")
+            gm, example, inner = self.frame.capture({s.index: first[s.index] for s in outer if s.kind == "input"})
+            position = {s.source: s.index for s in outer}
+            missing = [s.source for s in inner if s.source not in position]
+            if missing:
+                raise ZbUnsupportedError(f"re-tracing at microbatch size read inputs Dynamo did not: {missing}")
+            arg_map = [position[s.source] for s in inner]
+            specs = [_with_requires_grad(s, args[i]) for s, i in zip(inner, arg_map)]
         plan = Plan(
-            graph=self.gm,
+            graph=gm,
             inputs=specs,
-            example_inputs=example,
-            num_outputs=_num_outputs(self.gm),
+            example_inputs=list(example),
+            num_outputs=_num_outputs(gm),
             training=training,
             options=self.options,
         )
-        return run_passes(plan, PASSES)
+        return run_passes(plan, PASSES), arg_map
 
 
-def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[InputSpec]:
-    """Classify Dynamo's graph inputs: parameters, buffers (module state), user inputs, constants."""
-    specs = []
-    for index, (node, value) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), example_inputs)):
-        grapharg = node.meta.get("grapharg")
-        source = getattr(grapharg, "source", None)
-        name = _source_path(source) if source is not None else node.name
-        if isinstance(value, torch.nn.Parameter):
-            kind = "parameter"
-        elif isinstance(value, torch.Tensor):
-            is_local = isinstance(source, torch._dynamo.source.LocalSource)
-            kind = "input" if is_local else "buffer"
-        else:
-            kind = "constant"
-        if kind == "constant" and isinstance(value, torch.SymInt):
-            raise ZbUnsupportedError(
-                "zb compiles static shapes; Dynamo made this graph dynamic (an input changed shape between "
-                "calls). Pass dynamic=False to torch.compile and keep the batch shape fixed."
-            )
-        batched = kind == "input" and value.dim() > 0
-        requires_grad = isinstance(value, torch.Tensor) and value.requires_grad
-        specs.append(InputSpec(index, kind, name, requires_grad, batched))
-    return specs
+def _with_requires_grad(spec: InputSpec, value: Any) -> InputSpec:
+    return replace(spec, requires_grad=isinstance(value, torch.Tensor) and value.requires_grad)
 
 
-def _source_path(source) -> str:
-    """L['self']._modules['fc']._parameters['weight'] -> fc.weight; L['x'] -> x."""
-    parts = re.findall(r"\['([^']*)'\]", source.name)
-    keep = [p for p in parts[1:]] if len(parts) > 1 else parts
-    return ".".join(keep) or source.name
+def _has_symbolic_shape(node: fx.Node) -> bool:
+    value = node.meta.get("example_value")
+    return isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape)
 
 
 def _signature(value: Any) -> Any:
@@ -133,12 +137,17 @@ def _num_outputs(gm: fx.GraphModule) -> int:
     return len(out.args[0]) if isinstance(out.args[0], (tuple, list)) else 1
 
 
-def _reject_graph_break(gm: fx.GraphModule) -> None:
+def _source(gm: fx.GraphModule, index: int):
+    return placeholders(gm)[index].meta["grapharg"].source
+
+
+def _reject_graph_break(gm: fx.GraphModule):
+    """Raise if Dynamo split the frame into several graphs; returns Dynamo's translator (None outside Dynamo)."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     tx = InstructionTranslator.current_tx()
     if tx is None:  # called outside Dynamo (a test handing us a graph directly)
-        return
+        return None
     reason = getattr(tx.output, "compile_subgraph_reason", None)
     resumed = tx.f_code.co_name.startswith("torch_dynamo_resume_in_")
     if (reason is not None and reason.graph_break) or resumed:
@@ -152,3 +161,4 @@ def _reject_graph_break(gm: fx.GraphModule) -> None:
             "Remove what Dynamo cannot trace there (prints, .item(), data-dependent Python control flow), and "
             "use torch.compile(..., fullgraph=True) to see every break."
         )
+    return tx

@@ -1,0 +1,148 @@
+"""Re-capture the compiled frame at microbatch size.
+
+Dynamo traces the user's function at the full batch and bakes shapes into the graph (a `view(8, 16, ...)` means
+"batch 8"), so that graph cannot run one microbatch. Dynamo's translator holds the real frame it traced: its
+code, globals, closure and arguments. `FrameCapture` keeps those (minus the batch tensors, which it does not
+hold on to) and, for a concrete call, traces the same function again on the first microbatch with a capturing
+backend (fullgraph, static shapes). The resulting graph has the same inputs as Dynamo's, matched by source.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch._dynamo.source import GetItemSource, LocalSource
+
+from zb.errors import ZbUnsupportedError
+from zb.passes.plan import InputSpec
+
+
+class FrameCapture:
+    def __init__(self, tx, user_inputs: dict[int, Any]):
+        """`tx`: Dynamo's InstructionTranslator for the frame; `user_inputs`: graph position -> Dynamo source."""
+        code = tx.f_code
+        self.function = types.FunctionType(code, tx.f_globals, code.co_name, None, tx.closure or None)
+        self.sources = user_inputs
+        for source in user_inputs.values():
+            _check_source(source)
+        # Batch tensors are replaced at every call, so the frame does not keep them alive; everything else
+        # (self, flags, containers) is kept as traced.
+        direct = {s.local_name for s in user_inputs.values() if isinstance(s, LocalSource)}
+        self.locals = {k: (None if k in direct else v) for k, v in tx.f_locals.items() if k in _arg_names(code)}
+
+    def capture(self, args_by_position: dict[int, Any]) -> tuple[fx.GraphModule, list[Any], list[InputSpec]]:
+        """Trace the frame with these user inputs; returns (graph, its example inputs, their descriptions)."""
+        local = dict(self.locals)
+        for position, source in self.sources.items():
+            _assign(local, source, args_by_position[position])
+        code = self.function.__code__
+        names = _arg_names(code)
+        positional = [local[n] for n in names[: code.co_argcount]]
+        keyword = {n: local[n] for n in names[code.co_argcount: code.co_argcount + code.co_kwonlyargcount]}
+        rest = names[code.co_argcount + code.co_kwonlyargcount:]
+        if code.co_flags & inspect.CO_VARARGS:
+            positional += list(local[rest.pop(0)])
+        if code.co_flags & inspect.CO_VARKEYWORDS:
+            keyword.update(local[rest.pop(0)])
+
+        captured: list[tuple[fx.GraphModule, list[Any], list[InputSpec]]] = []
+
+        def capture_backend(gm, example_inputs, **_):
+            # Dynamo drops the placeholders' sources once the backend returns: describe the inputs now.
+            captured.append((gm, list(example_inputs), describe_inputs(gm, example_inputs)))
+            return gm.forward
+
+        compiled = torch.compile(
+            self.function, backend=capture_backend, fullgraph=True, dynamic=False, isolate_recompiles=True
+        )
+        try:
+            compiled(*positional, **keyword)
+        except torch._dynamo.exc.Unsupported as e:
+            raise ZbUnsupportedError(f"zb could not re-trace the model at microbatch size: {e}") from None
+        if len(captured) != 1:
+            raise ZbUnsupportedError(f"re-tracing at microbatch size gave {len(captured)} graphs, expected one")
+        return captured[0]
+
+
+def _arg_names(code: types.CodeType) -> list[str]:
+    count = code.co_argcount + code.co_kwonlyargcount
+    count += bool(code.co_flags & inspect.CO_VARARGS) + bool(code.co_flags & inspect.CO_VARKEYWORDS)
+    return list(code.co_varnames[:count])
+
+
+def _check_source(source) -> None:
+    while isinstance(source, GetItemSource):
+        source = source.base
+    if not isinstance(source, LocalSource):
+        raise ZbUnsupportedError(
+            f"zb splits the tensor arguments of the compiled function into microbatches, but one input comes "
+            f"from {source.name}; pass batch tensors as arguments (or in tuples, lists or dicts of arguments)"
+        )
+
+
+def _assign(local: dict, source, value: Any) -> None:
+    """Set the value a LocalSource / GetItemSource chain names, rebuilding tuples on the way."""
+    if isinstance(source, LocalSource):
+        local[source.local_name] = value
+        return
+    path = []
+    while isinstance(source, GetItemSource):
+        path.append(source.index)
+        source = source.base
+    path.reverse()
+    local[source.local_name] = _replace(local[source.local_name], path, value)
+
+
+def _replace(container: Any, path: Sequence[Any], value: Any) -> Any:
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(container, tuple):
+        items = list(container)
+        items[head] = _replace(items[head], rest, value)
+        return type(container)(*items) if hasattr(container, "_fields") else tuple(items)
+    copy = list(container) if isinstance(container, list) else dict(container)
+    copy[head] = _replace(container[head], rest, value)
+    return copy
+
+
+def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[InputSpec]:
+    """Classify Dynamo's graph inputs: parameters, buffers (module state), user inputs, constants."""
+    specs = []
+    for index, (node, value) in enumerate(zip(placeholders(gm), example_inputs)):
+        grapharg = node.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        name = _source_path(source) if source is not None else node.name
+        if isinstance(value, torch.nn.Parameter):
+            kind = "parameter"
+        elif isinstance(value, torch.Tensor):
+            kind = "input" if _is_argument(source) else "buffer"
+        else:
+            kind = "constant"
+        batched = kind == "input" and value.dim() > 0
+        requires_grad = isinstance(value, torch.Tensor) and value.requires_grad
+        specs.append(InputSpec(index, kind, name, requires_grad, batched, source.name if source else node.name))
+    return specs
+
+
+def _is_argument(source) -> bool:
+    while isinstance(source, GetItemSource):
+        source = source.base
+    return isinstance(source, LocalSource)
+
+
+def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return list(gm.graph.find_nodes(op="placeholder"))
+
+
+def _source_path(source) -> str:
+    """L['self']._modules['fc']._parameters['weight'] -> fc.weight; L['x'] -> x."""
+    parts = re.findall(r"\['([^']*)'\]", source.name)
+    keep = [p for p in parts[1:]] if len(parts) > 1 else parts
+    return ".".join(keep) or source.name
