@@ -1,0 +1,5 @@
+import sys
+
+from zb.cli import main
+
+sys.exit(main())
