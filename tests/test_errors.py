@@ -78,7 +78,8 @@ class Breaks(nn.Module):
 
 
 def test_graph_break_is_named_and_suggests_fullgraph():
-    with pytest.raises(Exception, match=r"(?s)zb needs the whole model in one graph.*test_errors.py:\d+.*fullgraph=True"):
+    pattern = r"(?s)zb needs the whole model in one graph.*test_errors.py:\d+.*fullgraph=True"
+    with pytest.raises(Exception, match=pattern):
         _compile(Breaks())(torch.randn(8, 4))
 
 

@@ -134,13 +134,13 @@ def test_every_pass_matches_autograd(name):
     _evaluate(stage.backward_weight, env)
 
     for which, result in (("joint", joint), ("forward/backward", unsplit), ("F/B/W", env)):
-        torch.testing.assert_close(result["out:0"], loss.detach(), msg=lambda m: f"{which} loss: {m}")
+        torch.testing.assert_close(result["out:0"], loss.detach(), msg=lambda m, which=which: f"{which} loss: {m}")
         for key, grad in expected.items():
             if grad is None:
                 assert key not in result or result[key] is None, f"{which}: {key} should get no gradient"
             else:
                 torch.testing.assert_close(result[key], grad, rtol=1e-5, atol=1e-6,
-                                           msg=lambda m: f"{which} {key}: {m}")
+                                           msg=lambda m, which=which, key=key: f"{which} {key}: {m}")
 
 
 def test_runner_names_the_failing_pass_and_those_before_it():

@@ -7,7 +7,6 @@ graph, the plan it built for each input signature, so tests and `zb.explain` can
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -22,9 +21,6 @@ from zb.options import Options
 from zb.passes import PASSES, InputSpec, Plan, run_passes
 from zb.runtime import MicrobatchRunner, split_microbatches
 
-log = logging.getLogger(__name__)
-
-
 class ZbBackend:
     """A torch.compile backend object. `codegen=False` builds plans but runs the Dynamo graph eagerly."""
 
@@ -37,11 +33,7 @@ class ZbBackend:
         if kwargs.get("options") is not None:
             raise ZbUnsupportedError("pass options to ZbBackend(...) or to backend='zb', not both")
         tx = _reject_graph_break(gm)
-        frame = None
-        if tx is not None:
-            inputs = describe_inputs(gm, example_inputs)
-            frame = FrameCapture(tx, {s.index: _source(gm, s.index) for s in inputs if s.kind == "input"})
-        compiled = CompiledGraph(gm, example_inputs, self.options, frame=frame, codegen=self.codegen)
+        compiled = CompiledGraph(gm, example_inputs, self.options, tx=tx, codegen=self.codegen)
         self.graphs.append(compiled)
         return compiled
 
@@ -63,12 +55,14 @@ class CompiledGraph:
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
-                 frame: FrameCapture | None = None, codegen: bool = True):
+                 tx=None, codegen: bool = True):
+        """`tx`: Dynamo's translator for the frame (None when the graph did not come from Dynamo)."""
         self.gm = gm
         self.options = options
         self.codegen = codegen
         self.inputs = describe_inputs(gm, example_inputs)
-        self.frame = frame
+        user_inputs = {s.index: _source(gm, s.index) for s in self.inputs if s.kind == "input"}
+        self.frame = FrameCapture(tx, user_inputs) if tx is not None else None
         self.static = not any(
             s.kind == "constant" or _has_symbolic_shape(n) for s, n in zip(self.inputs, placeholders(gm))
         )

@@ -14,7 +14,8 @@ import importlib
 import importlib.util
 import pathlib
 import sys
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from zb.errors import ZbError
 from zb.options import Options
