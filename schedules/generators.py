@@ -1,0 +1,137 @@
+"""Schedule generators: gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v.
+
+The zero-bubble ones come from the list scheduler (greedy.py) with the policy that defines them; the classic
+ones are written out directly. Every generator returns a compute-only `Schedule`; `simulate` times it.
+"""
+
+from __future__ import annotations
+
+from zb.schedules.actions import BW, Action, B, F, Schedule, ScheduleError, W, looped, one_per_rank, v_shape
+from zb.schedules.costs import Costs
+from zb.schedules.greedy import Policy, greedy
+
+
+def gpipe(ranks: int, microbatches: int) -> Schedule:
+    """All forwards, then all backwards (unsplit): peak memory m microbatches."""
+    actions = []
+    for r in range(ranks):
+        actions.append(tuple(Action(r, F, mb) for mb in range(microbatches))
+                       + tuple(Action(r, BW, mb) for mb in range(microbatches)))
+    return Schedule("gpipe", microbatches, one_per_rank(ranks), tuple(actions))
+
+
+def one_f_one_b(ranks: int, microbatches: int) -> Schedule:
+    """1F1B: rank r warms up with p-1-r forwards, then alternates one F and one (unsplit) backward."""
+    actions = []
+    for r in range(ranks):
+        warmup = min(ranks - 1 - r, microbatches)
+        order = [Action(r, F, mb) for mb in range(warmup)]
+        for mb in range(microbatches - warmup):
+            order += [Action(r, F, warmup + mb), Action(r, BW, mb)]
+        order += [Action(r, BW, mb) for mb in range(microbatches - warmup, microbatches)]
+        actions.append(tuple(order))
+    return Schedule("1f1b", microbatches, one_per_rank(ranks), tuple(actions))
+
+
+def interleaved_1f1b(ranks: int, microbatches: int, chunks: int) -> Schedule:
+    """Megatron's interleaved 1F1B: `chunks` stages per rank (stage s on rank s % p), microbatches in groups of p."""
+    _require(microbatches % ranks == 0, f"interleaved-1f1b needs microbatches divisible by the ranks "
+                                        f"(m={microbatches}, p={ranks})")
+    total = microbatches * chunks
+
+    def virtual(k: int, backward: bool) -> tuple[int, int]:
+        chunk = (k // ranks) % chunks
+        mb = (k // (ranks * chunks)) * ranks + k % ranks
+        return (chunks - 1 - chunk if backward else chunk), mb
+
+    actions = []
+    for r in range(ranks):
+        warmup = min((ranks - r - 1) * 2 + (chunks - 1) * ranks, total)
+        order, fwd, bwd = [], 0, 0
+        for _ in range(warmup):
+            chunk, mb = virtual(fwd, False)
+            order.append(Action(chunk * ranks + r, F, mb))
+            fwd += 1
+        while bwd < total:
+            if fwd < total:
+                chunk, mb = virtual(fwd, False)
+                order.append(Action(chunk * ranks + r, F, mb))
+                fwd += 1
+            chunk, mb = virtual(bwd, True)
+            order.append(Action(chunk * ranks + r, BW, mb))
+            bwd += 1
+        actions.append(tuple(order))
+    return Schedule("interleaved-1f1b", microbatches, looped(ranks, chunks), tuple(actions))
+
+
+def zb_h1(ranks: int, microbatches: int, costs: Costs | None = None) -> Schedule:
+    """ZB-H1: 1F1B's in-flight limit (rank r holds at most p-r microbatches); W fills the gaps."""
+    inflight = tuple(ranks - r for r in range(ranks))
+    policy = Policy(inflight=inflight, pending_w=tuple(range(ranks)), b_first=False)
+    return _zero_bubble("zb-h1", one_per_rank(ranks), microbatches, costs, policy)
+
+
+def zb_h2(ranks: int, microbatches: int, costs: Costs | None = None) -> Schedule:
+    """ZB-H2: extra warm-up forwards (rank r holds up to 2(p-r)-1) fill the warm-up bubble; W fills the drain."""
+    inflight = tuple(2 * (ranks - r) - 1 for r in range(ranks))
+    policy = Policy(inflight=inflight, pending_w=tuple(2 * r for r in range(ranks)), b_first=False)
+    return _zero_bubble("zb-h2", one_per_rank(ranks), microbatches, costs, policy)
+
+
+def zb_v(ranks: int, microbatches: int) -> Schedule:
+    """ZB-V: 2p stages in a V (rank r holds stages r and 2p-1-r, so stage 0 and the loss share rank 0).
+
+    Rank r warms up with 2(p-r)-1 forwards of its first stage, then r forwards alternating between its two
+    stages, then p-r rounds of F, B, W on its second stage; in steady state it runs F, B, W on each stage in
+    turn; the cool-down runs the remaining B, then the W that fill the drain. Built for at least 2p-1
+    microbatches (the length of its warm-up); with fewer, the extra microbatches' actions are left out.
+    """
+    _require(microbatches >= ranks, f"zb-v needs at least as many microbatches as ranks (m={microbatches} < "
+                                    f"p={ranks}); use more microbatches or 1f1b")
+    n = max(microbatches, 2 * ranks - 1)
+    actions = []
+    for r in range(ranks):
+        first, second = r, 2 * ranks - 1 - r
+        count = {F: [0, 0], B: [0, 0], W: [0, 0]}
+        order: list[Action] = []
+
+        def add(kind: str, chunk: int) -> None:
+            order.append(Action((first, second)[chunk], kind, count[kind][chunk]))
+            count[kind][chunk] += 1
+
+        for _ in range(2 * (ranks - r) - 1):
+            add(F, 0)
+        for _ in range(r):
+            add(F, 1)
+            add(F, 0)
+        for _ in range(ranks - r):
+            add(F, 1), add(B, 1), add(W, 1)
+        while count[F][1] < count[F][0] or count[F][0] < n:
+            if count[F][0] < n:
+                add(F, 0)
+            add(B, 0), add(W, 0)
+            add(F, 1), add(B, 1), add(W, 1)
+        for _ in range(r):
+            add(B, 0), add(B, 1)
+        for _ in range(ranks - r):
+            add(B, 0), add(W, 0)
+        while count[W][1] < count[B][1]:
+            add(W, 1)
+        while count[W][0] < count[B][0]:
+            add(W, 0)
+        actions.append(tuple(a for a in order if a.microbatch < microbatches))
+    return Schedule("zb-v", microbatches, v_shape(ranks), tuple(actions))
+
+
+def _zero_bubble(name, placement, microbatches, costs, policy) -> Schedule:
+    ranks = max(placement) + 1
+    _require(microbatches >= ranks, f"{name} needs at least as many microbatches as ranks (m={microbatches} < "
+                                    f"p={ranks}); use more microbatches or 1f1b")
+    costs = costs or Costs.uniform(len(placement))
+    schedule, _ = greedy(name, placement, microbatches, costs, policy)
+    return schedule
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ScheduleError(message)

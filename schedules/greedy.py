@@ -1,0 +1,154 @@
+"""The list scheduler behind the zero-bubble generators: simulate the pipeline and decide, whenever a rank is
+free, what it runs next.
+
+The policy knobs are those of the paper's heuristic: how many microbatches a rank may hold in flight (or a memory
+limit), whether a ready B goes before a ready F, and when a pending W fills an idle gap ("gap": only if the wait
+is at least T_W; "always": whenever the rank would idle). Each stage runs its F and its B in microbatch order.
+The result is the per-rank order; the start times it computes are those `simulate` gives for that order.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+
+from zb.schedules.actions import BW, Action, B, F, Schedule, ScheduleError, W
+from zb.schedules.costs import Costs
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class Policy:
+    split: bool = True  # B and W as separate actions (else one BW)
+    inflight: tuple[int, ...] | None = None  # per rank: microbatch activations held at most (F done, B not)
+    memory_limit: float | None = None  # per rank, in the units of costs.mem_b (counts pending W's M_W too)
+    b_first: bool = True  # a ready B runs before a ready F
+    fill: str = "gap"  # when a pending W runs while no F/B is ready: "gap" or "always"
+    deeper_f_first: bool = True  # among ready forwards on a rank, the later stage first
+    pending_w: tuple[int, ...] | None = None  # per rank: W's that may wait; beyond that a W runs first
+
+
+def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Costs, policy: Policy
+           ) -> tuple[Schedule, float]:
+    """Returns the schedule and its makespan under `costs`."""
+    ranks = max(placement) + 1
+    n = len(placement)
+    stages_of = [sorted((s for s in range(n) if placement[s] == r), reverse=True) for r in range(ranks)]
+    comm = costs.comm
+    back = B if policy.split else BW
+    end: dict[Action, float] = {}
+    next_f, next_b = [0] * n, [0] * n
+    pending_w: list[deque] = [deque() for _ in range(n)]
+    inflight, memory = [0] * ranks, [0.0] * ranks
+    free = [0.0] * ranks
+    orders: list[list[Action]] = [[] for _ in range(ranks)]
+    total = n * microbatches * (3 if policy.split else 2)
+    done = 0
+    heap = [(0.0, r) for r in range(ranks)]
+    waiting: set[int] = set()
+
+    def arrival(dep: Action, rank: int) -> float | None:
+        t = end.get(dep)
+        return None if t is None else t + (comm if placement[dep.stage] != rank else 0.0)
+
+    def f_ready(s: int, rank: int) -> float | None:
+        mb = next_f[s]
+        if mb >= microbatches:
+            return None
+        return 0.0 if s == 0 else arrival(Action(s - 1, F, mb), rank)
+
+    def b_ready(s: int, rank: int) -> float | None:
+        mb = next_b[s]
+        if mb >= next_f[s]:
+            return None
+        own = end[Action(s, F, mb)]
+        if s == n - 1:
+            return own
+        other = arrival(Action(s + 1, back, mb), rank)
+        return None if other is None else max(own, other)
+
+    def f_allowed(s: int, rank: int) -> bool:
+        if policy.inflight is not None and inflight[rank] >= policy.inflight[rank]:
+            return False
+        return policy.memory_limit is None or memory[rank] + costs.mem_b[s] <= policy.memory_limit + 1e-9
+
+    def run(rank: int, action: Action, start: float) -> None:
+        nonlocal done
+        s, kind, mb = action
+        end[action] = free[rank] = start + costs.duration(s, kind)
+        orders[rank].append(action)
+        memory[rank] += costs.memory_delta(s, kind)
+        if kind == F:
+            next_f[s] += 1
+            inflight[rank] += 1
+            wake = [placement[s + 1]] if s + 1 < n else []
+        else:
+            if kind in (B, BW):
+                next_b[s] += 1
+                inflight[rank] -= 1
+                if kind == B:
+                    pending_w[s].append(mb)
+            wake = [placement[s - 1]] if kind != W and s > 0 else []
+        done += 1
+        for other in wake:
+            if other in waiting:
+                waiting.discard(other)
+                free[other] = max(free[other], start)
+                heapq.heappush(heap, (free[other], other))
+        heapq.heappush(heap, (free[rank], rank))
+
+    while heap:
+        t, rank = heapq.heappop(heap)
+        if t != free[rank] or rank in waiting:
+            continue
+        stages = stages_of[rank]
+        fs = [(s, f_ready(s, rank)) for s in stages if next_f[s] < microbatches]
+        bs = [(s, b_ready(s, rank)) for s in stages if next_b[s] < next_f[s]]
+        ws = [s for s in stages if pending_w[s]]
+        f_now = [s for s, r in fs if r is not None and r <= t and f_allowed(s, rank)]
+        if not policy.deeper_f_first:
+            f_now.reverse()
+        b_now = [s for s, r in bs if r is not None and r <= t]
+        over_w = policy.pending_w is not None and sum(len(pending_w[s]) for s in ws) > policy.pending_w[rank]
+        if over_w:  # too many W's wait: the next F waits for one of them (a ready B still goes first)
+            f_now = []
+        blocked_f = [s for s, r in fs if r is not None and r <= t and s not in f_now]
+        if (policy.memory_limit is not None or over_w) and ws and blocked_f and not b_now:
+            # An F is ready but memory (or the W cap) is full and no B can free it: a W frees M_W.
+            s = ws[0]
+            run(rank, Action(s, W, pending_w[s].popleft()), t)
+            continue
+        first, second = (b_now, f_now) if policy.b_first else (f_now, b_now)
+        pick = first or second
+        if pick:
+            s = pick[0]
+            kind = (back if pick is b_now else F)
+            mb = next_b[s] if kind == back else next_f[s]
+            run(rank, Action(s, kind, mb), t)
+            continue
+        known = [r for _, r in fs + bs if r is not None and (r > t)]
+        next_known = min(known) if known else INF
+        if ws:
+            unknown = [s for s, r in fs + bs if r is None]
+            bound = next_known
+            if unknown:
+                bound = min(bound, t + comm + min(costs.f[s] for s in unknown))
+            s = ws[0]
+            if policy.fill == "always" or bound - t >= costs.w[s] - 1e-9 or not (fs or bs):
+                run(rank, Action(s, W, pending_w[s].popleft()), t)
+                continue
+        if done == total:
+            break
+        if next_known < INF:
+            free[rank] = next_known
+            heapq.heappush(heap, (next_known, rank))
+        elif fs or bs or ws:
+            waiting.add(rank)
+    if done != total:
+        raise ScheduleError(
+            f"{name}: no schedule fits these constraints (every rank waits); raise the memory limit"
+        )
+    schedule = Schedule(name, microbatches, tuple(placement), tuple(tuple(o) for o in orders))
+    return schedule, max(end.values())
