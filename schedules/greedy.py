@@ -25,14 +25,16 @@ class Policy:
     inflight: tuple[int, ...] | None = None  # per rank: microbatch activations held at most (F done, B not)
     memory_limit: float | None = None  # per rank, in the units of costs.mem_b (counts pending W's M_W too)
     b_first: bool = True  # a ready B runs before a ready F
-    fill: str = "gap"  # when a pending W runs while no F/B is ready: "gap" or "always"
+    fill: str | tuple[str, ...] = "gap"  # when a pending W runs while no F/B is ready: "gap" or "always" (per rank)
     deeper_f_first: bool = True  # among ready forwards on a rank, the later stage first
     pending_w: tuple[int, ...] | None = None  # per rank: W's that may wait; beyond that a W runs first
+    reserve: int = 0  # W's kept back for the drain: before a rank's last F, a gap is filled only beyond these
+    gap_fraction: float | tuple[float, ...] = 1.0  # fill="gap": a W runs when the wait is >= this x T_W (per rank)
 
 
 def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Costs, policy: Policy
-           ) -> tuple[Schedule, float]:
-    """Returns the schedule and its makespan under `costs`."""
+           ) -> tuple[Schedule, tuple[float, float]]:
+    """Returns the schedule and its (longest rank span, makespan) under `costs`, as `simulate` would time it."""
     ranks = max(placement) + 1
     n = len(placement)
     stages_of = [sorted((s for s in range(n) if placement[s] == r), reverse=True) for r in range(ranks)]
@@ -136,7 +138,12 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
             if unknown:
                 bound = min(bound, t + comm + min(costs.f[s] for s in unknown))
             s = ws[0]
-            if policy.fill == "always" or bound - t >= costs.w[s] - 1e-9 or not (fs or bs):
+            draining = not fs
+            held = sum(len(pending_w[x]) for x in ws)
+            fill = policy.fill if isinstance(policy.fill, str) else policy.fill[rank]
+            fraction = policy.gap_fraction if isinstance(policy.gap_fraction, float) else policy.gap_fraction[rank]
+            wants = fill == "always" or bound - t >= fraction * costs.w[s] - 1e-9
+            if not (fs or bs) or (wants and (draining or held > policy.reserve)):
                 run(rank, Action(s, W, pending_w[s].popleft()), t)
                 continue
         if done == total:
@@ -151,4 +158,6 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
             f"{name}: no schedule fits these constraints (every rank waits); raise the memory limit"
         )
     schedule = Schedule(name, microbatches, tuple(placement), tuple(tuple(o) for o in orders))
-    return schedule, max(end.values())
+    first_start = [end[o[0]] - costs.duration(o[0].stage, o[0].kind) for o in orders if o]
+    spans = [end[o[-1]] - start for o, start in zip((o for o in orders if o), first_start)]
+    return schedule, (max(spans), max(end.values()) - min(first_start))

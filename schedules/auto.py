@@ -1,0 +1,78 @@
+"""zb-auto: the shortest schedule under a per-rank memory limit, for the given per-stage costs.
+
+"Shortest" is the longest rank span (first start to last end on a rank): the time one training step takes in
+steady state, the paper's cost; the makespan breaks ties. Candidates, all timed with the same model:
+  * the paper's heuristic, as the list scheduler (greedy.py) under the memory limit, over its knobs: a warm-up
+    staircase (rank r holds at most k(p-r) microbatches, or no cap but memory), a ready B before a ready F or
+    not, and how eagerly a W fills an idle gap;
+  * the handcrafted zb-h1, zb-h2 and 1f1b when their peak memory fits.
+So zb-auto is never worse than zb-h1 at `1p` nor than zb-h2 at `2p`. Candidates run best-first within a time
+budget (large pipelines: the budget keeps planning under 2 s for p=32, m=256; see bench/schedules.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from zb.schedules.actions import Schedule, ScheduleError, one_per_rank
+from zb.schedules.costs import Costs, parse_memory_limit
+from zb.schedules.generators import one_f_one_b, zb_h1, zb_h2
+from zb.schedules.greedy import Policy, greedy
+from zb.schedules.simulate import simulate
+
+DEFAULT_LIMIT = "2p"
+BUDGET_S = 1.2
+
+
+def zb_auto(ranks: int, microbatches: int, costs: Costs, memory_limit: str | float | None = None,
+            budget_s: float = BUDGET_S) -> Schedule:
+    if costs.num_stages != ranks:
+        raise ScheduleError(f"zb-auto places one stage per rank: costs cover {costs.num_stages} stages for "
+                            f"{ranks} ranks")
+    unit = max(costs.mem_b)  # one microbatch's activations on the most loaded rank
+    limit = parse_memory_limit(DEFAULT_LIMIT if memory_limit is None else memory_limit, unit, ranks)
+    if limit + 1e-9 < unit:
+        raise ScheduleError(
+            f"memory limit {limit:g} is below what any schedule needs: one microbatch in flight on a stage takes "
+            f"{unit:g} (M_B); give at least that (for example '1p' = {ranks * unit:g})"
+        )
+    deadline = time.perf_counter() + budget_s
+    best: tuple[tuple[float, float], Schedule] | None = None
+
+    def consider(schedule: Schedule, key: tuple[float, float] | None = None) -> None:
+        nonlocal best
+        if key is None:
+            timeline = simulate(schedule, costs)
+            if max(timeline.peak_memory) > limit + 1e-9:
+                return
+            key = (max(timeline.span(r) for r in range(ranks)), timeline.makespan)
+        if best is None or key < best[0]:
+            best = (key, schedule)
+
+    if microbatches >= ranks:
+        for make in (zb_h1, zb_h2):
+            consider(make(ranks, microbatches))
+    consider(one_f_one_b(ranks, microbatches))
+    for policy in _policies(ranks, limit):
+        if best is not None and time.perf_counter() > deadline:
+            break
+        try:
+            schedule, key = greedy("zb-auto", one_per_rank(ranks), microbatches, costs, policy)
+        except ScheduleError:
+            continue
+        consider(schedule, key)
+    if best is None:
+        raise ScheduleError(f"no schedule keeps every rank within memory limit {limit:g}; raise the limit")
+    chosen = best[1]
+    return Schedule("zb-auto", chosen.num_microbatches, chosen.placement, chosen.actions)
+
+
+def _policies(ranks: int, limit: float):
+    """The heuristic's knob settings, the ones that won most often on the benchmark's costs first."""
+    stairs = [tuple(2 * (ranks - r) for r in range(ranks)), tuple(2 * (ranks - r) - 1 for r in range(ranks)),
+              None, tuple(ranks - r for r in range(ranks))]
+    for inflight, b_first, fraction in itertools.product(stairs, (True, False), (0.75, 1.0, 0.5)):
+        yield Policy(inflight=inflight, memory_limit=limit, b_first=b_first, fill="gap", gap_fraction=fraction)
+    for inflight, b_first in itertools.product(stairs, (True, False)):
+        yield Policy(inflight=inflight, memory_limit=limit, b_first=b_first, fill="always")
