@@ -1,10 +1,13 @@
 """The `zb` command line (also `python -m zb`).
 
     zb inspect MODULE:FACTORY [--microbatches N] [--compiler eager|inductor] [--out DIR]
+    zb schedule --schedule zb-h2 --stages 4 --microbatches 8 --costs F=1,B=1,W=1,comm=0 [--memory-limit 2p]
+                [--chunks 2] [--out timeline.svg] [--csv out.csv] [--json]
 
 MODULE is a dotted module name or a path to a .py file; FACTORY() returns (model, example_args). `inspect`
 runs every zb pass on the model (nothing is compiled or trained), prints the plan's summary and writes each
-stage's graphs as readable Python files under --out.
+stage's graphs as readable Python files under --out. `schedule` generates a pipeline schedule, times it with the
+simulator and prints a text timeline and a summary (makespan, bubble rate, peak memory per rank).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 from collections.abc import Callable
 
 from zb.errors import ZbError
+from zb.schedules.actions import ScheduleError
 from zb.options import Options
 
 
@@ -32,10 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("target", metavar="MODULE:FACTORY", help="FACTORY() returns (model, example_args)")
     inspect.add_argument("--out", default="zb-inspect", help="directory for the graph files (default: %(default)s)")
     _add_option_flags(inspect)
+    inspect.set_defaults(run=_inspect)
+    _add_schedule_command(commands)
     args = parser.parse_args(argv)
     try:
-        return _inspect(args)
-    except ZbError as e:
+        return args.run(args)
+    except (ZbError, ScheduleError) as e:
         print(f"zb: error: {e}", file=sys.stderr)
         return 2
 
@@ -66,6 +72,55 @@ def _inspect(args: argparse.Namespace) -> int:
     print(plan.summary())
     written = dump_plan(plan, pathlib.Path(args.out))
     print(f"wrote {len(written)} graph files to {args.out}/: " + ", ".join(p.name for p in written))
+    return 0
+
+
+def _add_schedule_command(commands) -> None:
+    from zb.schedules import SCHEDULES
+
+    schedule = commands.add_parser(
+        "schedule", help="generate, simulate and draw a pipeline schedule (no torch needed)", allow_abbrev=False
+    )
+    schedule.add_argument("--schedule", choices=SCHEDULES, default="zb-h1")
+    schedule.add_argument("--stages", type=int, default=4, help="pipeline stages in all (ranks = stages / chunks)")
+    schedule.add_argument("--microbatches", type=int, default=8)
+    schedule.add_argument("--chunks", type=int, default=None,
+                          help="stages per rank: 2 for zb-v, >= 2 for interleaved-1f1b, else 1 (the default)")
+    schedule.add_argument("--costs", default="F=1,B=1,W=1,comm=0",
+                          help="per-stage times and memory: F=,B=,W=,comm=,MB=,MW= (a:b:c for one value per stage)")
+    schedule.add_argument("--memory-limit", default=None, help="zb-auto's per-rank limit: '1p', '2p' or a number")
+    schedule.add_argument("--load-csv", metavar="FILE", help="read the schedule from a torch-format CSV instead")
+    schedule.add_argument("--out", metavar="FILE", help="write the timeline picture (.png or .svg)")
+    schedule.add_argument("--csv", metavar="FILE", help="write the schedule as torch.distributed.pipelining CSV")
+    schedule.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    schedule.add_argument("--width", type=int, default=100, help="columns of the text timeline")
+    schedule.set_defaults(run=_schedule)
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    import json
+
+    from zb.schedules import Costs, draw, from_csv, generate, simulate, to_csv, to_text, validate
+
+    if args.load_csv:
+        plan = from_csv(args.load_csv)
+        validate(plan)
+    else:
+        costs = Costs.parse(args.costs, args.stages)
+        plan = generate(args.schedule, args.stages, args.microbatches, costs, args.memory_limit, args.chunks)
+    timeline = simulate(plan, Costs.parse(args.costs, plan.num_stages))
+    if args.out:
+        draw(timeline, args.out)
+    if args.csv:
+        to_csv(plan, args.csv)
+    if args.json:
+        print(json.dumps({**timeline.summary(), "schedule": plan.as_lists()}))
+        return 0
+    print(to_text(timeline, args.width))
+    print(f"makespan {timeline.makespan:g}, bubble rate {timeline.bubble_rate:.4f}, peak memory per rank "
+          f"{[round(p, 6) for p in timeline.peak_memory]}")
+    for path in filter(None, (args.out, args.csv)):
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,0 +1,70 @@
+"""Pictures of a timed schedule: a timeline (PNG or SVG, matplotlib) and a compact text rendering."""
+
+from __future__ import annotations
+
+import pathlib
+
+from zb.schedules.actions import BW, B, F, W
+from zb.schedules.simulate import Timeline
+
+COLOURS = {F: "#4c72b0", B: "#55a868", W: "#dd8452", BW: "#8172b3"}
+LETTERS = {F: "F", B: "B", W: "W", BW: "X"}
+
+
+def title(timeline: Timeline) -> str:
+    peaks = ", ".join(f"{p:g}" for p in timeline.peak_memory)
+    return (f"{timeline.schedule.name}: {timeline.schedule.num_ranks} ranks, {timeline.schedule.num_stages} stages, "
+            f"{timeline.schedule.num_microbatches} microbatches; bubble rate {timeline.bubble_rate:.4f}, "
+            f"makespan {timeline.makespan:g}, peak memory per rank [{peaks}]")
+
+
+def draw(timeline: Timeline, path: str | pathlib.Path) -> pathlib.Path:
+    """Write the timeline picture; the format follows the suffix (.png or .svg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    path = pathlib.Path(path)
+    ranks = timeline.schedule.num_ranks
+    origin = min(timeline.start.values())
+    fig, ax = plt.subplots(figsize=(min(24, 4 + timeline.makespan / 4), 0.5 * ranks + 1.6))
+    for rank in range(ranks):
+        for action, start, end in timeline.rank_actions(rank):
+            ax.broken_barh([(start - origin, end - start)], (rank - 0.4, 0.8),
+                           facecolors=COLOURS[action.kind], edgecolors="white", linewidth=0.5)
+            if end - start > timeline.makespan / 150:
+                label = str(action.microbatch)
+                if timeline.schedule.num_stages > ranks:  # several stages per rank: say which one
+                    label = f"{action.stage}:{label}"
+                ax.text((start + end) / 2 - origin, rank, label, ha="center", va="center", fontsize=6, color="white")
+    ax.set_yticks(range(ranks), [f"rank {r}" for r in range(ranks)])
+    ax.invert_yaxis()
+    ax.set_xlim(0, timeline.makespan)
+    ax.set_xlabel("time")
+    kinds = [k for k in (F, B, W, BW) if any(a.kind == k for a in timeline.start)]
+    ax.legend(handles=[Patch(color=COLOURS[k], label=k) for k in kinds], loc="upper left", fontsize=7,
+              bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title(timeline), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def to_text(timeline: Timeline, width: int = 100) -> str:
+    """One line per rank: each action drawn over the columns its time covers ('.' is idle)."""
+    origin = min(timeline.start.values())
+    scale = width / timeline.makespan
+    lines = [title(timeline)]
+    for rank in range(timeline.schedule.num_ranks):
+        row = ["."] * width
+        for action, start, end in timeline.rank_actions(rank):
+            a, b = int(round((start - origin) * scale)), int(round((end - origin) * scale))
+            b = max(b, a + 1)
+            label = f"{LETTERS[action.kind]}{action.microbatch}"
+            cells = (label + LETTERS[action.kind].lower() * width)[: b - a]
+            row[a:b] = list(cells)[: max(0, min(b, width) - a)]
+        lines.append(f"rank {rank:2d} |{''.join(row[:width])}|")
+    return "\n".join(lines)
