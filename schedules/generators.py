@@ -89,38 +89,39 @@ def zb_v(ranks: int, microbatches: int) -> Schedule:
     _require(microbatches >= ranks, f"zb-v needs at least as many microbatches as ranks (m={microbatches} < "
                                     f"p={ranks}); use more microbatches or 1f1b")
     n = max(microbatches, 2 * ranks - 1)
-    actions = []
-    for r in range(ranks):
-        first, second = r, 2 * ranks - 1 - r
-        count = {F: [0, 0], B: [0, 0], W: [0, 0]}
-        order: list[Action] = []
+    actions = tuple(tuple(a for a in _zb_v_rank(r, ranks, n) if a.microbatch < microbatches) for r in range(ranks))
+    return Schedule("zb-v", microbatches, v_shape(ranks), actions)
 
-        def add(kind: str, chunk: int) -> None:
-            order.append(Action((first, second)[chunk], kind, count[kind][chunk]))
+
+def _zb_v_rank(r: int, ranks: int, n: int) -> list[Action]:
+    stages = (r, 2 * ranks - 1 - r)
+    count = {F: [0, 0], B: [0, 0], W: [0, 0]}
+    order: list[Action] = []
+
+    def add(*steps: tuple[str, int]) -> None:
+        for kind, chunk in steps:
+            order.append(Action(stages[chunk], kind, count[kind][chunk]))
             count[kind][chunk] += 1
 
-        for _ in range(2 * (ranks - r) - 1):
-            add(F, 0)
-        for _ in range(r):
-            add(F, 1)
-            add(F, 0)
-        for _ in range(ranks - r):
-            add(F, 1), add(B, 1), add(W, 1)
-        while count[F][1] < count[F][0] or count[F][0] < n:
-            if count[F][0] < n:
-                add(F, 0)
-            add(B, 0), add(W, 0)
-            add(F, 1), add(B, 1), add(W, 1)
-        for _ in range(r):
-            add(B, 0), add(B, 1)
-        for _ in range(ranks - r):
-            add(B, 0), add(W, 0)
-        while count[W][1] < count[B][1]:
-            add(W, 1)
-        while count[W][0] < count[B][0]:
-            add(W, 0)
-        actions.append(tuple(a for a in order if a.microbatch < microbatches))
-    return Schedule("zb-v", microbatches, v_shape(ranks), tuple(actions))
+    for _ in range(2 * (ranks - r) - 1):
+        add((F, 0))
+    for _ in range(r):
+        add((F, 1), (F, 0))
+    for _ in range(ranks - r):
+        add((F, 1), (B, 1), (W, 1))
+    while count[F][1] < count[F][0] or count[F][0] < n:
+        if count[F][0] < n:
+            add((F, 0))
+        add((B, 0), (W, 0), (F, 1), (B, 1), (W, 1))
+    for _ in range(r):
+        add((B, 0), (B, 1))
+    for _ in range(ranks - r):
+        add((B, 0), (W, 0))
+    while count[W][1] < count[B][1]:
+        add((W, 1))
+    while count[W][0] < count[B][0]:
+        add((W, 0))
+    return order
 
 
 def _zero_bubble(name, placement, microbatches, costs, policy) -> Schedule:

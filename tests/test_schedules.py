@@ -1,0 +1,262 @@
+"""Schedules: generators against the paper's closed forms, the simulator, validation, lowering, CSV, pictures."""
+
+import json
+import pathlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zb.cli import main
+from zb.schedules import (
+    SCHEDULES, Action, Costs, Schedule, ScheduleError, check_deadlock_free, draw, from_csv, generate, lower,
+    simulate, to_csv, to_text, validate,
+)
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+PAPER = dict(f=18.522, b=18.086, w=9.337, comm=0.601)  # 1.5B model, p=8, m=24 (A100 profile)
+
+
+def _bubble(timeline):
+    """Idle time of the longest rank (span minus busy time): the closed forms' 'bubble per rank'."""
+    ranks = range(timeline.schedule.num_ranks)
+    longest = max(ranks, key=lambda r: (timeline.span(r), timeline.work(r)))
+    return timeline.span(longest) - timeline.work(longest)
+
+
+# Costs in the paper's regime: T_W <= T_F <= T_B.
+costs_f_b_w = st.tuples(st.integers(1, 4), st.integers(0, 3), st.integers(1, 4)).map(
+    lambda t: (t[0], t[0] + t[1], min(t[2], t[0]))
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(2, 8), extra=st.integers(0, 12), fbw=costs_f_b_w)
+def test_one_f_one_b_bubble_and_memory(p, extra, fbw):
+    f, b, w = fbw
+    m = p + extra
+    t = simulate(generate("1f1b", p, m), Costs.uniform(p, f, b, w))
+    assert _bubble(t) == pytest.approx((p - 1) * (f + b + w))
+    assert t.bubble_rate == pytest.approx((p - 1) * (f + b + w) / ((m + p - 1) * (f + b + w)))
+    assert t.peak_memory[0] == p
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(2, 8), extra=st.integers(0, 12), fbw=costs_f_b_w)
+def test_zb_h1_bubble_and_memory(p, extra, fbw):
+    f, b, w = fbw
+    t = simulate(generate("zb-h1", p, p + extra), Costs.uniform(p, f, b, w))
+    assert _bubble(t) == pytest.approx((p - 1) * (f + b - w))
+    assert t.peak_memory[0] == p  # rank 0 holds p microbatches' M_B, no W waiting
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(2, 8), extra=st.integers(0, 12), fbw=costs_f_b_w)
+def test_zb_h2_bubble_and_memory(p, extra, fbw):
+    f, b, w = fbw
+    t = simulate(generate("zb-h2", p, 2 * p - 1 + extra), Costs.uniform(p, f, b, w))
+    assert _bubble(t) == pytest.approx((p - 1) * (f + b - 2 * w))
+    assert t.peak_memory[0] == 2 * p - 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=st.integers(2, 8), extra=st.integers(0, 12), cost=st.integers(1, 3))
+def test_zb_v_has_no_bubble_when_f_b_w_are_equal(p, extra, cost):
+    t = simulate(generate("zb-v", 2 * p, 2 * p - 1 + extra), Costs.uniform(2 * p, cost, cost, cost))
+    assert _bubble(t) == pytest.approx(0)
+    assert max(t.peak_memory) == 2 * p  # 2p half-size stages in flight: p M_B
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=st.integers(2, 6), groups=st.integers(1, 4), v=st.integers(2, 3), fbw=costs_f_b_w)
+def test_interleaved_1f1b_bubble_shrinks_by_chunks(p, groups, v, fbw):
+    f, b, w = fbw
+    t = simulate(generate("interleaved-1f1b", p * v, p * groups, chunks=v), Costs.uniform(p * v, f, b, w))
+    assert _bubble(t) == pytest.approx((p - 1) * (f + b + w))  # each chunk costs 1/v of a full stage here
+    assert max(t.peak_memory) > p
+
+
+def test_paper_bubble_rates_for_the_1_5b_model():
+    costs = Costs.uniform(8, **PAPER)
+    measured = {name: simulate(generate(name, 8, 24), costs).bubble_rate for name in ("1f1b", "zb-h1", "zb-h2")}
+    assert measured["1f1b"] == pytest.approx(0.2431, abs=0.02)
+    assert measured["zb-h1"] == pytest.approx(0.1585, abs=0.02)
+    assert measured["zb-h2"] == pytest.approx(0.1083, abs=0.02)
+
+
+@pytest.mark.xfail(strict=True, reason="zb-auto measures 0.0436 at 2p on these costs; the paper's ZB-2p reports "
+                                       "0.0433 (see docs/schedules.md)")
+def test_zb_auto_at_2p_matches_the_papers_zb_2p():
+    costs = Costs.uniform(8, **PAPER)
+    assert simulate(generate("zb-auto", 8, 24, costs, "2p"), costs).bubble_rate <= 0.0433
+
+
+@settings(max_examples=25, deadline=None)
+@given(p=st.integers(2, 6), extra=st.integers(0, 8), fbw=costs_f_b_w, comm=st.sampled_from([0, 0.1, 0.5]),
+       skew=st.sampled_from([1.0, 1.5]))
+def test_zb_auto_is_never_worse_than_zb_h1_at_1p_nor_zb_h2_at_2p(p, extra, fbw, comm, skew):
+    f, b, w = fbw
+    m = p + extra
+    # the first and last stages carry more (embedding, loss): per-stage costs differ
+    scale = [skew] + [1.0] * (p - 2) + [skew]
+    costs = Costs(tuple(f * s for s in scale), tuple(b * s for s in scale), tuple(w * s for s in scale), comm)
+
+    def span(schedule):
+        t = simulate(schedule, costs)
+        return max(t.span(r) for r in range(p))
+
+    auto_1p = generate("zb-auto", p, m, costs, "1p")
+    auto_2p = generate("zb-auto", p, m, costs, "2p")
+    assert max(simulate(auto_1p, costs).peak_memory) <= p * max(costs.mem_b) + 1e-9
+    assert span(auto_1p) <= span(generate("zb-h1", p, m)) + 1e-9
+    assert span(auto_2p) <= span(generate("zb-h2", p, m)) + 1e-9
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_schedule_validates_lowers_and_cannot_deadlock(name):
+    stages = 8 if name in ("zb-v", "interleaved-1f1b") else 4
+    schedule = generate(name, stages, 8)
+    validate(schedule)
+    lowered = lower(schedule)
+    check_deadlock_free(lowered)
+    sends = sum(a.kind.startswith("SEND") for acts in lowered.actions for a in acts)
+    receives = sum(a.kind.startswith("RECV") for acts in lowered.actions for a in acts)
+    assert sends == receives > 0
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_golden_schedules(name):
+    stages = 8 if name in ("zb-v", "interleaved-1f1b") else 4
+    text = generate(name, stages, 8).text() + "\n"
+    path = GOLDEN / f"{name}_s{stages}_m8.txt"
+    assert text == path.read_text(), f"{name} changed; if intended, regenerate {path}"
+
+
+def test_action_text_round_trip():
+    for text in ("1F3", "0B2", "0W2", "12BW7", "1SEND_F3", "2RECV_B0"):
+        assert str(Action.parse(text)) == text
+    with pytest.raises(ScheduleError, match="cannot parse action 'F3'"):
+        Action.parse("F3")
+    schedule = generate("zb-h1", 3, 4)
+    assert Schedule.from_text(schedule.text(), schedule.placement, 4, "zb-h1") == schedule
+
+
+def test_validate_names_the_broken_rule():
+    good = generate("zb-h1", 2, 2)
+    rows = [list(r) for r in good.actions]
+
+    def with_rows(rows):
+        return Schedule("bad", 2, good.placement, tuple(tuple(r) for r in rows))
+
+    duplicate = [rows[0] + [rows[0][0]], rows[1]]
+    with pytest.raises(ScheduleError, match="0F0 appears 2 times"):
+        validate(with_rows(duplicate))
+    wrong_rank = [rows[0] + [Action(1, "F", 0)], rows[1]]
+    with pytest.raises(ScheduleError, match="rank 0 runs 1F0, but stage 1 lives on rank 1"):
+        validate(with_rows(wrong_rank))
+    w_first = list(rows[0])
+    i, j = w_first.index(Action(0, "B", 1)), w_first.index(Action(0, "W", 1))
+    w_first[i], w_first[j] = w_first[j], w_first[i]
+    with pytest.raises(ScheduleError, match="rank 0 runs 0W1 before 0B1"):
+        validate(with_rows([w_first, rows[1]]))
+    # rank 0 waits for 1B0 before sending 0F1; rank 1 wants 0F1 before it runs 1F0: a cycle across ranks
+    parse = lambda text: [Action.parse(a) for a in text.split()]  # noqa: E731
+    crossed = [parse("0F0 0B0 0W0 0F1 0B1 0W1"), parse("1F1 1F0 1B0 1W0 1B1 1W1")]
+    with pytest.raises(ScheduleError, match="deadlocks: every rank waits"):
+        validate(with_rows(crossed))
+
+
+def test_lowered_schedule_with_a_receive_before_its_send_deadlocks():
+    lowered = lower(generate("1f1b", 2, 2))
+    rank0, rank1 = list(lowered.actions[0]), list(lowered.actions[1])
+    # rank 0 waits for a gradient before it sends the activation rank 1 needs to produce it
+    rank0.remove(Action(0, "RECV_B", 0))
+    rank0.insert(0, Action(0, "RECV_B", 0))
+    broken = Schedule("x", 2, lowered.placement, (tuple(rank0), tuple(rank1)))
+    with pytest.raises(ScheduleError, match="lowered schedule deadlocks: rank 0 at 0RECV_B0"):
+        check_deadlock_free(broken)
+
+
+@pytest.mark.parametrize("request_, message", [
+    (dict(name="zb-h1", stages=4, microbatches=3), "zb-h1 needs at least as many microbatches as ranks"),
+    (dict(name="zb-h2", stages=4, microbatches=2), "zb-h2 needs at least as many microbatches as ranks"),
+    (dict(name="zb-v", stages=8, microbatches=2), "zb-v needs at least as many microbatches as ranks"),
+    (dict(name="zb-v", stages=6, microbatches=8, chunks=3), "zb-v places exactly 2 stages per rank"),
+    (dict(name="zb-v", stages=7, microbatches=8), "7 stages cannot be spread over ranks with 2 chunks"),
+    (dict(name="interleaved-1f1b", stages=8, microbatches=6), "microbatches divisible by the ranks"),
+    (dict(name="zb-auto", stages=4, microbatches=8, memory_limit=0.5), "below what any schedule needs"),
+    (dict(name="zb-auto", stages=4, microbatches=8, memory_limit="lots"), "give a number or a multiple of p"),
+    (dict(name="1f1b", stages=4, microbatches=8, memory_limit="1p"), "applies to zb-auto only"),
+    (dict(name="zb-h3", stages=4, microbatches=8), "unknown schedule 'zb-h3'"),
+])
+def test_impossible_requests_name_the_constraint(request_, message):
+    with pytest.raises(ScheduleError, match=message):
+        generate(**request_)
+
+
+def test_simulator_reports_a_deadlocked_order():
+    schedule = Schedule("stuck", 1, (0, 1), ((Action(0, "BW", 0), Action(0, "F", 0)), (Action(1, "F", 0),
+                                                                                       Action(1, "BW", 0))))
+    with pytest.raises(ScheduleError, match="deadlocks"):
+        simulate(schedule, Costs.uniform(2))
+
+
+def test_costs_parse_per_stage_values():
+    costs = Costs.parse("F=1:2:2:1,B=2,W=1,comm=0.5,MB=4", 4)
+    assert costs.f == (1, 2, 2, 1) and costs.b == (2,) * 4 and costs.comm == 0.5 and costs.mem_w == (2,) * 4
+    with pytest.raises(ScheduleError, match="F lists 2 values for 4 stages"):
+        Costs.parse("F=1:2", 4)
+    with pytest.raises(ScheduleError, match="cannot read cost 'X=1'"):
+        Costs.parse("X=1", 4)
+
+
+def test_csv_round_trip_uses_torch_names(tmp_path):
+    from torch.distributed.pipelining.schedules import _Action
+
+    for name in ("zb-h1", "1f1b"):
+        schedule = generate(name, 4, 8)
+        path = tmp_path / f"{name}.csv"
+        to_csv(schedule, path)
+        cells = path.read_text().splitlines()[0].split(",")
+        assert [str(_Action.from_str(c)) for c in cells] == cells  # torch reads every cell
+        kinds = {c.rstrip("0123456789")[-1] for c in cells}
+        assert kinds == ({"F", "I", "W"} if name == "zb-h1" else {"F", "B"})
+        back = from_csv(path, name=name)
+        assert back == schedule
+
+
+def test_csv_reads_torch_idle_cells_and_rejects_comms(tmp_path):
+    path = tmp_path / "torch.csv"
+    path.write_text("0F0,,0I0,0W0\n,1F0,1I0,1W0\n")
+    schedule = from_csv(path)
+    validate(schedule)
+    assert schedule.placement == (0, 1) and schedule.num_microbatches == 1
+    path.write_text("0F0,0SEND_F0\n")
+    with pytest.raises(ScheduleError, match="compute-only"):
+        from_csv(path)
+
+
+def test_pictures(tmp_path):
+    timeline = simulate(generate("zb-v", 8, 8), Costs.uniform(8))
+    for suffix in ("png", "svg"):
+        path = draw(timeline, tmp_path / f"t.{suffix}")
+        assert path.stat().st_size > 1000
+    assert "bubble rate" in (tmp_path / "t.svg").read_text()
+    text = to_text(timeline, width=60).splitlines()
+    assert text[0].startswith("zb-v: 4 ranks, 8 stages, 8 microbatches; bubble rate")
+    assert len(text) == 5 and all(len(line) == len("rank  0 |") + 61 for line in text[1:])
+
+
+def test_cli_json_and_files(tmp_path, capsys):
+    args = ["schedule", "--schedule", "zb-h2", "--stages", "4", "--microbatches", "8",
+            "--costs", "F=1,B=1,W=1,comm=0", "--out", str(tmp_path / "t.svg"), "--csv", str(tmp_path / "t.csv")]
+    assert main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"makespan", "bubble_rate", "peak_memory", "schedule"}
+    assert result["bubble_rate"] == 0 and result["peak_memory"] == [7, 6, 5, 4]
+    assert result["schedule"][0][:2] == ["0F0", "0F1"]
+    assert (tmp_path / "t.svg").exists() and (tmp_path / "t.csv").exists()
+    assert main(["schedule", "--load-csv", str(tmp_path / "t.csv")]) == 0
+    assert "bubble rate 0.0000" in capsys.readouterr().out
+    assert main(["schedule", "--schedule", "zb-v", "--stages", "6", "--chunks", "3"]) == 2
+    assert "zb-v places exactly 2 stages per rank" in capsys.readouterr().err
