@@ -39,11 +39,14 @@ class CompiledPiece:
         return tuple(self.run(args))
 
 
-def compile_plan(plan: Plan, dump_dir: str | None = None) -> dict[tuple[int, str], CompiledPiece]:
-    """Compile every piece of every stage; returns {(stage index, piece name): CompiledPiece}."""
+def compile_plan(plan: Plan, dump_dir: str | None = None, stages: set[int] | None = None
+                 ) -> dict[tuple[int, str], CompiledPiece]:
+    """Compile every piece of the given stages (default: all); returns {(stage index, piece name): piece}."""
     start = time.perf_counter()
     compiled = {}
     for stage in plan.stages:
+        if stages is not None and stage.index not in stages:
+            continue
         for name in PIECES:
             gm = stage.pieces.get(name)
             if gm is not None:

@@ -2,12 +2,14 @@
 
 from zb.passes.capture_joint import capture_joint
 from zb.passes.partition_fw_bw import partition_fw_bw
+from zb.passes.partition_stages import partition_stages
 from zb.passes.plan import PIECES, InputSpec, Plan, Stage
 from zb.passes.runner import PassError, dump_plan, run_passes
 from zb.passes.split_backward import split_backward
 
 # Each pass takes the Plan and returns it; see each file's docstring for its contract.
 PASSES = [
+    partition_stages,
     capture_joint,
     partition_fw_bw,
     split_backward,

@@ -1,17 +1,17 @@
-"""capture_joint: the Dynamo graph -> one joint forward/backward graph per stage (AOTAutograd).
+"""capture_joint: each stage's torch-level graph -> its joint forward/backward graph (AOTAutograd).
 
 Contract
-  input:  `plan.graph` is a Dynamo graph whose placeholders are described by `plan.inputs` (parameters lifted to
-          inputs); `plan.example_inputs` holds one microbatch. When training, output 0 is a scalar float loss.
-  output: training  -> stage 0 gets `joint`: placeholders `in:<i>` (every graph input, in order) then
-                       `tangent:0`; outputs `out:<j>` for each model output, then `grad:<i>` for each input
-                       (None where the input gets no gradient). Aten-level, functional, Inductor decompositions.
-          inference -> stage 0 gets `forward` directly (placeholders `in:<i>`, outputs `out:<j>`).
-  Outputs other than the loss are detached before tracing: only the loss is differentiated, so the backward
-  takes exactly one tangent.
+  input:  `stage.graph` as partition_stages leaves it (placeholders in:<i> / act:<name>, outputs act:<name> /
+          out:<j>) and `stage.example_inputs` (one microbatch). When training, the plan's output 0 is a scalar
+          float loss, computed by the last stage.
+  output: training  -> `stage.joint`: the stage's inputs, then tangent:<key> for every differentiable output;
+                       outputs: the stage's outputs, then grad:<key> for each input (None where it gets none).
+                       Aten-level, functional, Inductor's decompositions.
+          inference -> `stage.pieces["forward"]` directly (the stage's inputs -> its outputs).
+  On the last stage, outputs other than the loss are detached before tracing: only the loss is differentiated.
 
-    Dynamo:  fc_w, x, y -> (loss, logits)
-    joint:   in:0, in:1, in:2, tangent:0 -> (out:0, out:1, grad:0, None, None)
+    stage graph: in:0 (w), act:h          -> act:y
+    joint:       in:0, act:h, tangent:act:y -> act:y, grad:in:0, grad:act:h
 """
 
 from __future__ import annotations
@@ -19,60 +19,62 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch._inductor.decomposition
-from torch import fx
-from torch._functorch._aot_autograd.descriptors import (
-    GradAOTOutput,
-    PlainAOTInput,
-    PlainAOTOutput,
-    TangentAOTInput,
-)
+import torch._inductor.decomposition  # noqa: F401  (select_decomp_table lives here)
+import torch.fx as fx
+from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput, PlainAOTOutput, TangentAOTInput
 from torch._functorch.aot_autograd import aot_export_joint_with_descriptors, aot_export_module
-from zb.passes.plan import Plan, Stage
 
 from zb.errors import ZbUnsupportedError
+from zb.passes.plan import Plan, grad_key, input_keys, output_keys, tangent_key
 
 
 def capture_joint(plan: Plan) -> Plan:
     _check_outputs(plan)
     decompositions = torch._inductor.decomposition.select_decomp_table()
-    module = _LossFirst(plan.graph)
-    args = tuple(plan.example_inputs)
-    if plan.training:
-        with contextlib.ExitStack() as stack:
-            joint = aot_export_joint_with_descriptors(stack, module, args, decompositions=decompositions)
-        _reject_extra_state(joint.params_spec, joint.buffers_spec)
-        gm = joint.graph_module
-        _flatten_calling_convention(gm)
-        _label_joint(gm, plan)
-        stage = Stage(index=0, joint=gm)
-        plan.counters["capture_joint.joint_nodes"] += _compute_nodes(gm)
-    else:
-        with torch.no_grad():
-            gm, signature = aot_export_module(module, args, trace_joint=False, decompositions=decompositions)
-        _reject_extra_state(signature.parameters, signature.buffers)
-        for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
-            node.meta["zb_key"] = f"in:{i}"
-        gm.meta["zb_output_keys"] = [f"out:{j}" for j in range(plan.num_outputs)]
-        stage = Stage(index=0, pieces={"forward": gm})
-    for node in stage.graphs()[("joint" if plan.training else "forward")].graph.nodes:
-        node.meta["zb_stage"] = 0
-    plan.stages = [stage]
+    last = len(plan.stages) - 1
+    for stage in plan.stages:
+        module = _LossFirst(stage.graph) if stage.index == last else _AsTuple(stage.graph)
+        args = tuple(stage.example_inputs)
+        keys_in, keys_out = input_keys(stage.graph), output_keys(stage.graph)
+        if plan.training:
+            with contextlib.ExitStack() as stack:
+                joint = aot_export_joint_with_descriptors(stack, module, args, decompositions=decompositions)
+            _reject_extra_state(joint.params_spec, joint.buffers_spec)
+            gm = joint.graph_module
+            gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs, no pytrees
+            gm.recompile()
+            _label_joint(gm, keys_in, keys_out)
+            stage.joint = gm
+            plan.counters["capture_joint.joint_nodes"] += sum(n.op == "call_function" for n in gm.graph.nodes)
+        else:
+            with torch.no_grad():
+                gm, signature = aot_export_module(module, args, trace_joint=False, decompositions=decompositions)
+            _reject_extra_state(signature.parameters, signature.buffers)
+            for key, node in zip(keys_in, gm.graph.find_nodes(op="placeholder")):
+                node.meta["zb_key"] = key
+            gm.meta["zb_output_keys"] = list(keys_out)
+            stage.pieces["forward"] = gm
+        for node in gm.graph.nodes:
+            node.meta["zb_stage"] = stage.index
     return plan
 
 
-class _LossFirst(torch.nn.Module):
-    """Calls the Dynamo graph and detaches every output but the loss, so only the loss is differentiated."""
-
+class _AsTuple(torch.nn.Module):
     def __init__(self, gm: fx.GraphModule):
         super().__init__()
         self.gm = gm
 
     def forward(self, *args):
         outs = self.gm(*args)
-        outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
-        rest = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outs[1:])
-        return (outs[0], *rest)
+        return tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+
+
+class _LossFirst(_AsTuple):
+    """Calls the stage graph and detaches every output but the loss, so only the loss is differentiated."""
+
+    def forward(self, *args):
+        outs = super().forward(*args)
+        return (outs[0], *(o.detach() if isinstance(o, torch.Tensor) else o for o in outs[1:]))
 
 
 def _check_outputs(plan: Plan) -> None:
@@ -105,19 +107,13 @@ def _reject_extra_state(params, buffers) -> None:
         )
 
 
-def _flatten_calling_convention(gm: fx.GraphModule) -> None:
-    # The export wraps inputs and outputs in pytrees; pieces here take and return flat tuples.
-    gm.graph._codegen = fx.graph.CodeGen()
-    gm.recompile()
-
-
-def _label_joint(gm: fx.GraphModule, plan: Plan) -> None:
+def _label_joint(gm: fx.GraphModule, keys_in: list[str], keys_out: list[str]) -> None:
     for node in gm.graph.find_nodes(op="placeholder"):
         desc = node.meta.get("desc")
         if isinstance(desc, PlainAOTInput):
-            node.meta["zb_key"] = f"in:{desc.idx}"
+            node.meta["zb_key"] = keys_in[desc.idx]
         elif isinstance(desc, TangentAOTInput) and isinstance(desc.output, PlainAOTOutput):
-            node.meta["zb_key"] = f"tangent:{desc.output.idx}"
+            node.meta["zb_key"] = tangent_key(keys_out[desc.output.idx])
         else:
             raise ZbUnsupportedError(f"unexpected joint graph input {node.name} ({desc}); zb cannot run it")
     (out,) = gm.graph.find_nodes(op="output")
@@ -126,19 +122,13 @@ def _label_joint(gm: fx.GraphModule, plan: Plan) -> None:
         if desc is None:
             keys.append(None)
         elif isinstance(desc, PlainAOTOutput):
-            keys.append(f"out:{desc.idx}")
+            keys.append(keys_out[desc.idx])
         elif isinstance(desc, GradAOTOutput) and isinstance(desc.grad_of, PlainAOTInput):
-            keys.append(f"grad:{desc.grad_of.idx}")
+            keys.append(grad_key(keys_in[desc.grad_of.idx]))
         else:
             raise ZbUnsupportedError(
                 f"the model's graph has an output zb cannot run yet: {desc}. In-place updates of buffers or "
                 "inputs (for example BatchNorm running statistics in training mode) are not supported; use "
                 "LayerNorm/GroupNorm or put the module in eval mode."
             )
-    # Grads of inputs that need none are None already; an out:<j> for j > 0 is detached, so a grad is never None
-    # by accident here.
     gm.meta["zb_output_keys"] = keys
-
-
-def _compute_nodes(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function")

@@ -1,15 +1,16 @@
 """partition_fw_bw: each stage's joint graph -> a forward piece and one (unsplit) backward graph.
 
 Contract
-  input:  `stage.joint` as capture_joint leaves it (placeholders in:<i>, tangent:<j>; outputs out:<j>, grad:<i>).
-  output: `stage.pieces["forward"]`: placeholders in:<i>; outputs out:<j> then saved:<name> for each activation
-          the backward needs. `stage.backward`: placeholders saved:<name> and tangent:<j>; outputs grad:<i>.
+  input:  `stage.joint` as capture_joint leaves it (placeholders in:/act:, tangent:<key>; outputs out:/act:,
+          then grad:<key>).
+  output: `stage.pieces["forward"]`: the stage's inputs -> its outputs, then saved:<name> for each activation the
+          backward needs. `stage.backward`: placeholders saved:<name> and tangent:<key>; outputs grad:<key>.
   Which activations are saved and which are recomputed is decided by the same min-cut rematerialisation
   partitioner Inductor uses, so `compiler="eager"` and `compiler="inductor"` run the same graphs.
 
-    joint:    in:0, in:1, tangent:0 -> out:0, grad:0, grad:1
-    forward:  in:0, in:1            -> out:0, saved:addmm, saved:in_1
-    backward: saved:addmm, saved:in_1, tangent:0 -> grad:0, grad:1
+    joint:    in:0, in:1, tangent:out:0 -> out:0, grad:in:0, grad:in:1
+    forward:  in:0, in:1                -> out:0, saved:addmm, saved:primals_2
+    backward: saved:addmm, saved:primals_2, tangent:out:0 -> grad:in:0, grad:in:1
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def partition_fw_bw(plan: Plan) -> Plan:
         if stage.joint is None:
             continue
         keys = output_keys(stage.joint)
-        num_fwd = sum(1 for k in keys if k is not None and k.startswith("out:"))
+        num_fwd = sum(1 for k in keys if k is not None and k.startswith(("out:", "act:")))
         # The partitioner recognises primals and tangents by placeholder name, which the export guarantees.
         forward, backward = min_cut_rematerialization_partition(stage.joint, None, num_fwd_outputs=num_fwd)
         _label(forward, backward, stage, keys[:num_fwd], keys[num_fwd:])

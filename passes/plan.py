@@ -6,11 +6,12 @@ owns its pieces: `forward` (F), `backward_input` (B) and `backward_weight` (W), 
 Pieces talk to each other only through *value keys*, strings that name a tensor of one microbatch:
 
     in:<i>         the i-th input of the Dynamo graph (parameter, buffer or user input)
+    act:<name>     an activation crossing from one pipeline stage to the next (the node's name in Dynamo's graph)
     out:<j>        the j-th output of the model (out:0 is the loss when training)
-    tangent:<j>    the incoming gradient of out:<j>
+    tangent:<key>  the incoming gradient of an output (tangent:out:0, tangent:act:<name>)
     saved:<name>   an activation F saves for the backward
     stash:<name>   a value B computes that W needs
-    grad:<i>       the gradient of in:<i>
+    grad:<key>     the gradient of an input (grad:in:<i>, grad:act:<name>)
 
 Every placeholder of a piece carries its key in `node.meta["zb_key"]`, and `gm.meta["zb_output_keys"]` lists the
 key of each output (None for an output nobody reads). So a piece describes its own calling convention, the
@@ -50,9 +51,20 @@ class InputSpec:
         return f"in:{self.index}"
 
 
+def grad_key(key: str) -> str:
+    return f"grad:{key}"
+
+
+def tangent_key(key: str) -> str:
+    return f"tangent:{key}"
+
+
 @dataclass
 class Stage:
     index: int
+    # The stage's torch-level graph (partition_stages): placeholders in:<i> / act:<name>, outputs act: / out:.
+    graph: fx.GraphModule | None = None
+    example_inputs: list[Any] = field(default_factory=list)
     joint: fx.GraphModule | None = None
     pieces: dict[str, fx.GraphModule] = field(default_factory=dict)
     # The unsplit backward, kept for inspection and for checking the split against it.
@@ -71,8 +83,8 @@ class Stage:
         return self.pieces.get("backward_weight")
 
     def graphs(self) -> dict[str, fx.GraphModule]:
-        """Every graph this stage holds, joint and unsplit backward included, by name."""
-        named = {"joint": self.joint, "backward": self.backward, **self.pieces}
+        """Every graph this stage holds (its torch-level graph, joint, unsplit backward, pieces), by name."""
+        named = {"graph": self.graph, "joint": self.joint, "backward": self.backward, **self.pieces}
         return {k: v for k, v in named.items() if v is not None}
 
 
@@ -92,6 +104,7 @@ class Plan:
     num_outputs: int
     training: bool
     options: Options
+    num_stages: int = 1
     stages: list[Stage] = field(default_factory=list)
     counters: collections.Counter = field(default_factory=collections.Counter)
     history: list[PassRecord] = field(default_factory=list)

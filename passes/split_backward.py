@@ -1,11 +1,12 @@
 """split_backward: each stage's backward -> B (input gradients) and W (parameter gradients).
 
 Contract
-  input:  `stage.backward` as partition_fw_bw leaves it: placeholders saved:<name> / tangent:<j>, outputs
-          grad:<i>, aten-level and functional.
-  output: `stage.pieces["backward_input"]` (B): outputs grad:<i> for every non-parameter input that gets a
-          gradient, then stash:<name> for each value W needs from B. None when no such input exists.
-          `stage.pieces["backward_weight"]` (W): outputs grad:<i> for every parameter that gets a gradient.
+  input:  `stage.backward` as partition_fw_bw leaves it: placeholders saved:<name> / tangent:<key>, outputs
+          grad:<key>, aten-level and functional.
+  output: `stage.pieces["backward_input"]` (B): outputs grad:<key> for every non-parameter input that gets a
+          gradient (boundary activations act:<name>, user inputs), then stash:<name> for each value W needs from
+          B. None when no such input exists.
+          `stage.pieces["backward_weight"]` (W): outputs grad:in:<i> for every parameter that gets a gradient.
           None when no parameter gets one.
   Guarantees: B computes no parameter gradient that W does not need from it; W computes nothing B computes
   (shared work runs once, in B, and crosses as a stash value); every parameter gradient is an output of W
@@ -15,9 +16,9 @@ Contract
   `output_mask` argument (convolution_backward, native_layer_norm_backward, ...) are cloned: the B copy computes
   only the masked-in outputs B needs, the W copy only the rest. Other multi-output nodes stay in B.
 
-    backward: saved:x, saved:w, tangent:0 -> grad:x (= g @ w), grad:w (= g^T @ x)
-    B:        saved:w, tangent:0          -> grad:x, stash:g
-    W:        saved:x, stash:g            -> grad:w
+    backward: saved:x, saved:w, tangent:act:y -> grad:act:x (= g @ w), grad:in:0 (= g^T @ x)
+    B:        saved:w, tangent:act:y          -> grad:act:x, stash:g
+    W:        saved:x, stash:g                -> grad:in:0
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ import operator
 
 import torch
 from torch import fx
-from zb.passes.plan import Plan, output_keys, output_values
+from zb.passes.plan import Plan, grad_key, output_keys, output_values
 
 
 def split_backward(plan: Plan) -> Plan:
-    param_grads = {f"grad:{s.index}" for s in plan.parameters}
+    param_grads = {grad_key(s.key) for s in plan.parameters}
     for stage in plan.stages:
         if stage.backward is None:
             continue

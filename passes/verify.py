@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx
-from zb.passes.plan import Plan, input_keys, output_keys, output_values
+from zb.passes.plan import Plan, grad_key, input_keys, output_keys, output_values
 
 
 class InvariantError(AssertionError):
@@ -39,7 +39,8 @@ def verify_graph(gm: fx.GraphModule, stage_index: int) -> None:
     if len(outs) != len(output_values(gm)):
         raise InvariantError(f"{len(outs)} output keys for {len(output_values(gm))} outputs")
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "call_function") and "val" not in node.meta:
+        # Aten-level graphs carry meta["val"]; a stage's torch-level graph carries Dynamo's meta["example_value"].
+        if node.op in ("placeholder", "call_function") and "val" not in node.meta and "example_value" not in node.meta:
             raise InvariantError(f"node {node.name} has no meta['val']")
         if node.op == "call_function":
             if node.meta.get("zb_stage") != stage_index:
@@ -50,9 +51,9 @@ def verify_graph(gm: fx.GraphModule, stage_index: int) -> None:
 
 
 def _verify_gradients_once(plan: Plan) -> None:
-    """Every parameter gradient comes from W, once; B produces none; W produces no input gradient."""
-    params = {f"grad:{s.index}" for s in plan.parameters}
-    produced: list[str] = []
+    """Every parameter gradient comes from W, once per stage that reads it; B produces none; W no input
+    gradient."""
+    params = {grad_key(s.key) for s in plan.parameters}
     for stage in plan.stages:
         b, w = stage.backward_input, stage.backward_weight
         if b is not None and params & set(output_keys(b)):
@@ -61,6 +62,5 @@ def _verify_gradients_once(plan: Plan) -> None:
             grads = [k for k in output_keys(w) if k.startswith("grad:")]
             if set(grads) - params:
                 raise InvariantError(f"stage {stage.index} W produces input gradients {set(grads) - params}")
-            produced += grads
-    if len(produced) != len(set(produced)):
-        raise InvariantError(f"a parameter gradient is produced more than once: {sorted(produced)}")
+            if len(grads) != len(set(grads)):
+                raise InvariantError(f"stage {stage.index} W produces a parameter gradient twice: {sorted(grads)}")

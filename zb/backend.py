@@ -19,7 +19,8 @@ from zb.errors import ZbUnsupportedError
 from zb.frame import FrameCapture, describe_inputs, placeholders
 from zb.options import Options
 from zb.passes import PASSES, InputSpec, Plan, run_passes
-from zb.runtime import MicrobatchRunner, split_microbatches
+from zb.pipeline import Pipeline
+from zb.runtime import PipelineRunner, split_microbatches
 
 class ZbBackend:
     """A torch.compile backend object. `codegen=False` builds plans but runs the Dynamo graph eagerly."""
@@ -66,8 +67,9 @@ class CompiledGraph:
         self.static = not any(
             s.kind == "constant" or _has_symbolic_shape(n) for s, n in zip(self.inputs, placeholders(gm))
         )
+        self.pipeline = Pipeline(options)
         self.plans: dict[tuple, Plan] = {}
-        self._built: dict[tuple, tuple[MicrobatchRunner | None, list[int]]] = {}
+        self._built: dict[tuple, tuple[PipelineRunner | None, list[int]]] = {}
 
     def __call__(self, *args: Any) -> Any:
         training = torch.is_grad_enabled() and any(
@@ -77,8 +79,7 @@ class CompiledGraph:
         if key not in self._built:
             plan, arg_map = self.build_plan(args, training)
             self.plans[key] = plan
-            runner = MicrobatchRunner(plan, compile_plan(plan)) if self.codegen else None
-            self._built[key] = (runner, arg_map)
+            self._built[key] = (self._runner(plan) if self.codegen else None, arg_map)
         runner, arg_map = self._built[key]
         if runner is None:
             return self.gm(*args)
@@ -86,6 +87,7 @@ class CompiledGraph:
 
     def build_plan(self, args: Sequence[Any], training: bool) -> tuple[Plan, list[int]]:
         """The plan for one call's inputs, and for each of the plan graph's inputs its position in `args`."""
+        self.pipeline.schedule_for(training)  # impossible placements fail here, on every rank, before any work
         outer = [_with_requires_grad(s, a) for s, a in zip(self.inputs, args)]
         first = split_microbatches(outer, args, self.options.microbatches)[0]
         if self.static and self.options.microbatches == 1:
@@ -107,8 +109,18 @@ class CompiledGraph:
             num_outputs=_num_outputs(gm),
             training=training,
             options=self.options,
+            num_stages=self.pipeline.num_stages,
         )
         return run_passes(plan, PASSES), arg_map
+
+    def _runner(self, plan: Plan) -> PipelineRunner:
+        pipeline = self.pipeline
+        schedule = pipeline.schedule_for(plan.training)
+        local = pipeline.local_ranks
+        stages = {s for s, r in enumerate(schedule.placement) if r in local}
+        compiled = compile_plan(plan, stages=stages)
+        return PipelineRunner(plan, compiled, schedule, local, pipeline.transport(), pipeline.group,
+                              distributed=pipeline.distributed)
 
 
 def _with_requires_grad(spec: InputSpec, value: Any) -> InputSpec:

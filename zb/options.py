@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zb.errors import ZbOptionError
+from zb.schedules import SCHEDULES
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -34,6 +35,50 @@ def _choice(*choices: str) -> Callable[[str, Any], str]:
     return check
 
 
+def _optional_positive_int(name: str, value: Any) -> int | None:
+    return None if value is None else _positive_int(name, value)
+
+
+def _memory_limit(name: str, value: Any) -> str | float | None:
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+        return value
+    if isinstance(value, str) and (value.endswith("p") or value.replace(".", "", 1).isdigit()):
+        return value
+    raise ZbOptionError(
+        f"option {name!r} takes a number (bytes) or a multiple of p such as '1p' or '2p'; got {value!r}"
+    )
+
+
+def _split_points(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+        raise ZbOptionError(f"option {name!r} takes a list of module paths such as ['blocks.2'], got {value!r}")
+    return tuple(value)
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ZbOptionError(f"option {name!r} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ZbOptionError(f"option {name!r} must be True or False, got {value!r}")
+    return value
+
+
+def _process_group(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    import torch.distributed as dist
+
+    if not isinstance(value, dist.ProcessGroup):
+        raise ZbOptionError(f"option {name!r} takes a torch.distributed ProcessGroup, got {type(value).__name__}")
+    return value
+
+
 def _option(default: Any, doc: str, check: Callable[[str, Any], Any]) -> Any:
     return field(default=default, metadata={"doc": doc, "check": check})
 
@@ -49,6 +94,24 @@ class Options:
         "for debugging)",
         _choice("inductor", "eager"),
     )
+    stages: int | None = _option(
+        None, "pipeline stages; default: the world size (x2 for zb-v, x2 chunks for interleaved-1f1b), 1 without "
+        "a process group", _optional_positive_int,
+    )
+    schedule: str = _option("zb-auto", "pipeline schedule: " + ", ".join(SCHEDULES), _choice(*SCHEDULES))
+    memory_limit: str | float | None = _option(
+        None, "zb-auto's per-rank activation memory limit: bytes, or '1p' / '2p' (multiples of p microbatches); "
+        "default '2p'", _memory_limit,
+    )
+    split_points: tuple[str, ...] | None = _option(
+        None, "module paths where a new stage begins, e.g. ['blocks.2']; default: balance the estimated cost",
+        _split_points,
+    )
+    group: Any = _option(None, "torch.distributed process group of the pipeline ranks (default: WORLD)",
+                         _process_group)
+    profile: bool = _option(False, "time every action and transfer; zb-auto re-plans with the measured costs",
+                            _boolean)
+    timeout: float = _option(300.0, "seconds to wait for a peer rank before failing", _positive_float)
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> Options:
@@ -77,6 +140,12 @@ class Options:
         default = {f.name: f.default for f in dataclasses.fields(cls)}[name]
         if isinstance(default, bool):
             return text.lower() in ("1", "true", "yes", "on")
+        if name == "split_points":
+            return [p for p in text.split(",") if p]
+        if name in ("timeout",):
+            return float(text)
+        if name == "stages":
+            return int(text)
         if isinstance(default, int):
             try:
                 return int(text)
@@ -90,4 +159,8 @@ class Options:
         return [(f.name, f.default, f.metadata["doc"]) for f in dataclasses.fields(cls)]
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The options as a dict (the process group by its name only)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if values["group"] is not None:
+            values["group"] = str(values["group"])
+        return values

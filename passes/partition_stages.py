@@ -1,0 +1,222 @@
+"""partition_stages: the Dynamo graph -> one torch-level graph per pipeline stage.
+
+Contract
+  input:  `plan.graph` (Dynamo's graph of one microbatch, parameters lifted to inputs), `plan.example_inputs`,
+          `plan.num_stages`, and `plan.options.split_points` (module paths where a stage begins) or none.
+  output: `plan.stages[s].graph` for every stage: placeholders in:<i> (graph inputs the stage reads: its
+          parameters, buffers, user inputs) and act:<name> (values computed by earlier stages); outputs
+          act:<name> (every value a later stage reads) on stages before the last, out:<j> on the last.
+          `stage.example_inputs` holds one microbatch's values for the placeholders.
+  A value that a later stage needs passes through the stages in between (as a copy, so that its gradient flows
+  back through each of them). Cuts come from `split_points` or balance the estimated cost (FLOPs on fake tensors)
+  while keeping the bytes crossing each cut small.
+
+    Dynamo:   x, w0, w1 -> h = x @ w0 ; y = h @ w1 ; loss = y.sum()
+    stage 0:  in:0 (x), in:1 (w0) -> act:h
+    stage 1:  act:h, in:2 (w1)    -> out:0
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from zb.errors import ZbOptionError, ZbUnsupportedError
+from zb.passes.plan import Plan, Stage
+
+BALANCE_WINDOW = 0.05  # a cut may move this fraction of the total cost away from the even split to cross less
+
+
+def partition_stages(plan: Plan) -> Plan:
+    graph = plan.graph.graph
+    compute = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    n = plan.num_stages
+    if n < 1:
+        raise ZbOptionError(f"a pipeline needs at least one stage, got {n}")
+    if n > 1 and len(compute) < n:
+        raise ZbUnsupportedError(f"the model's graph has {len(compute)} operations, too few for {n} stages")
+    if n == 1:
+        cuts = []
+    elif plan.options.split_points:
+        cuts = _cuts_at_split_points(compute, plan.options.split_points, n)
+    else:
+        cuts = _balanced_cuts(plan, compute, n)
+    stage_of = {}
+    bounds = [0, *cuts, len(compute)]
+    for s in range(n):
+        for node in compute[bounds[s]: bounds[s + 1]]:
+            stage_of[node] = s
+    plan.stages = [Stage(index=s) for s in range(n)]
+    for stage in plan.stages:
+        stage.graph, stage.example_inputs = _stage_graph(plan, stage.index, stage_of)
+    plan.counters["partition_stages.stages"] = n
+    plan.counters["partition_stages.boundary_values"] = sum(
+        sum(1 for k in s.graph.meta["zb_output_keys"] if k.startswith("act:")) for s in plan.stages[:-1]
+    )
+    return plan
+
+
+def _module_paths(node: fx.Node) -> list[str]:
+    """Dynamo records L['self'].blocks.4 for the module a node came from; return 'blocks.4' and its parents."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [re.sub(r"^[LG]\['[^']*'\]\.?", "", path) for path, _ in stack.values()]
+
+
+def _cuts_at_split_points(compute: list[fx.Node], split_points, n: int) -> list[int]:
+    if len(split_points) != n - 1:
+        raise ZbOptionError(f"split_points names {len(split_points)} module(s) for {n} stages; give exactly "
+                            f"{n - 1} (each is where a new stage begins), or drop split_points to balance costs")
+    cuts = []
+    for point in split_points:
+        index = next((i for i, node in enumerate(compute) if point in _module_paths(node)), None)
+        if index is None:
+            known = sorted({p for node in compute for p in _module_paths(node) if p.count(".") <= 1})
+            raise ZbOptionError(f"split point {point!r} names no module the model runs; modules: "
+                                f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
+        if cuts and index <= cuts[-1]:
+            raise ZbOptionError(f"split point {point!r} begins before the previous one; list them in model order")
+        if index == 0:
+            raise ZbOptionError(f"split point {point!r} is the start of the model: the first stage would be empty")
+        cuts.append(index)
+    return cuts
+
+
+def _balanced_cuts(plan: Plan, compute: list[fx.Node], n: int) -> list[int]:
+    costs = _estimate_costs(plan, compute)
+    crossing = _crossing_bytes(plan.graph.graph, compute)
+    total = sum(costs) or 1.0
+    prefix, running = [], 0.0
+    for c in costs:
+        running += c
+        prefix.append(running)  # prefix[i]: cost of compute[0..i]
+    cuts: list[int] = []
+    for j in range(1, n):
+        target = j * total / n
+        lo = (cuts[-1] + 1) if cuts else 1
+        hi = len(compute) - (n - j)
+        window = [i for i in range(lo, hi + 1) if abs(prefix[i - 1] - target) <= BALANCE_WINDOW * total]
+        if not window:
+            window = [min(range(lo, hi + 1), key=lambda i: abs(prefix[i - 1] - target))]
+        cuts.append(min(window, key=lambda i: (crossing[i], abs(prefix[i - 1] - target))))
+    return cuts
+
+
+def _estimate_costs(plan: Plan, compute: list[fx.Node]) -> list[float]:
+    """FLOPs of each node, run on the fake tensors Dynamo recorded; nodes without FLOPs cost a little memory."""
+    from torch._guards import detect_fake_mode
+
+    values = [n.meta.get("example_value") for n in compute]
+    fake_mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    env: dict[fx.Node, object] = {}
+    for node in plan.graph.graph.find_nodes(op="placeholder"):
+        env[node] = node.meta.get("example_value")
+    costs = []
+    for node in compute:
+        flops = 0.0
+        if fake_mode is not None and node.op in ("call_function", "call_method"):
+            try:
+                args = fx.node.map_arg(node.args, lambda a: env.get(a))
+                kwargs = fx.node.map_arg(node.kwargs, lambda a: env.get(a))
+                with fake_mode, FlopCounterMode(display=False) as counter:
+                    if node.op == "call_function":
+                        node.target(*args, **kwargs)
+                    else:
+                        getattr(args[0], node.target)(*args[1:], **kwargs)
+                flops = float(counter.get_total_flops())
+            except Exception:  # an op fake tensors cannot run: fall back to its size  # noqa: BLE001
+                flops = 0.0
+        env[node] = node.meta.get("example_value")
+        value = node.meta.get("example_value")
+        size = value.numel() if isinstance(value, torch.Tensor) else 0
+        costs.append(flops + size)
+    return costs
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _crossing_bytes(graph: fx.Graph, compute: list[fx.Node]) -> list[int]:
+    """crossing[i]: bytes of values computed before compute[i] and read at or after it."""
+    position = {node: i for i, node in enumerate(compute)}
+    end = len(compute)
+    delta = [0] * (end + 2)
+    for node in compute:
+        last = max((position.get(u, end) for u in node.users), default=position[node])
+        if last > position[node]:
+            size = _nbytes(node.meta.get("example_value"))
+            delta[position[node] + 1] += size
+            delta[last + 1] -= size
+    crossing, running = [], 0
+    for i in range(end + 1):
+        running += delta[i]
+        crossing.append(running)
+    return crossing
+
+
+def _stage_graph(plan: Plan, s: int, stage_of: dict[fx.Node, int]) -> tuple[fx.GraphModule, list]:
+    graph = plan.graph.graph
+    last = plan.num_stages - 1
+    (output,) = graph.find_nodes(op="output")
+    outputs = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+
+    def needed_after(node: fx.Node) -> bool:
+        later_users = any(stage_of.get(u, last) > s for u in node.users if u.op != "output")
+        return later_users or (node in outputs and s < last)
+
+    # Values a stage reads from earlier stages: everything computed before it that it or a later stage reads.
+    incoming = [n for n in graph.nodes if n in stage_of and stage_of[n] < s and
+                (any(stage_of.get(u) == s for u in n.users) or needed_after(n) or (s == last and n in outputs))]
+    mine = [n for n in graph.nodes if stage_of.get(n) == s]
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    examples = []
+    placeholders = {n: i for i, n in enumerate(graph.find_nodes(op="placeholder"))}
+    for node in graph.find_nodes(op="placeholder"):
+        if any(stage_of.get(u) == s for u in node.users) or (s == last and node in outputs):
+            env[node] = new.placeholder(node.name)
+            env[node].meta = {"zb_key": f"in:{placeholders[node]}", "example_value": node.meta.get("example_value")}
+            examples.append(plan.example_inputs[placeholders[node]])
+    for node in incoming:
+        env[node] = new.placeholder(f"act_{node.name}")
+        env[node].meta = {"zb_key": f"act:{node.name}", "example_value": node.meta.get("example_value")}
+        examples.append(_example(node.meta.get("example_value"), plan.training))
+    for node in mine:
+        env[node] = new.node_copy(node, lambda a: env[a])
+    if s < last:
+        leaving = [n for n in incoming + mine if needed_after(n)]
+        results = [_copy_if_passthrough(new, env[n], n in incoming) for n in leaving]
+        keys = [f"act:{n.name}" for n in leaving]
+    else:
+        results = [env[v] if isinstance(v, fx.Node) else v for v in outputs]
+        keys = [f"out:{j}" for j in range(len(outputs))]
+    new.output(tuple(results))
+    for node in new.nodes:
+        node.meta["zb_stage"] = s
+    gm = fx.GraphModule(plan.graph, new)
+    gm.meta["zb_output_keys"] = keys
+    return gm, examples
+
+
+def _copy_if_passthrough(graph: fx.Graph, value: fx.Node, passthrough: bool) -> fx.Node:
+    # An output that is an input gets no gradient from AOTAutograd; a copy makes it a value of this stage.
+    if not passthrough:
+        return value
+    copy = graph.call_method("clone", (value,))
+    copy.meta = dict(value.meta)
+    return copy
+
+
+def _example(value, training: bool):
+    """A real tensor shaped like Dynamo's fake one, needing a gradient when the activation does."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    tensor = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
+    return tensor.requires_grad_(training and value.requires_grad and value.is_floating_point())

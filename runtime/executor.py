@@ -1,0 +1,208 @@
+"""Execute one step of a plan: every local rank's lowered action list (F, B, W, BW, sends and receives).
+
+Per (stage, microbatch) the executor keeps the values its pieces read and write (see passes/plan.py for the
+keys) and frees each as soon as no later piece of that stage reads it. Boundary tensors go into mailboxes:
+`forward[(stage, mb)]` holds the act:<name> outputs of a stage's F, `backward[(stage, mb)]` the grad:act:<name>
+outputs of its B; the next stage reads them directly when it lives on the same rank, else they travel through
+the transport (SEND_*/RECV_*). In one process every rank's list runs here, a rank yielding at a receive whose
+message is not there yet; under torch.distributed each process runs its own rank's list.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+from collections.abc import Sequence
+
+import torch
+
+from zb.codegen import CompiledPiece
+from zb.errors import ZbError
+from zb.passes.plan import PIECES, Plan, output_keys
+from zb.runtime.microbatch import combine_outputs, split_microbatches
+from zb.runtime.transport import tag_of
+from zb.schedules import BW, RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, Schedule, W
+
+
+class StepExecutor:
+    def __init__(self, plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], schedule: Schedule,
+                 ranks: Sequence[int], transport):
+        self.plan, self.schedule, self.ranks, self.transport = plan, schedule, list(ranks), transport
+        self.placement = schedule.placement
+        self.pieces = {s: {name: compiled[(s, name)] for name in PIECES if (s, name) in compiled}
+                       for s in range(plan.num_stages)}
+        self.forward_spec = {s: _specs(plan.stages[s].forward, "act:") for s in range(1, plan.num_stages)}
+        self.backward_spec = {s: _tangent_specs(plan.stages[s]) for s in range(plan.num_stages - 1)}
+        self.drop = {s: _last_uses([self.pieces[s][n] for n in PIECES if n in self.pieces[s]])
+                     for s in self.pieces}
+        self.trace: list[tuple[int, str, float, float]] = []  # (rank, action, start, end) of the last step
+
+    # One step ---------------------------------------------------------------------------------------------
+    def run(self, args: Sequence[Any]) -> tuple[list[list[Any]], dict[int, list[torch.Tensor]]]:
+        """Runs every action of the local ranks; returns (per-output lists over microbatches, grads by input)."""
+        plan = self.plan
+        self.inputs = split_microbatches(plan.inputs, args, plan.options.microbatches)
+        self.env: dict[tuple[int, int], dict[str, Any]] = defaultdict(dict)
+        self.forward_box: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.backward_box: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.outs: list[list[Any]] = [[] for _ in range(plan.num_outputs)]
+        self.grads: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.trace = []
+        position = {r: 0 for r in self.ranks}
+        while any(position[r] < len(self.schedule.actions[r]) for r in self.ranks):
+            progressed = False
+            for rank in self.ranks:
+                actions = self.schedule.actions[rank]
+                while position[rank] < len(actions):
+                    action = actions[position[rank]]
+                    if action.kind in (RECV_F, RECV_B) and not self.transport.ready(self._tag(action)):
+                        break
+                    start = time.perf_counter()
+                    self._do(rank, action)
+                    self.trace.append((rank, str(action), start, time.perf_counter()))
+                    position[rank] += 1
+                    progressed = True
+            if not progressed:
+                stuck = [str(self.schedule.actions[r][position[r]]) for r in self.ranks
+                         if position[r] < len(self.schedule.actions[r])]
+                raise ZbError(f"the pipeline step deadlocked at {', '.join(stuck)}")
+        self.transport.finish()
+        return self.outs, self.grads
+
+    def _tag(self, action: Action) -> int:
+        if action.kind == RECV_F:
+            return tag_of(False, action.stage - 1, action.microbatch)
+        if action.kind == RECV_B:
+            return tag_of(True, action.stage + 1, action.microbatch)
+        return tag_of(action.kind == SEND_B, action.stage, action.microbatch)
+
+    def _do(self, rank: int, action: Action) -> None:
+        s, kind, mb = action
+        if kind == F:
+            self._forward(s, mb)
+        elif kind == B:
+            self._backward_input(s, mb)
+        elif kind == W:
+            self._run(s, mb, "backward_weight")
+        elif kind == BW:
+            self._backward_input(s, mb)
+            self._run(s, mb, "backward_weight")
+        elif kind == SEND_F:
+            box = self.forward_box.pop((s, mb))
+            self.transport.send(self._tag(action), [box[k] for k, _, _ in self.forward_spec[s + 1]],
+                                self.placement[s + 1])
+        elif kind == SEND_B:
+            box = self.backward_box.pop((s, mb))
+            self.transport.send(self._tag(action), [_grad_or_zeros(box, k, shape, dtype)
+                                                    for k, shape, dtype in self.backward_spec[s - 1]],
+                                self.placement[s - 1])
+        elif kind == RECV_F:
+            spec = self.forward_spec[s]
+            tensors = self.transport.recv(self._tag(action), [(sh, dt) for _, sh, dt in spec], self.placement[s - 1])
+            self.forward_box[(s - 1, mb)] = _checked(dict(zip((k for k, _, _ in spec), tensors)), spec, s - 1, s)
+        elif kind == RECV_B:
+            spec = self.backward_spec[s]
+            tensors = self.transport.recv(self._tag(action), [(sh, dt) for _, sh, dt in spec], self.placement[s + 1])
+            self.backward_box[(s + 1, mb)] = {f"grad:{k}": t for (k, _, _), t in zip(spec, tensors)}
+
+    def _forward(self, s: int, mb: int) -> None:
+        env = self.env[(s, mb)]
+        incoming = self.forward_box.pop((s - 1, mb), {}) if s > 0 else {}
+        for key in self.pieces[s]["forward"].inputs:
+            if key.startswith("in:"):
+                env[key] = self.inputs[mb][int(key[3:])]
+            else:
+                env[key] = incoming[key]
+        self._run(s, mb, "forward")
+        if self.plan.training and s == self.plan.num_stages - 1:
+            # The loss is the mean over microbatches, so each microbatch's loss gets 1/m.
+            env["tangent:out:0"] = torch.full_like(self.outs[0][-1], 1.0 / self.plan.options.microbatches)
+
+    def _backward_input(self, s: int, mb: int) -> None:
+        env = self.env[(s, mb)]
+        if s < self.plan.num_stages - 1:
+            box = self.backward_box.pop((s + 1, mb))
+            for key, shape, dtype in self.backward_spec[s]:
+                env[f"tangent:{key}"] = _grad_or_zeros(box, key, shape, dtype)
+        self._run(s, mb, "backward_input")
+
+    def _run(self, s: int, mb: int, name: str) -> None:
+        piece = self.pieces[s].get(name)
+        if piece is None:  # e.g. the first stage's B when its inputs need no gradient: W does everything
+            return
+        env = self.env[(s, mb)]
+        results = piece([env[k] for k in piece.inputs])
+        for key, value in zip(piece.outputs, results):
+            if key.startswith("out:"):
+                self.outs[int(key[4:])].append(value)
+            elif key.startswith("act:"):
+                self.forward_box.setdefault((s, mb), {})[key] = value
+            elif key.startswith("grad:act:"):
+                self.backward_box.setdefault((s, mb), {})[key] = value
+            elif key.startswith("grad:in:"):
+                self.grads[int(key[8:])].append(value)
+            else:
+                env[key] = value
+        for key in self.drop[s][name]:
+            env.pop(key, None)
+        if not env:
+            self.env.pop((s, mb), None)
+
+
+def _specs(gm, prefix: str) -> list[tuple[str, tuple, torch.dtype]]:
+    nodes = gm.graph.find_nodes(op="placeholder")
+    return [(n.meta["zb_key"], tuple(n.meta["val"].shape), n.meta["val"].dtype)
+            for n in nodes if n.meta["zb_key"].startswith(prefix)]
+
+
+def _tangent_specs(stage) -> list[tuple[str, tuple, torch.dtype]]:
+    """The activations of this stage whose gradient its backward reads, as (act key, shape, dtype)."""
+    seen = {}
+    for gm in (stage.backward_input, stage.backward_weight):
+        if gm is None:
+            continue
+        for n in gm.graph.find_nodes(op="placeholder"):
+            key = n.meta["zb_key"]
+            if key.startswith("tangent:act:"):
+                seen[key[len("tangent:"):]] = (tuple(n.meta["val"].shape), n.meta["val"].dtype)
+    order = [k for k in output_keys(stage.forward) if k in seen]
+    return [(k, *seen[k]) for k in order]
+
+
+def _grad_or_zeros(box: dict, key: str, shape, dtype) -> torch.Tensor:
+    value = box.get(f"grad:{key}")
+    return value if value is not None else torch.zeros(shape, dtype=dtype)
+
+
+def _checked(values: dict, spec, src: int, dst: int) -> dict:
+    for key, shape, dtype in spec:
+        got = values[key]
+        if tuple(got.shape) != shape or got.dtype != dtype:
+            raise ZbError(f"stage {src} sent {key} as {got.dtype}{list(got.shape)} but stage {dst} expects "
+                          f"{dtype}{list(shape)}: the stages were compiled for different inputs")
+    return values
+
+
+def _last_uses(pieces: list[CompiledPiece]) -> dict[str, list[str]]:
+    """For each piece, the keys no later piece of the same stage and microbatch reads: freed right after it."""
+    drop: dict[str, list[str]] = {}
+    for i, piece in enumerate(pieces):
+        later = {k for p in pieces[i + 1:] for k in p.inputs}
+        drop[piece.name] = sorted(k for k in set(piece.inputs) | set(piece.outputs) if k not in later)
+    return drop
+
+
+def combine(outs: list[list[Any]], grads: dict[int, list[torch.Tensor]], plan: Plan, microbatches: int):
+    """Per-microbatch results -> outputs (mean of scalars, concatenation otherwise) and one gradient per input."""
+    combined: list[torch.Tensor | None] = [None] * len(plan.inputs)
+    for index, values in grads.items():
+        if plan.inputs[index].batched and plan.inputs[index].kind == "input" and len(values) == microbatches:
+            combined[index] = torch.cat(values) if len(values) > 1 else values[0]
+        else:
+            total = values[0]
+            for v in values[1:]:
+                total = total + v
+            combined[index] = total
+    return combine_outputs(outs, microbatches), combined
+
