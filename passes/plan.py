@@ -117,7 +117,7 @@ class Plan:
         """A readable account of what was built: inputs, pieces with op counts, counters, pass times."""
         lines = [
             f"zb plan: {len(self.stages)} stage(s), {'training' if self.training else 'inference'}, "
-            f"options {self.options.as_dict()}",
+            f"options {self.options.changed() or 'default'}",
             f"inputs: {sum(s.kind == 'parameter' for s in self.inputs)} parameters, "
             f"{sum(s.kind == 'buffer' for s in self.inputs)} buffers, "
             f"{sum(s.kind == 'input' for s in self.inputs)} user inputs "

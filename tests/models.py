@@ -26,6 +26,19 @@ class MLP(nn.Module):
         return F.mse_loss(self.fc2(F.gelu(self.fc1(x))), y)
 
 
+class DeepMLP(nn.Module):
+    """Enough layers to give every stage of a 4- or 8-stage pipeline some parameters."""
+
+    def __init__(self, dim=16, depth=8):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+
+    def forward(self, x, y):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return F.mse_loss(x, y)
+
+
 class AttentionBlock(nn.Module):
     """Pre-LN attention block; `manual` spells attention out as matmul, scale, mask, softmax, matmul."""
 
@@ -106,6 +119,10 @@ class LossAndLogits(MLP):
 
 def mlp(x_requires_grad=False):
     return MLP(), (torch.randn(BATCH, 16, requires_grad=x_requires_grad), torch.randn(BATCH, 16))
+
+
+def deep_mlp():
+    return DeepMLP(), (torch.randn(BATCH, 16), torch.randn(BATCH, 16))
 
 
 def sdpa_block():

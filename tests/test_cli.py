@@ -12,9 +12,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_inspect_prints_the_summary_and_writes_graph_files(tmp_path, capsys):
     assert main(["inspect", "tests.models:conv_norm", "--microbatches", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "options {'microbatches': 2, 'compiler': 'inductor'}" in out
+    assert "options {'microbatches': 2}" in out
     assert "stage 0 backward_input" in out and "split_backward.fused_nodes_split=1" in out
-    for piece in ("forward", "backward_input", "backward_weight", "joint", "backward"):
+    for piece in ("graph", "forward", "backward_input", "backward_weight", "joint", "backward"):
         text = (tmp_path / f"stage0_{piece}.py").read_text()
         assert text.startswith(f"# zb stage 0 {piece}\n") and "def forward" in text
 

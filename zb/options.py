@@ -158,6 +158,11 @@ class Options:
         """(name, default, doc) for every option, in declaration order."""
         return [(f.name, f.default, f.metadata["doc"]) for f in dataclasses.fields(cls)]
 
+    def changed(self) -> dict[str, Any]:
+        """The options that differ from their defaults."""
+        defaults = Options()
+        return {k: v for k, v in self.as_dict().items() if v != defaults.as_dict()[k]}
+
     def as_dict(self) -> dict[str, Any]:
         """The options as a dict (the process group by its name only)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
