@@ -1,0 +1,124 @@
+"""Tier (c): pipelines against a single-process eager reference, in one process and under torchrun."""
+
+import copy
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zb
+from tests import models
+from tests.helpers import assert_close
+from zb.passes.partition_stages import _module_paths
+from zb.runtime.executor import _checked
+from zb.schedules import SCHEDULES
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def train_three_steps(factory, **options):
+    """3 SGD steps with zb (in this process) and with eager; returns both models."""
+    torch.manual_seed(0)
+    model, args = factory()
+    reference = copy.deepcopy(model)
+    step = torch.compile(model, backend="zb", options={"compiler": "eager", **options})
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, reference)]
+    for i in range(3):
+        batch = [a if not a.is_floating_point() else a + 0.1 * i for a in args]
+        loss, expected = step(*batch), reference(*batch)
+        loss.backward()
+        expected.backward()
+        assert_close(loss.detach(), expected.detach(), f"loss of step {i}")
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert_close(p.grad, q.grad, f"step {i} grad of {name}")
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.detach(), q.detach(), name)
+
+
+@pytest.mark.parametrize("stages", [4, 8])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("model", ["gpt", "mlp"])
+def test_in_process_pipeline_matches_eager(model, schedule, stages):
+    factory = {"gpt": models.gpt, "mlp": models.deep_mlp}[model]
+    train_three_steps(factory, stages=stages, schedule=schedule, microbatches=8)
+
+
+@pytest.mark.inductor
+def test_in_process_pipeline_through_inductor():
+    train_three_steps(models.gpt, stages=2, schedule="zb-h1", microbatches=4, compiler="inductor")
+
+
+def test_split_points_choose_where_stages_begin():
+    model, args = models.gpt()
+    plan = zb.explain(model, *args, stages=2, split_points=["blocks.1"], microbatches=2)
+    modules = [{p for n in stage.graph.graph.nodes for p in _module_paths(n)} for stage in plan.stages]
+    assert "blocks.0" in modules[0] and "blocks.1" not in modules[0]
+    assert "blocks.1" in modules[1] and "blocks.0" not in modules[1]
+    first, second = plan.stages
+    assert any(k.startswith("grad:act:") for k in zb.passes.plan.output_keys(second.backward_input))
+    assert first.backward_input is None  # token ids need no gradient: stage 0's W holds its whole backward
+    train_three_steps(models.gpt, stages=2, split_points=["blocks.1"], schedule="zb-h1", microbatches=2)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(stages=2, split_points=["blocks.1", "ln_f"]), "split_points names 2 module\\(s\\) for 2 stages"),
+    (dict(stages=2, split_points=["blocks.9"]), "split point 'blocks.9' names no module the model runs"),
+    (dict(stages=3, schedule="zb-v"), "stages cannot be spread over ranks with 2 chunks"),
+    (dict(stages=4, schedule="zb-h2", microbatches=2), "zb-h2 needs at least as many microbatches as ranks"),
+    (dict(stages=4, schedule="interleaved-1f1b", microbatches=3), "microbatches divisible by the ranks"),
+])
+def test_impossible_pipelines_fail_before_running(options, message):
+    model, args = models.gpt()
+    with pytest.raises(Exception, match=message):
+        torch.compile(model, backend="zb", options={"compiler": "eager", **options})(*args)
+
+
+def test_boundary_mismatch_names_the_stages():
+    spec = [("act:h", (2, 4), torch.float32)]
+    with pytest.raises(zb.ZbError, match=r"stage 1 sent act:h as torch.float32\[2, 3\] but stage 2 expects"):
+        _checked({"act:h": torch.zeros(2, 3)}, spec, 1, 2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(ranks: int, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+               "--master-port", str(_free_port()), str(ROOT / "tests" / "distributed" / script), *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("model", ["gpt", "mlp"])
+def test_torchrun_pipeline_matches_eager(model, ranks):
+    out = torchrun(ranks, "pipeline_check.py", "--model", model)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")] == list(SCHEDULES)
+
+
+@pytest.mark.inductor
+def test_torchrun_pipeline_through_inductor():
+    out = torchrun(2, "pipeline_check.py", "--model", "gpt", "--schedules", "zb-h1,zb-v", "--compiler", "inductor")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+
+
+def test_torchrun_bad_placement_fails_on_every_rank():
+    out = torchrun(2, "failure_check.py", "bad-stages")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert sorted(line.split()[3] for line in out.stdout.splitlines() if line.startswith("caught")) == ["0:", "1:"]
+
+
+def test_torchrun_dead_peer_is_an_error_not_a_hang():
+    out = torchrun(2, "failure_check.py", "peer-dies", timeout=240)
+    assert "caught on rank 0: pipeline peer failed" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
