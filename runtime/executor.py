@@ -28,7 +28,7 @@ from zb.schedules import BW, RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, Sched
 class StepExecutor:
     def __init__(self, plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], schedule: Schedule,
                  ranks: Sequence[int], transport):
-        self.plan, self.schedule, self.ranks, self.transport = plan, schedule, list(ranks), transport
+        self.plan, self.schedule, self.ranks, self.transport = plan, schedule, list(ranks), transport  # lowered
         self.placement = schedule.placement
         self.pieces = {s: {name: compiled[(s, name)] for name in PIECES if (s, name) in compiled}
                        for s in range(plan.num_stages)}
@@ -36,7 +36,9 @@ class StepExecutor:
         self.backward_spec = {s: _tangent_specs(plan.stages[s]) for s in range(plan.num_stages - 1)}
         self.drop = {s: _last_uses([self.pieces[s][n] for n in PIECES if n in self.pieces[s]])
                      for s in self.pieces}
+        self.counted = {s: _held_keys(plan.stages[s]) for s in range(plan.num_stages)}
         self.trace: list[tuple[int, str, float, float]] = []  # (rank, action, start, end) of the last step
+        self.peak_memory: dict[int, int] = {}  # activation bytes each local rank held at most in the last step
 
     # One step ---------------------------------------------------------------------------------------------
     def run(self, args: Sequence[Any]) -> tuple[list[list[Any]], dict[int, list[torch.Tensor]]]:
@@ -49,6 +51,8 @@ class StepExecutor:
         self.outs: list[list[Any]] = [[] for _ in range(plan.num_outputs)]
         self.grads: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.trace = []
+        self.held = {r: 0 for r in self.ranks}
+        self.peak_memory = {r: 0 for r in self.ranks}
         position = {r: 0 for r in self.ranks}
         while any(position[r] < len(self.schedule.actions[r]) for r in self.ranks):
             progressed = False
@@ -132,8 +136,11 @@ class StepExecutor:
         if piece is None:  # e.g. the first stage's B when its inputs need no gradient: W does everything
             return
         env = self.env[(s, mb)]
+        rank, counted = self.placement[s], self.counted[s]
         results = piece([env[k] for k in piece.inputs])
         for key, value in zip(piece.outputs, results):
+            if key in counted:
+                self.held[rank] += _nbytes(value)
             if key.startswith("out:"):
                 self.outs[int(key[4:])].append(value)
             elif key.startswith("act:"):
@@ -145,9 +152,31 @@ class StepExecutor:
             else:
                 env[key] = value
         for key in self.drop[s][name]:
-            env.pop(key, None)
+            value = env.pop(key, None)
+            if key in counted and value is not None:
+                self.held[rank] -= _nbytes(value)
+        # Sampled between actions, as the schedule simulator accounts memory.
+        self.peak_memory[rank] = max(self.peak_memory[rank], self.held[rank])
         if not env:
             self.env.pop((s, mb), None)
+
+
+def _nbytes(value) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+def _held_keys(stage) -> set[str]:
+    """The saved:/stash: keys whose bytes are activation memory (not a parameter or input passed along)."""
+    pieces = [gm for gm in stage.pieces.values() if gm is not None]
+    aliases = set()
+    for gm in pieces:
+        (out,) = gm.graph.find_nodes(op="output")
+        for key, node in zip(output_keys(gm), out.args[0]):
+            if key and isinstance(node, torch.fx.Node) and node.op == "placeholder" and \
+                    node.meta["zb_key"].startswith("in:"):
+                aliases.add(key)
+    keys = {k for gm in pieces for k in output_keys(gm) if k and k.startswith(("saved:", "stash:"))}
+    return keys - aliases
 
 
 def _specs(gm, prefix: str) -> list[tuple[str, tuple, torch.dtype]]:

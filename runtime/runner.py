@@ -19,7 +19,8 @@ from zb.codegen import CompiledPiece
 from zb.errors import ZbError
 from zb.passes.plan import Plan, output_keys
 from zb.runtime.executor import StepExecutor, combine
-from zb.schedules import F, Action, Schedule, lower
+from zb.runtime.profile import measured_costs, measured_timeline, modelled_costs
+from zb.schedules import Action, Costs, F, Schedule, Timeline, generate, lower
 
 
 def sequential_schedule(microbatches: int, training: bool) -> Schedule:
@@ -34,16 +35,31 @@ def forward_only(schedule: Schedule) -> Schedule:
     return Schedule(schedule.name, schedule.num_microbatches, schedule.placement, acts)
 
 
+REPLAN_AFTER = 2  # zb-auto re-plans with the costs measured in this step (the first one warms caches up)
+
+
 class PipelineRunner:
     def __init__(self, plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], schedule: Schedule,
                  ranks: Sequence[int], transport, group=None, distributed: bool = False):
         self.plan = plan
         self.schedule = schedule if plan.training else forward_only(schedule)
-        self.lowered = lower(self.schedule)
         self.distributed = distributed
         self.group = group
         self.ranks = list(ranks)
-        self.executor = StepExecutor(plan, compiled, self.lowered, ranks, transport)
+        self.executor = StepExecutor(plan, compiled, lower(self.schedule), ranks, transport)
+        self.steps = 0
+        self.trace: list[tuple[int, str, float, float]] = []  # every rank's actions in the last profiled step
+        self.costs = None  # costs measured in the last profiled step
+
+    def modelled_costs(self) -> Costs:
+        """The plan's activation memory per stage with unit times: what the simulator needs to predict memory."""
+        return modelled_costs(self.plan, self.executor.counted)
+
+    def measured_timeline(self) -> Timeline:
+        """The last profiled step as a Timeline (real start and end of every action on every rank)."""
+        if not self.trace:
+            raise ZbError("no step was profiled; compile with options={'profile': True}")
+        return measured_timeline(self.trace, self.schedule, self.costs)
 
     def __call__(self, *args: Any) -> Any:
         if self.plan.training:
@@ -60,7 +76,43 @@ class PipelineRunner:
             if self.distributed:
                 outputs = self._broadcast_outputs(outputs)
                 self._sum_shared_gradients(combined)
+            self.steps += 1
+            replan = self.plan.training and self.schedule.name == "zb-auto" and self.steps == REPLAN_AFTER
+            if self.plan.training and (self.plan.options.profile or replan):
+                self._profile(replan)
         return outputs, combined
+
+    def _profile(self, replan: bool) -> None:
+        trace = self.executor.trace
+        if self.distributed:
+            import torch.distributed as dist
+
+            everyone: list = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(everyone, trace, group=self.group)
+            trace = [record for records in everyone for record in records]
+        self.trace = trace
+        self.costs = measured_costs(trace, self.plan, self.executor.counted)
+        if replan:
+            self._install(self._replanned(self.costs))
+
+    def _replanned(self, costs: Costs) -> Schedule:
+        """zb-auto for the measured costs, planned on one rank (its time budget could differ between ranks)."""
+        options = self.plan.options
+        schedule = None
+        if not self.distributed or self.ranks[0] == 0:
+            schedule = generate("zb-auto", self.plan.num_stages, options.microbatches, costs, options.memory_limit)
+        if self.distributed:
+            import torch.distributed as dist
+
+            box = [schedule]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0,
+                                       group=self.group)
+            schedule = box[0]
+        return schedule
+
+    def _install(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+        self.executor.schedule = lower(schedule)
 
     @property
     def last_rank(self) -> int:

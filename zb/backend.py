@@ -42,6 +42,11 @@ class ZbBackend:
     def plans(self) -> list[Plan]:
         return [plan for graph in self.graphs for plan in graph.plans.values()]
 
+    @property
+    def runners(self) -> list[PipelineRunner]:
+        """What runs each compiled signature: its schedule, measured timeline, memory, per graph in order."""
+        return [runner for graph in self.graphs for runner, _ in graph._built.values() if runner is not None]
+
 
 def zb_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None, **kwargs: Any):
     """The function registered as backend "zb"; `options` comes from torch.compile(..., options={...})."""
