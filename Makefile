@@ -18,8 +18,9 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The demo trains the example GPT as a 2-rank pipeline (one thread per rank) and draws its measured timeline.
 demo: setup
-	$(BIN)/python examples/train_gpt.py
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node 2 examples/train_gpt.py --timeline timeline
 
 test: setup
 	$(BIN)/python -m pytest -q

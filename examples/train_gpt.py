@@ -3,6 +3,7 @@
     python examples/train_gpt.py                        # zb backend, defaults below
     python examples/train_gpt.py --backend eager        # the same model without torch.compile
     python examples/train_gpt.py --microbatches 8 --compiler eager --steps 50
+    torchrun --nproc-per-node 2 examples/train_gpt.py      # a 2-rank zero-bubble pipeline (zb-auto by default)
 
 Prints the options, the loss every --log-every steps, tokens/s (excluding the first step, which compiles) and
 the loss at the start and the end. Offline: the corpus is whatever `sysconfig` says the stdlib is.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import sysconfig
@@ -21,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import zb  # noqa: E402
 from examples.gpt import GPT, PRESETS  # noqa: E402
 
 
@@ -48,6 +51,27 @@ def batches(data: torch.Tensor, batch_size: int, block_size: int, generator: tor
         yield x, y
 
 
+def report_pipeline(backend, timeline_prefix: str | None, say) -> dict:
+    """The schedule zb ran, the bubble rate of the last profiled step and, if asked, its timeline pictures."""
+    runner = backend.runners[0] if backend.runners else None
+    if runner is None or runner.plan.num_stages == 1:
+        return {}
+    from zb.schedules import draw, simulate
+
+    say(f"pipeline: {runner.plan.num_stages} stages, schedule {runner.schedule.name}")
+    if not runner.trace:
+        return {}
+    measured = runner.measured_timeline()
+    simulated = simulate(runner.schedule, runner.costs)
+    say(f"measured bubble rate {measured.bubble_rate:.3f} (simulated with the measured costs: "
+        f"{simulated.bubble_rate:.3f})")
+    if timeline_prefix and int(os.environ.get("RANK", "0")) == 0:
+        for name, timeline in (("measured", measured), ("simulated", simulated)):
+            path = draw(timeline, f"{timeline_prefix}-{name}.png")
+            say(f"wrote {path}")
+    return {"bubble_rate": measured.bubble_rate}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -55,6 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backend", choices=["zb", "eager", "inductor"], default="zb",
                         help="zb (default), plain eager PyTorch, or torch.compile's default Inductor backend")
     parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--schedule", default="zb-auto", help="pipeline schedule (under torchrun or with --stages)")
+    parser.add_argument("--stages", type=int, default=None, help="pipeline stages (default: one per rank)")
+    parser.add_argument("--timeline", metavar="PREFIX",
+                        help="write PREFIX-measured.png and PREFIX-simulated.png of the last profiled step")
     parser.add_argument("--compiler", choices=["inductor", "eager"], default="inductor", help="zb's piece compiler")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -72,18 +100,25 @@ def main(argv: list[str] | None = None) -> dict:
     config = PRESETS[args.preset].with_(attention=args.attention)
     model = GPT(config)
     data = load_corpus(args.corpus_mb)
-    options = {"microbatches": args.microbatches, "compiler": args.compiler}
+    options = {"microbatches": args.microbatches, "compiler": args.compiler, "schedule": args.schedule,
+               "profile": args.timeline is not None}
+    if args.stages is not None:
+        options["stages"] = args.stages
+    backend = None
     if args.backend == "zb":
-        step_fn = torch.compile(model, backend="zb", options=options)
+        backend = zb.ZbBackend(options)
+        step_fn = torch.compile(model, backend=backend)
     elif args.backend == "inductor":
         step_fn = torch.compile(model)
     else:
         step_fn = model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: GPT {args.preset} ({params / 1e6:.2f} M parameters, {config}); corpus: {len(data) / 2**20:.1f} MiB"
+    rank = int(os.environ.get("RANK", "0"))
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"model: GPT {args.preset} ({params / 1e6:.2f} M parameters, {config}); corpus: {len(data) / 2**20:.1f} MiB"
           " of Python stdlib source")
-    print(f"backend: {args.backend}" + (f", zb options {options}" if args.backend == "zb" else "")
+    say(f"backend: {args.backend}" + (f", zb options {options}" if args.backend == "zb" else "")
           + f"; batch {args.batch_size} x {config.block_size} tokens, {args.steps} steps, lr {args.lr}")
 
     generator = torch.Generator().manual_seed(args.seed)
@@ -105,15 +140,16 @@ def main(argv: list[str] | None = None) -> dict:
         if step % args.log_every == 0 or step == args.steps:
             recent = sum(losses[-args.log_every:]) / len(losses[-args.log_every:])
             rate = (step - 1) * x.numel() / timed if timed else float("nan")
-            print(f"step {step:5d}  loss {recent:.4f}  {rate:8.0f} tokens/s")
+            say(f"step {step:5d}  loss {recent:.4f}  {rate:8.0f} tokens/s")
     head = sum(losses[:10]) / min(10, len(losses))
     tail = sum(losses[-10:]) / min(10, len(losses))
     step_time = timed / max(1, args.steps - 1)
-    print(f"first step (includes compilation): {first_step:.1f} s; later steps: {step_time * 1e3:.1f} ms each")
-    print(f"loss fell from {head:.3f} (first 10 steps) to {tail:.3f} (last 10 steps) in "
+    say(f"first step (includes compilation): {first_step:.1f} s; later steps: {step_time * 1e3:.1f} ms each")
+    result_extra = report_pipeline(backend, args.timeline, say) if backend is not None else {}
+    say(f"loss fell from {head:.3f} (first 10 steps) to {tail:.3f} (last 10 steps) in "
           f"{time.perf_counter() - start:.0f} s")
-    result = {"first_step_s": first_step, "step_s": step_time, "loss_start": head, "loss_end": tail}
-    if args.json:
+    result = {"first_step_s": first_step, "step_s": step_time, "loss_start": head, "loss_end": tail, **result_extra}
+    if args.json and rank == 0:
         print(json.dumps(result))
     return result
 

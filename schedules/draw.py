@@ -29,7 +29,8 @@ def draw(timeline: Timeline, path: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(path)
     ranks = timeline.schedule.num_ranks
     origin = min(timeline.start.values())
-    fig, ax = plt.subplots(figsize=(min(24, 4 + timeline.makespan / 4), 0.5 * ranks + 1.6))
+    longest = max(len(timeline.rank_actions(r)) for r in range(ranks))
+    fig, ax = plt.subplots(figsize=(min(24, max(9, 0.3 * longest)), 0.5 * ranks + 1.6))
     for rank in range(ranks):
         for action, start, end in timeline.rank_actions(rank):
             ax.broken_barh([(start - origin, end - start)], (rank - 0.4, 0.8),
