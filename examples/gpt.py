@@ -25,6 +25,7 @@ class GPTConfig:
     n_embd: int = 128
     # "sdpa": F.scaled_dot_product_attention; "manual": q @ k^T / sqrt(d), masked_fill, softmax, @ v.
     attention: str = "sdpa"
+    tie_weights: bool = True  # the output head shares the token embedding
 
     def with_(self, **changes) -> GPTConfig:
         return replace(self, **changes)
@@ -95,7 +96,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.head.weight = self.tok_emb.weight  # tied
+        if config.tie_weights:
+            self.head.weight = self.tok_emb.weight
         self.apply(self._init)
 
     @staticmethod

@@ -51,6 +51,8 @@ class StepExecutor:
         self.outs: list[list[Any]] = [[] for _ in range(plan.num_outputs)]
         self.grads: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.trace = []
+        self.transport.prepare([self._receive(a) for r in self.ranks for a in self.schedule.actions[r]
+                                if a.kind in (RECV_F, RECV_B)])
         self.held = {r: 0 for r in self.ranks}
         self.peak_memory = {r: 0 for r in self.ranks}
         position = {r: 0 for r in self.ranks}
@@ -73,6 +75,13 @@ class StepExecutor:
                 raise ZbError(f"the pipeline step deadlocked at {', '.join(stuck)}")
         self.transport.finish()
         return self.outs, self.grads
+
+    def _receive(self, action: Action) -> tuple[int, list[tuple], int]:
+        """(tag, [(shape, dtype)], source rank) of a RECV action."""
+        s = action.stage
+        if action.kind == RECV_F:
+            return self._tag(action), [(sh, dt) for _, sh, dt in self.forward_spec[s]], self.placement[s - 1]
+        return self._tag(action), [(sh, dt) for _, sh, dt in self.backward_spec[s]], self.placement[s + 1]
 
     def _tag(self, action: Action) -> int:
         if action.kind == RECV_F:
@@ -103,11 +112,11 @@ class StepExecutor:
                                 self.placement[s - 1])
         elif kind == RECV_F:
             spec = self.forward_spec[s]
-            tensors = self.transport.recv(self._tag(action), [(sh, dt) for _, sh, dt in spec], self.placement[s - 1])
+            tensors = self.transport.recv(*self._receive(action))
             self.forward_box[(s - 1, mb)] = _checked(dict(zip((k for k, _, _ in spec), tensors)), spec, s - 1, s)
         elif kind == RECV_B:
             spec = self.backward_spec[s]
-            tensors = self.transport.recv(self._tag(action), [(sh, dt) for _, sh, dt in spec], self.placement[s + 1])
+            tensors = self.transport.recv(*self._receive(action))
             self.backward_box[(s + 1, mb)] = {f"grad:{k}": t for (k, _, _), t in zip(spec, tensors)}
 
     def _forward(self, s: int, mb: int) -> None:

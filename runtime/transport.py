@@ -27,6 +27,9 @@ class InProcessTransport:
     def send(self, tag: int, tensors: Sequence[torch.Tensor], dst: int) -> None:
         self.box[tag] = list(tensors)
 
+    def prepare(self, receives: Sequence[tuple[int, Sequence[tuple], int]]) -> None:
+        pass  # messages are stored by the send itself
+
     def ready(self, tag: int) -> bool:
         return tag in self.box
 
@@ -49,6 +52,7 @@ class DistributedTransport:
         self.group = group
         self.timeout = datetime.timedelta(seconds=timeout)
         self.pending: list = []
+        self.posted: dict[int, tuple[list[torch.Tensor], list, int]] = {}
 
     def _peer(self, rank: int) -> int:
         return self.dist.get_global_rank(self.group, rank) if self.group is not None else rank
@@ -61,9 +65,19 @@ class DistributedTransport:
     def ready(self, tag: int) -> bool:
         return True  # a receive blocks until the data arrives (or the timeout passes)
 
-    def recv(self, tag: int, specs: Sequence[tuple], src: int) -> list[torch.Tensor]:
+    def prepare(self, receives: Sequence[tuple[int, Sequence[tuple], int]]) -> None:
+        """Post every receive of the step at its start, into preallocated buffers: data lands as soon as it is
+        sent, so a transfer's latency stays off the critical path."""
+        for tag, specs, src in receives:
+            self.posted[tag] = self._post(tag, specs, src)
+
+    def _post(self, tag: int, specs: Sequence[tuple], src: int):
         buffers = [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
         works = [self.dist.irecv(b, self._peer(src), group=self.group, tag=tag * 64 + i) for i, b in enumerate(buffers)]
+        return buffers, works, src
+
+    def recv(self, tag: int, specs: Sequence[tuple], src: int) -> list[torch.Tensor]:
+        buffers, works, src = self.posted.pop(tag) if tag in self.posted else self._post(tag, specs, src)
         for work in works:
             self._wait(work, f"receiving from rank {src}")
         return buffers

@@ -1,0 +1,169 @@
+"""Step time of a 2-rank pipeline: zb's schedules vs torch.distributed.pipelining, and vs one process.
+
+    OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc-per-node 2 bench/pipeline.py [--steps 10] [--compiler inductor]
+
+One model (the example GPT, `small` preset, untied head so torch's stages need no weight sync), one batch,
+the same microbatches, one thread per rank, in one run. torch.distributed.pipelining gets hand-cut stage modules:
+two stages for Schedule1F1B, four (two per rank) for ScheduleInterleavedZeroBubble and, in a V, for
+ScheduleZBVZeroBubble. The reference is single-process eager PyTorch on one thread (measured on rank 0 while
+rank 1 waits): a perfect 2-rank pipeline takes half its time. Each time is the median of --steps steps after
+3 warm-up steps. Prints a table on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from examples.gpt import GPT, PRESETS  # noqa: E402
+from zb.schedules import SCHEDULES  # noqa: E402
+
+WARMUP = 3
+
+
+class Part(nn.Module):
+    """Layers [first, last) of the GPT as one pipeline stage for torch.distributed.pipelining."""
+
+    def __init__(self, model: GPT, blocks: slice, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last = first, last
+        self.tok_emb, self.pos_emb = (model.tok_emb, model.pos_emb) if first else (None, None)
+        self.blocks = nn.ModuleList(model.blocks[blocks])
+        self.ln_f, self.head = (model.ln_f, model.head) if last else (None, None)
+
+    def forward(self, x):
+        if self.first:
+            x = self.tok_emb(x) + self.pos_emb(torch.arange(x.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x)) if self.last else x
+
+
+def loss_fn(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def timed(step, steps: int) -> float:
+    times = []
+    for i in range(WARMUP + steps):
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        dist.barrier()
+        if i >= WARMUP:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_pipelining(kind: str, config, x, y, microbatches: int, rank: int) -> float:
+    from torch.distributed.pipelining import (
+        PipelineStage, Schedule1F1B, ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble,
+    )
+
+    torch.manual_seed(0)
+    model = GPT(config)
+    n = 2 if kind == "Schedule1F1B" else 4
+    per = config.n_layer // n
+    placement = {"Schedule1F1B": [0, 1], "ScheduleInterleavedZeroBubble": [0, 1, 0, 1],
+                 "ScheduleZBVZeroBubble": [0, 1, 1, 0]}[kind]
+    stages = [PipelineStage(Part(model, slice(s * per, (s + 1) * per), s == 0, s == n - 1), s, n, torch.device("cpu"))
+              for s in range(n) if placement[s] == rank]
+    cls = {"Schedule1F1B": Schedule1F1B, "ScheduleInterleavedZeroBubble": ScheduleInterleavedZeroBubble,
+           "ScheduleZBVZeroBubble": ScheduleZBVZeroBubble}[kind]
+    schedule = cls(stages[0] if kind == "Schedule1F1B" else stages, microbatches, loss_fn=loss_fn)
+    has_first = any(s.is_first for s in stages)
+    has_last = any(s.is_last for s in stages)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        schedule.step(*((x,) if has_first else ()), target=y if has_last else None)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def zb_step(schedule: str, config, x, y, microbatches: int, compiler: str):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(config)
+    step_fn = torch.compile(model, backend="zb", options={
+        "schedule": schedule, "microbatches": microbatches, "compiler": compiler})
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        step_fn(x, y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--compiler", default="inductor", choices=["inductor", "eager"])
+    parser.add_argument("--preset", default="small")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    config = PRESETS[args.preset].with_(tie_weights=False)
+    torch.manual_seed(1)
+    x = torch.randint(0, config.vocab_size, (args.batch, config.block_size))
+    y = torch.randint(0, config.vocab_size, (args.batch, config.block_size))
+    rows = []
+
+    torch.manual_seed(0)
+    eager = GPT(config)
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=1e-3)
+
+    def eager_step():
+        if rank == 0:
+            eager(x, y).backward()
+            eager_opt.step()
+            eager_opt.zero_grad()
+
+    single = timed(eager_step, args.steps)
+    for kind in ("Schedule1F1B", "ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble"):
+        rows.append((f"torch.distributed.pipelining {kind}", timed(torch_pipelining(kind, config, x, y,
+                                                                                    args.microbatches, rank), args.steps)))
+        if rank == 0:
+            print(f"measured {kind}", file=sys.stderr, flush=True)
+    for schedule in SCHEDULES:
+        rows.append((f"zb {schedule} ({args.compiler})", timed(zb_step(schedule, config, x, y, args.microbatches,
+                                                                       args.compiler), args.steps)))
+        if rank == 0:
+            print(f"measured zb {schedule}", file=sys.stderr, flush=True)
+    if rank == 0:
+        torch_best = min(t for name, t in rows if name.startswith("torch"))
+        zb_best = min(t for name, t in rows if name.startswith("zb"))
+        ideal = single / 2
+        print(f"GPT {args.preset} (untied), batch {args.batch} x {config.block_size}, {args.microbatches} microbatches, "
+              f"2 ranks x 1 thread, torch {torch.__version__}, median of {args.steps} steps")
+        print("| configuration | step (ms) | vs torch's best | vs ideal (eager / 2) |")
+        print("|---|---:|---:|---:|")
+        print(f"| single process eager, 1 thread | {single * 1e3:.1f} | | {single / ideal:.2f}x |")
+        for name, t in rows:
+            print(f"| {name} | {t * 1e3:.1f} | {t / torch_best:.2f}x | {t / ideal:.2f}x |")
+        print(f"\nbest zb / best torch.distributed.pipelining: {zb_best / torch_best:.2f}x (target <= 0.85x); "
+              f"best zb / ideal: {zb_best / ideal:.2f}x (target <= 1.15x)")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
+    main()
