@@ -77,8 +77,8 @@ def torch_pipelining(kind: str, config, x, y, microbatches: int, rank: int) -> f
     per = config.n_layer // n
     placement = {"Schedule1F1B": [0, 1], "ScheduleInterleavedZeroBubble": [0, 1, 0, 1],
                  "ScheduleZBVZeroBubble": [0, 1, 1, 0]}[kind]
-    stages = [PipelineStage(Part(model, slice(s * per, (s + 1) * per), s == 0, s == n - 1), s, n, torch.device("cpu"))
-              for s in range(n) if placement[s] == rank]
+    parts = {s: Part(model, slice(s * per, (s + 1) * per), s == 0, s == n - 1) for s in range(n)}
+    stages = [PipelineStage(parts[s], s, n, torch.device("cpu")) for s in range(n) if placement[s] == rank]
     cls = {"Schedule1F1B": Schedule1F1B, "ScheduleInterleavedZeroBubble": ScheduleInterleavedZeroBubble,
            "ScheduleZBVZeroBubble": ScheduleZBVZeroBubble}[kind]
     schedule = cls(stages[0] if kind == "Schedule1F1B" else stages, microbatches, loss_fn=loss_fn)
@@ -139,21 +139,21 @@ def main() -> None:
 
     single = timed(eager_step, args.steps)
     for kind in ("Schedule1F1B", "ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble"):
-        rows.append((f"torch.distributed.pipelining {kind}", timed(torch_pipelining(kind, config, x, y,
-                                                                                    args.microbatches, rank), args.steps)))
+        step = torch_pipelining(kind, config, x, y, args.microbatches, rank)
+        rows.append((f"torch.distributed.pipelining {kind}", timed(step, args.steps)))
         if rank == 0:
             print(f"measured {kind}", file=sys.stderr, flush=True)
     for schedule in SCHEDULES:
-        rows.append((f"zb {schedule} ({args.compiler})", timed(zb_step(schedule, config, x, y, args.microbatches,
-                                                                       args.compiler), args.steps)))
+        step = zb_step(schedule, config, x, y, args.microbatches, args.compiler)
+        rows.append((f"zb {schedule} ({args.compiler})", timed(step, args.steps)))
         if rank == 0:
             print(f"measured zb {schedule}", file=sys.stderr, flush=True)
     if rank == 0:
         torch_best = min(t for name, t in rows if name.startswith("torch"))
         zb_best = min(t for name, t in rows if name.startswith("zb"))
         ideal = single / 2
-        print(f"GPT {args.preset} (untied), batch {args.batch} x {config.block_size}, {args.microbatches} microbatches, "
-              f"2 ranks x 1 thread, torch {torch.__version__}, median of {args.steps} steps")
+        print(f"GPT {args.preset} (untied), batch {args.batch} x {config.block_size}, {args.microbatches} "
+              f"microbatches, 2 ranks x 1 thread, torch {torch.__version__}, median of {args.steps} steps")
         print("| configuration | step (ms) | vs torch's best | vs ideal (eager / 2) |")
         print("|---|---:|---:|---:|")
         print(f"| single process eager, 1 thread | {single * 1e3:.1f} | | {single / ideal:.2f}x |")
@@ -165,5 +165,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
+    cache = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "inductor"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
     main()

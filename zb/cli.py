@@ -25,6 +25,9 @@ from zb.schedules.actions import ScheduleError
 from zb.options import Options
 
 
+NOT_ON_THE_COMMAND_LINE = ("group",)  # a process group exists only inside a program
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="zb", description="zero-bubble pipeline parallelism for torch.compile", allow_abbrev=False
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 def _add_option_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("zb options (as in torch.compile(..., options={...}))")
     for name, default, doc in Options.describe():
+        if name in NOT_ON_THE_COMMAND_LINE:
+            continue
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"option_{name}", metavar="VALUE",
                            help=f"{doc} (default: {default!r})")
 
@@ -56,6 +61,8 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
 def _options_from(args: argparse.Namespace) -> dict[str, Any]:
     options = {}
     for name, _, _ in Options.describe():
+        if name in NOT_ON_THE_COMMAND_LINE:
+            continue
         text = getattr(args, f"option_{name}")
         if text is not None:
             options[name] = Options.parse_cli_value(name, text)
