@@ -7,7 +7,8 @@ the same microbatches, one thread per rank, in one run. torch.distributed.pipeli
 two stages for Schedule1F1B, four (two per rank) for ScheduleInterleavedZeroBubble and, in a V, for
 ScheduleZBVZeroBubble. The reference is single-process eager PyTorch on one thread (measured on rank 0 while
 rank 1 waits): a perfect 2-rank pipeline takes half its time. Each time is the median of --steps steps after
-3 warm-up steps. Prints a table on rank 0.
+3 warm-up steps. Prints a table on rank 0. With --profile, zb's steps are traced (profile=True; the trace's
+all-gather adds to their step time) and a second table gives each rank's busy and idle time in the last step.
 """
 
 from __future__ import annotations
@@ -94,12 +95,15 @@ def torch_pipelining(kind: str, config, x, y, microbatches: int, rank: int) -> f
     return step
 
 
-def zb_step(schedule: str, config, x, y, microbatches: int, compiler: str):
+def zb_step(schedule: str, config, x, y, microbatches: int, compiler: str, backends: dict, profile: bool):
+    import zb
+
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(config)
-    step_fn = torch.compile(model, backend="zb", options={
-        "schedule": schedule, "microbatches": microbatches, "compiler": compiler})
+    backend = backends[schedule] = zb.ZbBackend({"schedule": schedule, "microbatches": microbatches,
+                                                 "compiler": compiler, "profile": profile})
+    step_fn = torch.compile(model, backend=backend)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
@@ -117,6 +121,7 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--compiler", default="inductor", choices=["inductor", "eager"])
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--profile", action="store_true", help="trace zb's steps; print busy/idle time per rank")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -143,8 +148,9 @@ def main() -> None:
         rows.append((f"torch.distributed.pipelining {kind}", timed(step, args.steps)))
         if rank == 0:
             print(f"measured {kind}", file=sys.stderr, flush=True)
+    backends: dict = {}
     for schedule in SCHEDULES:
-        step = zb_step(schedule, config, x, y, args.microbatches, args.compiler)
+        step = zb_step(schedule, config, x, y, args.microbatches, args.compiler, backends, args.profile)
         rows.append((f"zb {schedule} ({args.compiler})", timed(step, args.steps)))
         if rank == 0:
             print(f"measured zb {schedule}", file=sys.stderr, flush=True)
@@ -161,6 +167,13 @@ def main() -> None:
             print(f"| {name} | {t * 1e3:.1f} | {t / torch_best:.2f}x | {t / ideal:.2f}x |")
         print(f"\nbest zb / best torch.distributed.pipelining: {zb_best / torch_best:.2f}x (target <= 0.85x); "
               f"best zb / ideal: {zb_best / ideal:.2f}x (target <= 1.15x)")
+        if args.profile:
+            print("\n| zb schedule | rank | busy (ms) | idle in its span (ms) |\n|---|---:|---:|---:|")
+            for schedule, backend in backends.items():
+                timeline = backend.runners[0].measured_timeline()
+                for r in range(timeline.schedule.num_ranks):
+                    busy, span = timeline.work(r), timeline.span(r)
+                    print(f"| {schedule} | {r} | {busy * 1e3:.1f} | {(span - busy) * 1e3:.1f} |")
     dist.destroy_process_group()
 
 
