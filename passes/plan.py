@@ -21,7 +21,6 @@ runtime is a loop over `env[key]`, and the dumps show how data flows between pie
 from __future__ import annotations
 
 import collections
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -140,9 +139,6 @@ class Plan:
         if self.history:
             lines.append("passes: " + ", ".join(f"{r.name} {r.seconds * 1e3:.0f} ms" for r in self.history))
         return "\n".join(lines)
-
-    def replace(self, **changes: Any) -> Plan:
-        return dataclasses.replace(self, **changes)
 
 
 def input_keys(gm: fx.GraphModule) -> list[str]:

@@ -57,9 +57,6 @@ class Schedule:
     def num_ranks(self) -> int:
         return len(self.actions)
 
-    def stages_of(self, rank: int) -> list[int]:
-        return [s for s, r in enumerate(self.placement) if r == rank]
-
     @property
     def split_backward(self) -> bool:
         return any(a.kind == B for rank in self.actions for a in rank)
