@@ -44,6 +44,7 @@ def partition_stages(plan: Plan) -> Plan:
         cuts = _cuts_at_split_points(compute, plan.options.split_points, n)
     else:
         cuts = _balanced_cuts(plan, compute, n)
+    plan.cuts = tuple(cuts)
     stage_of = {}
     bounds = [0, *cuts, len(compute)]
     for s in range(n):
@@ -59,6 +60,22 @@ def partition_stages(plan: Plan) -> Plan:
     return plan
 
 
+def split_points_for(plan: Plan) -> list[str]:
+    """A `split_points` option close to `plan.cuts`: for each cut, the module (of those the cut's node belongs to)
+    whose first node is nearest the cut, the innermost on a tie."""
+    compute = [n for n in plan.graph.graph.nodes if n.op not in ("placeholder", "output")]
+    points: list[str] = []
+    for cut in plan.cuts:
+        paths = [p for p in _module_paths(compute[cut]) if p and p not in points]
+        if paths:
+            points.append(min(reversed(paths), key=lambda p: abs(_first_node_of(compute, p) - cut)))
+    return points
+
+
+def _first_node_of(compute: list[fx.Node], path: str) -> int | None:
+    return next((i for i, node in enumerate(compute) if path in _module_paths(node)), None)
+
+
 def _module_paths(node: fx.Node) -> list[str]:
     """Dynamo records L['self'].blocks.4 for the module a node came from; return 'blocks.4' and its parents."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -71,7 +88,7 @@ def _cuts_at_split_points(compute: list[fx.Node], split_points, n: int) -> list[
                             f"{n - 1} (each is where a new stage begins), or drop split_points to balance costs")
     cuts = []
     for point in split_points:
-        index = next((i for i, node in enumerate(compute) if point in _module_paths(node)), None)
+        index = _first_node_of(compute, point)
         if index is None:
             known = sorted({p for node in compute for p in _module_paths(node) if p.count(".") <= 1})
             raise ZbOptionError(f"split point {point!r} names no module the model runs; modules: "
@@ -85,7 +102,7 @@ def _cuts_at_split_points(compute: list[fx.Node], split_points, n: int) -> list[
 
 
 def _balanced_cuts(plan: Plan, compute: list[fx.Node], n: int) -> list[int]:
-    costs = _estimate_costs(plan, compute)
+    costs = _refined(_estimate_costs(plan, compute), plan.measured_stage_times, plan.previous_cuts)
     crossing = _crossing_bytes(plan.graph.graph, compute)
     total = sum(costs) or 1.0
     prefix, running = [], 0.0
@@ -102,6 +119,20 @@ def _balanced_cuts(plan: Plan, compute: list[fx.Node], n: int) -> list[int]:
             window = [min(range(lo, hi + 1), key=lambda i: abs(prefix[i - 1] - target))]
         cuts.append(min(window, key=lambda i: (crossing[i], abs(prefix[i - 1] - target))))
     return cuts
+
+
+def _refined(costs: list[float], measured, previous_cuts) -> list[float]:
+    """Scale each old stage's node estimates so that they sum to its measured time."""
+    if not measured or previous_cuts is None or len(measured) != len(previous_cuts) + 1:
+        return costs
+    bounds = [0, *previous_cuts, len(costs)]
+    refined = list(costs)
+    for s, seconds in enumerate(measured):
+        estimate = sum(costs[bounds[s]: bounds[s + 1]])
+        if estimate > 0 and seconds > 0:
+            for i in range(bounds[s], bounds[s + 1]):
+                refined[i] = costs[i] * seconds / estimate
+    return refined
 
 
 def _estimate_costs(plan: Plan, compute: list[fx.Node]) -> list[float]:

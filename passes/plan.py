@@ -104,6 +104,10 @@ class Plan:
     training: bool
     options: Options
     num_stages: int = 1
+    # Measured F+B+W seconds per stage of an earlier plan with these cuts: partition_stages re-balances with them.
+    measured_stage_times: tuple[float, ...] | None = None
+    previous_cuts: tuple[int, ...] | None = None
+    cuts: tuple[int, ...] = ()  # where each stage after the first begins, in Dynamo's node order
     stages: list[Stage] = field(default_factory=list)
     counters: collections.Counter = field(default_factory=collections.Counter)
     history: list[PassRecord] = field(default_factory=list)

@@ -48,8 +48,15 @@ class PipelineRunner:
         self.ranks = list(ranks)
         self.executor = StepExecutor(plan, compiled, lower(self.schedule), ranks, transport)
         self.steps = 0
+        self.rebalanced = False  # set by the backend once it rebuilt the plan with this runner's measurements
         self.trace: list[tuple[int, str, float, float]] = []  # every rank's actions in the last profiled step
         self.costs = None  # costs measured in the last profiled step
+
+    def stage_times(self) -> tuple[float, ...] | None:
+        """Measured F+B+W seconds per stage (from the last profiled step), or None."""
+        if self.costs is None:
+            return None
+        return tuple(f + b + w for f, b, w in zip(self.costs.f, self.costs.b, self.costs.w))
 
     def modelled_costs(self) -> Costs:
         """The plan's activation memory per stage with unit times: what the simulator needs to predict memory."""

@@ -13,7 +13,7 @@ import torch
 import zb
 from tests import models
 from tests.helpers import assert_close
-from zb.passes.partition_stages import _module_paths
+from zb.passes.partition_stages import _module_paths, split_points_for
 from zb.runtime.executor import _checked
 from zb.schedules import SCHEDULES
 
@@ -122,3 +122,46 @@ def test_torchrun_bad_placement_fails_on_every_rank():
 def test_torchrun_dead_peer_is_an_error_not_a_hang():
     out = torchrun(2, "failure_check.py", "peer-dies", timeout=240)
     assert "caught on rank 0: pipeline peer failed" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def test_measured_stage_times_move_the_cuts():
+    model, args = models.gpt()
+    backend = zb.ZbBackend({"stages": 2, "microbatches": 2}, codegen=False)
+    torch.compile(model, backend=backend)(*args)
+    (plan,) = backend.plans
+    refined = zb.passes.Plan(plan.graph, plan.inputs, plan.example_inputs, plan.num_outputs, True, plan.options,
+                             num_stages=2, measured_stage_times=(3.0, 1.0), previous_cuts=plan.cuts)
+    zb.passes.partition_stages(refined)
+    assert refined.cuts[0] < plan.cuts[0]  # stage 0 measured slower: it gives nodes to stage 1
+    even = zb.passes.Plan(plan.graph, plan.inputs, plan.example_inputs, plan.num_outputs, True, plan.options,
+                          num_stages=2, measured_stage_times=(1.0, 3.0), previous_cuts=plan.cuts)
+    zb.passes.partition_stages(even)
+    assert even.cuts[0] > plan.cuts[0]
+
+
+def test_rebalanced_pipeline_still_matches_eager(monkeypatch):
+    import zb.backend
+
+    monkeypatch.setattr(zb.backend, "REBALANCE_ABOVE", 0.0)  # re-cut after the first profiled step, always
+    torch.manual_seed(0)
+    model, args = models.deep_mlp()
+    reference = copy.deepcopy(model)
+    backend = zb.ZbBackend({"stages": 4, "schedule": "zb-h1", "microbatches": 8, "compiler": "eager",
+                            "profile": True})
+    step = torch.compile(model, backend=backend)
+    for i in range(3):
+        batch = [a + 0.1 * i for a in args]
+        model.zero_grad()
+        reference.zero_grad()
+        step(*batch).backward()
+        reference(*batch).backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert_close(p.grad, q.grad, f"step {i} grad of {name}")
+    (runner,) = backend.runners
+    assert runner.rebalanced and runner.plan.previous_cuts is not None
+
+
+def test_split_points_for_names_the_cut():
+    model, args = models.gpt()
+    plan = zb.explain(model, *args, stages=2, split_points=["blocks.1"], microbatches=2)
+    assert split_points_for(plan) == ["blocks.1"]

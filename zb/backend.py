@@ -7,6 +7,7 @@ graph, the plan it built for each input signature, so tests and `zb.explain` can
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -18,9 +19,12 @@ from zb.codegen import compile_plan
 from zb.errors import ZbUnsupportedError
 from zb.frame import FrameCapture, describe_inputs, placeholders
 from zb.options import Options
-from zb.passes import PASSES, InputSpec, Plan, run_passes
+from zb.passes import PASSES, InputSpec, Plan, partition_stages, run_passes
+from zb.passes.partition_stages import split_points_for
 from zb.pipeline import Pipeline
 from zb.runtime import PipelineRunner, split_microbatches
+
+log = logging.getLogger(__name__)
 
 class ZbBackend:
     """A torch.compile backend object. `codegen=False` builds plans but runs the Dynamo graph eagerly."""
@@ -88,9 +92,42 @@ class CompiledGraph:
         runner, arg_map = self._built[key]
         if runner is None:
             return self.gm(*args)
+        if _needs_rebalancing(runner):
+            if runner.distributed:
+                self._suggest_split_points(runner)
+            else:
+                runner = self._rebalance(key, runner, args)
         return runner(*[args[i] for i in arg_map])
 
-    def build_plan(self, args: Sequence[Any], training: bool) -> tuple[Plan, list[int]]:
+    def _suggest_split_points(self, runner: PipelineRunner) -> None:
+        """Across processes the stages stay where they are: each rank's optimizer holds its parameters' state, so
+        moving a stage would silently lose it. Say once which split_points the measured times call for."""
+        runner.rebalanced = True
+        old = runner.plan
+        probe = Plan(old.graph, old.inputs, old.example_inputs, old.num_outputs, old.training, old.options,
+                     num_stages=old.num_stages, measured_stage_times=runner.stage_times(), previous_cuts=old.cuts)
+        partition_stages(probe)
+        suggestion = split_points_for(probe)
+        if runner.ranks[0] == 0 and suggestion:
+            log.warning("zb: measured stage times %s ms are unbalanced; to re-cut, start again with "
+                        "options={'split_points': %s}", [round(t * 1e3, 2) for t in runner.stage_times()],
+                        suggestion)
+
+    def _rebalance(self, key: tuple, runner: PipelineRunner, args: Sequence[Any]) -> PipelineRunner:
+        """Rebuild the plan with stages re-cut on measured times (in one process, where every parameter and its
+        optimizer state stay put whatever stage reads them)."""
+        runner.rebalanced = True
+        old = runner.plan
+        log.info("re-partitioning: measured stage times %s", [round(t * 1e3, 2) for t in runner.stage_times()])
+        plan, arg_map = self.build_plan(args, old.training, measured=runner.stage_times(), previous=old.cuts)
+        fresh = self._runner(plan)
+        fresh.rebalanced = True  # once per signature: the new cuts are final
+        self.plans[key] = plan
+        self._built[key] = (fresh, arg_map)
+        return fresh
+
+    def build_plan(self, args: Sequence[Any], training: bool, measured: tuple[float, ...] | None = None,
+                   previous: tuple[int, ...] | None = None) -> tuple[Plan, list[int]]:
         """The plan for one call's inputs, and for each of the plan graph's inputs its position in `args`."""
         self.pipeline.schedule_for(training)  # impossible placements fail here, on every rank, before any work
         outer = [_with_requires_grad(s, a) for s, a in zip(self.inputs, args)]
@@ -115,6 +152,8 @@ class CompiledGraph:
             training=training,
             options=self.options,
             num_stages=self.pipeline.num_stages,
+            measured_stage_times=measured,
+            previous_cuts=previous,
         )
         return run_passes(plan, PASSES), arg_map
 
@@ -126,6 +165,16 @@ class CompiledGraph:
         compiled = compile_plan(plan, stages=stages)
         return PipelineRunner(plan, compiled, schedule, local, pipeline.transport(), pipeline.group,
                               distributed=pipeline.distributed)
+
+
+REBALANCE_ABOVE = 1.10  # re-cut the stages once when the slowest measured stage is 10% over the mean
+
+
+def _needs_rebalancing(runner: PipelineRunner) -> bool:
+    times = runner.stage_times()
+    if runner.rebalanced or times is None or len(times) < 2 or runner.plan.options.split_points:
+        return False
+    return max(times) > REBALANCE_ABOVE * (sum(times) / len(times))
 
 
 def _with_requires_grad(spec: InputSpec, value: Any) -> InputSpec:
