@@ -62,13 +62,13 @@ def partition_stages(plan: Plan) -> Plan:
 
 def split_points_for(plan: Plan) -> list[str]:
     """A `split_points` option close to `plan.cuts`: for each cut, the module (of those the cut's node belongs to)
-    whose first node is nearest the cut, the innermost on a tie."""
+    whose first node is nearest the cut, the outermost on a tie."""
     compute = [n for n in plan.graph.graph.nodes if n.op not in ("placeholder", "output")]
     points: list[str] = []
     for cut in plan.cuts:
         paths = [p for p in _module_paths(compute[cut]) if p and p not in points]
         if paths:
-            points.append(min(reversed(paths), key=lambda p: abs(_first_node_of(compute, p) - cut)))
+            points.append(min(paths, key=lambda p: abs(_first_node_of(compute, p) - cut)))
     return points
 
 
