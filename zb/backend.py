@@ -26,6 +26,7 @@ from zb.runtime import PipelineRunner, split_microbatches
 
 log = logging.getLogger(__name__)
 
+
 class ZbBackend:
     """A torch.compile backend object. `codegen=False` builds plans but runs the Dynamo graph eagerly."""
 
