@@ -165,3 +165,13 @@ def test_split_points_for_names_the_cut():
     model, args = models.gpt()
     plan = zb.explain(model, *args, stages=2, split_points=["blocks.1"], microbatches=2)
     assert split_points_for(plan) == ["blocks.1"]
+
+
+@pytest.mark.parametrize("schedule", ["zb-h1", "zb-v"])
+def test_pipeline_inference_runs_forwards_only(schedule):
+    model, (idx, _) = models.gpt()
+    step = torch.compile(model, backend="zb", options={"stages": 4, "schedule": schedule, "microbatches": 4,
+                                                        "compiler": "eager"})
+    with torch.no_grad():
+        assert_close(step(idx), model(idx), "logits")
+    assert all(p.grad is None for p in model.parameters())
