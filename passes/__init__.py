@@ -1,6 +1,7 @@
 """The zb pass pipeline. The order lives here and nowhere else."""
 
 from zb.passes.capture_joint import capture_joint
+from zb.passes.insert_communication import insert_communication
 from zb.passes.partition_fw_bw import partition_fw_bw
 from zb.passes.partition_stages import partition_stages
 from zb.passes.plan import PIECES, InputSpec, Plan, Stage
@@ -13,6 +14,7 @@ PASSES = [
     capture_joint,
     partition_fw_bw,
     split_backward,
+    insert_communication,
 ]
 
 __all__ = [

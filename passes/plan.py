@@ -68,6 +68,9 @@ class Stage:
     pieces: dict[str, fx.GraphModule] = field(default_factory=dict)
     # The unsplit backward, kept for inspection and for checking the split against it.
     backward: fx.GraphModule | None = None
+    # insert_communication: (act key, shape, dtype) this stage receives going forward / gradients coming back.
+    receives_forward: list[tuple[str, tuple, Any]] = field(default_factory=list)
+    receives_backward: list[tuple[str, tuple, Any]] = field(default_factory=list)
 
     @property
     def forward(self) -> fx.GraphModule | None:
@@ -138,6 +141,11 @@ class Plan:
                     f"  stage {stage.index} {name:<16} {sum(ops.values()):4d} ops, "
                     f"{len(input_keys(gm))} inputs -> {len(output_keys(gm))} outputs   [{top}]"
                 )
+        for stage in self.stages[1:]:
+            sent = ", ".join(f"{k} {list(shape)} {str(dtype).replace('torch.', '')}"
+                             for k, shape, dtype in stage.receives_forward)
+            lines.append(f"  stage {stage.index - 1} -> {stage.index}: {sent or 'nothing'} "
+                         f"(gradients back: {len(self.stages[stage.index - 1].receives_backward)})")
         if self.counters:
             lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counters.items())))
         if self.history:

@@ -32,8 +32,8 @@ class StepExecutor:
         self.placement = schedule.placement
         self.pieces = {s: {name: compiled[(s, name)] for name in PIECES if (s, name) in compiled}
                        for s in range(plan.num_stages)}
-        self.forward_spec = {s: _specs(plan.stages[s].forward, "act:") for s in range(1, plan.num_stages)}
-        self.backward_spec = {s: _tangent_specs(plan.stages[s]) for s in range(plan.num_stages - 1)}
+        self.forward_spec = {s: plan.stages[s].receives_forward for s in range(1, plan.num_stages)}
+        self.backward_spec = {s: plan.stages[s].receives_backward for s in range(plan.num_stages - 1)}
         self.drop = {s: _last_uses([self.pieces[s][n] for n in PIECES if n in self.pieces[s]])
                      for s in self.pieces}
         self.counted = {s: _held_keys(plan.stages[s]) for s in range(plan.num_stages)}
@@ -186,26 +186,6 @@ def _held_keys(stage) -> set[str]:
                 aliases.add(key)
     keys = {k for gm in pieces for k in output_keys(gm) if k and k.startswith(("saved:", "stash:"))}
     return keys - aliases
-
-
-def _specs(gm, prefix: str) -> list[tuple[str, tuple, torch.dtype]]:
-    nodes = gm.graph.find_nodes(op="placeholder")
-    return [(n.meta["zb_key"], tuple(n.meta["val"].shape), n.meta["val"].dtype)
-            for n in nodes if n.meta["zb_key"].startswith(prefix)]
-
-
-def _tangent_specs(stage) -> list[tuple[str, tuple, torch.dtype]]:
-    """The activations of this stage whose gradient its backward reads, as (act key, shape, dtype)."""
-    seen = {}
-    for gm in (stage.backward_input, stage.backward_weight):
-        if gm is None:
-            continue
-        for n in gm.graph.find_nodes(op="placeholder"):
-            key = n.meta["zb_key"]
-            if key.startswith("tangent:act:"):
-                seen[key[len("tangent:"):]] = (tuple(n.meta["val"].shape), n.meta["val"].dtype)
-    order = [k for k in output_keys(stage.forward) if k in seen]
-    return [(k, *seen[k]) for k in order]
 
 
 def _grad_or_zeros(box: dict, key: str, shape, dtype) -> torch.Tensor:

@@ -175,3 +175,14 @@ def test_pipeline_inference_runs_forwards_only(schedule):
     with torch.no_grad():
         assert_close(step(idx), model(idx), "logits")
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_insert_communication_describes_each_boundary():
+    model, args = models.gpt()
+    plan = zb.explain(model, *args, stages=3, schedule="zb-h1", microbatches=4)
+    for before, after in zip(plan.stages, plan.stages[1:]):
+        sent = {k: (shape, dtype) for k, shape, dtype in after.receives_forward}
+        assert sent and all(k.startswith("act:") and shape[0] == 2 for k, (shape, _) in sent.items())
+        assert set(sent) <= set(zb.passes.plan.output_keys(before.forward))  # it receives what the stage sends
+        assert {k for k, _, _ in before.receives_backward} <= set(sent)  # gradients come back for those
+    assert "stage 0 -> 1: act:" in plan.summary()
