@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from zb.codegen import CompiledPiece
-from zb.errors import ZbError
+from zb.errors import ZbError, ZbUnsupportedError
 from zb.passes.plan import PIECES, Plan, output_keys
 from zb.runtime.microbatch import combine_outputs, split_microbatches
 from zb.runtime.transport import tag_of
@@ -215,7 +215,12 @@ def combine(outs: list[list[Any]], grads: dict[int, list[torch.Tensor]], plan: P
     """Per-microbatch results -> outputs (mean of scalars, concatenation otherwise) and one gradient per input."""
     combined: list[torch.Tensor | None] = [None] * len(plan.inputs)
     for index, values in grads.items():
-        if plan.inputs[index].batched and plan.inputs[index].kind == "input" and len(values) == microbatches:
+        if plan.inputs[index].batched:
+            if len(values) != microbatches:  # one slice per microbatch, or the slices cannot be put back in order
+                raise ZbUnsupportedError(
+                    f"input {plan.inputs[index].name!r} needs a gradient and is read by several pipeline stages; "
+                    "zb returns input gradients only for inputs one stage reads"
+                )
             combined[index] = torch.cat(values) if len(values) > 1 else values[0]
         else:
             total = values[0]

@@ -186,3 +186,24 @@ def test_insert_communication_describes_each_boundary():
         assert set(sent) <= set(zb.passes.plan.output_keys(before.forward))  # it receives what the stage sends
         assert {k for k, _, _ in before.receives_backward} <= set(sent)  # gradients come back for those
     assert "stage 0 -> 1: act:" in plan.summary()
+
+
+class ResidualToInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x, y):
+        h = torch.tanh(self.first(x))
+        return torch.nn.functional.mse_loss(self.second(h) + x, y)  # x is read again by the second stage
+
+
+def test_input_gradient_of_an_input_two_stages_read_is_refused():
+    model = ResidualToInput()
+    x, y = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
+    step = torch.compile(model, backend="zb", options={"stages": 2, "schedule": "1f1b", "microbatches": 2,
+                                                        "compiler": "eager", "split_points": ["second"]})
+    with pytest.raises(zb.ZbUnsupportedError, match="'x' needs a gradient and is read by several pipeline"):
+        step(x, y)
+    x.requires_grad_(False)  # without input gradients the same pipeline is fine
+    assert_close(step(x, y).detach(), model(x, y).detach(), "loss")
