@@ -1,6 +1,7 @@
 """The zb pass pipeline. The order lives here and nowhere else."""
 
 from zb.passes.capture_joint import capture_joint
+from zb.passes.fuse_optimizer import fuse_optimizer
 from zb.passes.insert_communication import insert_communication
 from zb.passes.partition_fw_bw import partition_fw_bw
 from zb.passes.partition_stages import partition_stages
@@ -15,6 +16,7 @@ PASSES = [
     partition_fw_bw,
     split_backward,
     insert_communication,
+    fuse_optimizer,
 ]
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "Stage",
     "capture_joint",
     "dump_plan",
+    "fuse_optimizer",
     "partition_fw_bw",
     "run_passes",
     "split_backward",

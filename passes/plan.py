@@ -112,6 +112,10 @@ class Plan:
     previous_cuts: tuple[int, ...] | None = None
     cuts: tuple[int, ...] = ()  # where each stage after the first begins, in Dynamo's node order
     stages: list[Stage] = field(default_factory=list)
+    # fuse_optimizer: parameter indices each stage updates right after its last W; parameters whose gradient
+    # several stages produce (tied weights), updated at the end of the step.
+    updates: dict[int, list[int]] = field(default_factory=dict)
+    shared_updates: list[int] = field(default_factory=list)
     counters: collections.Counter = field(default_factory=collections.Counter)
     history: list[PassRecord] = field(default_factory=list)
 
@@ -146,6 +150,13 @@ class Plan:
                              for k, shape, dtype in stage.receives_forward)
             lines.append(f"  stage {stage.index - 1} -> {stage.index}: {sent or 'nothing'} "
                          f"(gradients back: {len(self.stages[stage.index - 1].receives_backward)})")
+        for index, params in self.updates.items():
+            if params:
+                lines.append(f"  stage {index} update: {type(self.options.optimizer).__name__} fused over "
+                             f"{len(params)} parameters, after its last W")
+        if self.shared_updates:
+            lines.append(f"  shared update (gradients summed over stages): "
+                         f"{', '.join(self.inputs[i].name for i in self.shared_updates)}")
         if self.counters:
             lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counters.items())))
         if self.history:

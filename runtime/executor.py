@@ -41,9 +41,17 @@ class StepExecutor:
         self.peak_memory: dict[int, int] = {}  # activation bytes each local rank held at most in the last step
 
     # One step ---------------------------------------------------------------------------------------------
-    def run(self, args: Sequence[Any]) -> tuple[list[list[Any]], dict[int, list[torch.Tensor]]]:
-        """Runs every action of the local ranks; returns (per-output lists over microbatches, grads by input)."""
+    def run(self, args: Sequence[Any], on_stage_done=None) -> tuple[list[list[Any]], dict[int, list[torch.Tensor]]]:
+        """Runs every action of the local ranks; returns (per-output lists over microbatches, grads by input).
+
+        `on_stage_done(stage, grads)` is called right after a stage's last compute action (its last W), with
+        the gradients produced so far (input index -> one tensor per microbatch)."""
         plan = self.plan
+        last = {}
+        for r in self.ranks:
+            for a in self.schedule.actions[r]:
+                if a.kind in (F, B, W, BW):
+                    last[a.stage] = a
         self.inputs = split_microbatches(plan.inputs, args, plan.options.microbatches)
         self.env: dict[tuple[int, int], dict[str, Any]] = defaultdict(dict)
         self.forward_box: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
@@ -67,6 +75,8 @@ class StepExecutor:
                     start = time.perf_counter()
                     self._do(rank, action)
                     self.trace.append((rank, str(action), start, time.perf_counter()))
+                    if on_stage_done is not None and plan.training and last.get(action.stage) == action:
+                        on_stage_done(action.stage, self.grads)
                     position[rank] += 1
                     progressed = True
             if not progressed:

@@ -19,6 +19,7 @@ from zb.codegen import CompiledPiece
 from zb.errors import ZbError
 from zb.passes.plan import Plan, output_keys
 from zb.runtime.executor import StepExecutor, combine
+from zb.runtime.optimizer import OptimizerStep, synchronize
 from zb.runtime.profile import measured_costs, measured_timeline, modelled_costs
 from zb.schedules import Action, Costs, F, Schedule, Timeline, generate, lower
 
@@ -51,6 +52,9 @@ class PipelineRunner:
         self.rebalanced = False  # set by the backend once it rebuilt the plan with this runner's measurements
         self.trace: list[tuple[int, str, float, float]] = []  # every rank's actions in the last profiled step
         self.costs = None  # costs measured in the last profiled step
+        self.optimizer = None  # the fused update and its validation, with options["optimizer"]
+        if plan.training and plan.options.optimizer is not None:
+            self.optimizer = OptimizerStep(plan, self.schedule, ranks, transport, distributed, group)
 
     def stage_times(self) -> tuple[float, ...] | None:
         """Measured F+B+W seconds per stage (from the last profiled step), or None."""
@@ -69,15 +73,29 @@ class PipelineRunner:
         return measured_timeline(self.trace, self.schedule, self.costs)
 
     def __call__(self, *args: Any) -> Any:
+        if self.optimizer is not None:
+            return self._optimizer_step(args)
         if self.plan.training:
             return _TrainingStep.apply(self, *args)
+        if self.plan.options.optimizer is not None:
+            synchronize(self.plan.options.optimizer)  # evaluate validated parameters
         with torch.no_grad():
             outputs, _ = self.run(args)
         return outputs
 
+    def _optimizer_step(self, args: Sequence[Any]) -> tuple:
+        """A whole training step, update included: returns the outputs, the loss detached."""
+        with torch.no_grad():
+            self.optimizer.begin(args)
+            outputs, grads = self.run(args)
+            self.optimizer.finish(grads)
+        loss = outputs[0].detach()
+        return (torch.Tensor._make_subclass(StepLoss, loss), *outputs[1:])
+
     def run(self, args: Sequence[Any]) -> tuple[list[Any], list[torch.Tensor | None]]:
         with torch.no_grad():
-            outs, grads = self.executor.run(args)
+            outs, grads = self.executor.run(
+                args, on_stage_done=self.optimizer.stage_done if self.optimizer is not None else None)
             m = self.plan.options.microbatches
             outputs, combined = combine(outs, grads, self.plan, m)
             if self.distributed:
@@ -120,6 +138,8 @@ class PipelineRunner:
     def _install(self, schedule: Schedule) -> None:
         self.schedule = schedule
         self.executor.schedule = lower(schedule)
+        if self.optimizer is not None:
+            self.optimizer.set_schedule(schedule)
 
     @property
     def last_rank(self) -> int:
@@ -170,6 +190,18 @@ def _shared_parameters(plan: Plan, schedule: Schedule) -> dict[int, set[int]]:
                 if key.startswith("grad:in:") and plan.inputs[int(key[8:])].kind == "parameter":
                     owners.setdefault(int(key[8:]), set()).add(schedule.placement[stage.index])
     return {i: r for i, r in sorted(owners.items()) if len(r) > 1}
+
+
+class StepLoss(torch.Tensor):
+    """The loss of a step zb already finished, update included (options["optimizer"]): a detached tensor whose
+    backward() says why there is nothing left to do."""
+
+    def backward(self, *args: Any, **kwargs: Any) -> None:
+        raise ZbError(
+            "this loss comes from a zb training step that already ran the backward and the optimizer update "
+            "(options['optimizer']); do not call loss.backward() or optimizer.step(): call the model again for "
+            "the next step, or compile without 'optimizer' to run backward and the optimizer yourself"
+        )
 
 
 class _TrainingStep(torch.autograd.Function):

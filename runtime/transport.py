@@ -18,6 +18,11 @@ def tag_of(backward: bool, stage: int, microbatch: int) -> int:
     return (microbatch * 1024 + stage) * 2 + int(backward)
 
 
+def control_tag(kind: int) -> int:
+    """Tags of the optimizer's control messages: a stage number no pipeline reaches."""
+    return tag_of(False, 1023, kind)
+
+
 class InProcessTransport:
     """All ranks in one process: a send stores the tensors, a receive takes them."""
 
@@ -35,6 +40,18 @@ class InProcessTransport:
 
     def recv(self, tag: int, specs: Sequence[tuple], src: int) -> list[torch.Tensor]:
         return self.box.pop(tag)
+
+    def send_control(self, kind: int, tensor: torch.Tensor, dst: int) -> None:
+        self.box[-1 - control_tag(kind)] = [tensor.clone()]
+
+    def recv_control(self, kind: int, shape: tuple, dtype: torch.dtype, src: int) -> tuple[torch.Tensor, int]:
+        tag = -1 - control_tag(kind)
+        if tag not in self.box:
+            raise ZbError(f"rank {src} sent no optimizer message {kind}; the ranks disagree on the step")
+        return self.box.pop(tag)[0], tag
+
+    def wait(self, work, what: str) -> None:
+        pass  # in memory, a message is there as soon as it is sent
 
     def finish(self) -> None:
         if self.box:
@@ -86,6 +103,17 @@ class DistributedTransport:
         pending, self.pending = self.pending, []
         for work, _ in pending:
             self._wait(work, "sending")
+
+    def send_control(self, kind: int, tensor: torch.Tensor, dst: int):
+        """A small message outside the schedule (the optimizer's norms); returns the work to wait for."""
+        return self.dist.isend(tensor, self._peer(dst), group=self.group, tag=control_tag(kind) * 64), tensor
+
+    def recv_control(self, kind: int, shape: tuple, dtype: torch.dtype, src: int):
+        buffer = torch.empty(shape, dtype=dtype)
+        return buffer, self.dist.irecv(buffer, self._peer(src), group=self.group, tag=control_tag(kind) * 64)
+
+    def wait(self, work, what: str) -> None:
+        self._wait(work[0] if isinstance(work, tuple) else work, what)
 
     def _wait(self, work, what: str) -> None:
         try:

@@ -79,6 +79,35 @@ def _process_group(name: str, value: Any) -> Any:
     return value
 
 
+def _optimizer(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    import torch
+
+    from zb.codegen.optimizer import SUPPORTED
+
+    if not isinstance(value, torch.optim.Optimizer):
+        raise ZbOptionError(f"option {name!r} takes a torch.optim optimizer over the model's parameters, got "
+                            f"{type(value).__name__}")
+    if type(value) not in SUPPORTED:
+        raise ZbOptionError(f"option {name!r}: zb fuses {', '.join(t.__name__ for t in SUPPORTED)} updates, not "
+                            f"{type(value).__name__}; leave 'optimizer' out and call your optimizer after "
+                            "loss.backward()")
+    return value
+
+
+def _optional_positive_float(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ZbOptionError(f"option {name!r} must be a positive number or None, got {value!r}")
+    return float(value)
+
+
+def _optional_boolean(name: str, value: Any) -> bool | None:
+    return None if value is None else _boolean(name, value)
+
+
 def _option(default: Any, doc: str, check: Callable[[str, Any], Any]) -> Any:
     return field(default=default, metadata={"doc": doc, "check": check})
 
@@ -112,6 +141,26 @@ class Options:
     profile: bool = _option(False, "time every action and transfer; zb-auto re-plans with the measured costs",
                             _boolean)
     timeout: float = _option(300.0, "seconds to wait for a peer rank before failing", _positive_float)
+    optimizer: Any = _option(
+        None, "a torch.optim SGD, Adam or AdamW over the model's parameters: calling the compiled model then runs "
+        "the whole training step, update included, and returns the loss detached", _optimizer,
+    )
+    max_grad_norm: float | None = _option(
+        None, "clip the global gradient norm to this value before the update (needs 'optimizer')",
+        _optional_positive_float,
+    )
+    post_validation: bool | None = _option(
+        None, "update at once and check the global norm and NaN/Inf afterwards, rolling back a step that had to "
+        "be clipped or skipped (default: True with 'optimizer')", _optional_boolean,
+    )
+
+    def __post_init__(self):
+        if self.optimizer is None:
+            for name in ("max_grad_norm", "post_validation"):
+                if getattr(self, name) not in (None, False):
+                    raise ZbOptionError(f"option {name!r} needs option 'optimizer' (the optimizer zb runs)")
+        elif self.post_validation is None:
+            object.__setattr__(self, "post_validation", True)
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> Options:
@@ -138,12 +187,14 @@ class Options:
     def parse_cli_value(cls, name: str, text: str) -> Any:
         """Turn a command-line string into the field's type (validation happens in from_dict)."""
         default = {f.name: f.default for f in dataclasses.fields(cls)}[name]
-        if isinstance(default, bool):
+        if isinstance(default, bool) or name == "post_validation":
             return text.lower() in ("1", "true", "yes", "on")
         if name == "split_points":
             return [p for p in text.split(",") if p]
-        if name in ("timeout",):
+        if name in ("timeout", "max_grad_norm"):
             return float(text)
+        if name == "optimizer":
+            raise ZbOptionError("option 'optimizer' takes an optimizer object; it cannot be given on the command line")
         if name == "stages":
             return int(text)
         if isinstance(default, int):
@@ -166,6 +217,7 @@ class Options:
     def as_dict(self) -> dict[str, Any]:
         """The options as a dict (the process group by its name only)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if values["group"] is not None:
-            values["group"] = str(values["group"])
+        for name in ("group", "optimizer"):
+            if values[name] is not None:
+                values[name] = type(values[name]).__name__ if name == "optimizer" else str(values[name])
         return values

@@ -1,0 +1,43 @@
+"""fuse_optimizer: each stage's parameter update as one fused kernel, run right after the stage's last W.
+
+Contract
+  input:  every stage's pieces as split_backward leaves them (B or W outputs grad:in:<i> for the parameters
+          the stage reads); `options.optimizer`, the user's optimizer (nothing happens without one).
+  output: `plan.updates[s]`: the parameter indices whose gradient only stage s produces; the runtime updates
+          them with one fused kernel (codegen/optimizer.py) as soon as stage s has run its last W.
+          `plan.shared_updates`: parameters several stages produce a gradient for (tied weights); they are
+          updated once every stage's part of their gradient is summed, at the end of the step.
+  Param groups zb cannot run (e.g. differentiable=True) are refused here, before anything runs.
+"""
+
+from __future__ import annotations
+
+from zb.codegen.optimizer import check_group
+from zb.errors import ZbUnsupportedError
+from zb.passes.plan import Plan, output_keys
+
+
+def fuse_optimizer(plan: Plan) -> Plan:
+    optimizer = plan.options.optimizer
+    if optimizer is None or not plan.training:
+        return plan
+    for group in optimizer.param_groups:
+        why = check_group(optimizer, group)
+        if why:
+            raise ZbUnsupportedError(f"zb cannot fuse this {type(optimizer).__name__} update: {why}")
+    producers: dict[int, set[int]] = {}
+    for stage in plan.stages:
+        for gm in (stage.backward_input, stage.backward_weight):
+            for key in output_keys(gm) if gm is not None else []:
+                if key and key.startswith("grad:in:") and plan.inputs[int(key[8:])].kind == "parameter":
+                    producers.setdefault(int(key[8:]), set()).add(stage.index)
+    plan.updates = {s.index: [] for s in plan.stages}
+    plan.shared_updates = []
+    for index, stages in sorted(producers.items()):
+        if len(stages) == 1:
+            plan.updates[next(iter(stages))].append(index)
+        else:
+            plan.shared_updates.append(index)
+    plan.counters["fuse_optimizer.fused_updates"] = sum(1 for v in plan.updates.values() if v)
+    plan.counters["fuse_optimizer.parameters"] = len(producers)
+    return plan

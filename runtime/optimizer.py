@@ -1,0 +1,348 @@
+"""The optimizer step inside the pipeline: fused per-stage updates, and post-validation.
+
+With options["optimizer"], a call of the compiled model is a whole training step. Each stage's parameters are
+updated by one fused kernel (codegen/optimizer.py, chosen by the fuse_optimizer pass) as soon as the stage has
+run its last W. What an update must know first is global: the gradient norm over every rank (for
+`max_grad_norm`) and whether any gradient is NaN/Inf (then the step is skipped, as a loss-scaled loop skips it).
+
+A rank's *contribution* is (sum of squared gradient norms, any non-finite) over the parameters it updates (a
+parameter updated on several ranks, a tied weight, counts on the lowest of them).
+
+Synchronous (post_validation=False): after the rank's last W the contributions are summed over all ranks (an
+all-reduce: every rank waits for the slowest), then each rank updates, clipped or skipped as the sum says.
+
+Post-validation (the default; the paper's "bypassing optimizer synchronisation"): the partial sum travels from
+the last rank to rank 0, the order in which zero-bubble schedules finish; each rank adds its own contribution,
+passes it on and updates at once, unless what it already knows says the step will be clipped (the partial norm
+is over the limit) or skipped (a non-finite gradient); then it holds its update back. Rank 0 ends with the
+global values: it validates its own update at once and sends them to every other rank, which validates before
+its first forward of the next step (or when `zb.synchronize(optimizer)` or `optimizer.state_dict()` asks).
+Validating a step that had to be skipped restores the backup taken before the update (parameters and optimizer
+state, bit for bit); one that had to be clipped is restored and redone with the clipped gradients; a held-back
+update runs clipped, or not at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from zb.codegen.optimizer import update_kernel
+from zb.errors import ZbError
+from zb.passes.plan import Plan
+from zb.schedules import COMPUTE, Schedule
+
+PARTIAL, FULL = 0, 1  # control messages: the partial sum going down the ranks, the global one coming back
+CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_: coefficient = max_norm / (norm + 1e-6)
+
+
+@dataclass
+class StepRecord:
+    """What happened to one step, once validated (runner.optimizer.history)."""
+
+    step: int
+    grad_norm: float
+    clipped: bool
+    skipped: bool
+    rolled_back: int = 0  # updates this process applied early and had to restore
+
+
+@dataclass
+class _Update:
+    """One fused update of a set of parameters, kept until its step is validated."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    groups: list[dict]  # a copy of each parameter's param group (lr, betas, ...) as it was for this step
+    applied: bool = False
+    backup: list | None = None  # (parameter copy, optimizer state copy or None) per parameter, while unvalidated
+
+
+@dataclass
+class _Pending:
+    step: int
+    updates: list[_Update] = field(default_factory=list)
+    work: object = None  # the receive of the global values (other ranks than 0, across processes)
+    buffer: torch.Tensor | None = None
+    total: tuple[float, bool] | None = None
+
+
+class OptimizerStep:
+    def __init__(self, plan: Plan, schedule: Schedule, ranks: Sequence[int], transport, distributed: bool,
+                 group=None):
+        options = plan.options
+        self.plan = plan
+        self.optimizer = options.optimizer
+        self.kernel = update_kernel(self.optimizer)
+        self.max_norm = options.max_grad_norm
+        self.post_validation = options.post_validation
+        self.ranks = list(ranks)
+        self.transport = transport
+        self.distributed = distributed
+        self.group = group
+        self.group_of = {p: g for g in self.optimizer.param_groups for p in g["params"]}
+        if not self.group_of:
+            raise ZbError("options['optimizer'] holds no parameters")
+        self.set_schedule(schedule)
+        self.steps = 0
+        self.pending: list[_Pending] = []
+        self.history: list[StepRecord] = []
+        self.params: list = []
+        self.contribution: dict[int, list[float]] = {}
+        self.updates: dict[int, list[_Update]] = {}
+        self.sends: list = []
+        _register(self)
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        self.num_ranks = schedule.num_ranks
+        self.placement = schedule.placement
+        # The stage each rank finishes with: its update waits for the partial sum (the others update early).
+        self.finishing = {r: next(a.stage for a in reversed(schedule.actions[r]) if a.kind in COMPUTE)
+                          for r in range(self.num_ranks) if any(a.kind in COMPUTE for a in schedule.actions[r])}
+        # A tied weight: counted in the norm on the lowest rank holding it; updated by every rank holding it
+        # (each process has its own copy), once in one process.
+        holders = {i: sorted({self.placement[s] for s in _producers(self.plan, i)}) for i in self.plan.shared_updates}
+        self.counted_shared = {i: r[0] for i, r in holders.items()}
+        self.shared_on = {r: [i for i, hs in holders.items() if r == min((h for h in hs if h in self.ranks), default=None)]
+                          for r in self.ranks}
+
+    # One step ---------------------------------------------------------------------------------------------
+    def begin(self, args: Sequence) -> None:
+        """Before the step's first action: the previous step validated, this step's parameters looked up."""
+        self.validate_pending()
+        self.params = list(args)
+        if self.steps == 0:
+            missing = [self.plan.inputs[i].name for i in self._all_updated() if self.params[i] not in self.group_of]
+            if missing and len(missing) == len(self._all_updated()):
+                raise ZbError("options['optimizer'] holds none of the model's trainable parameters; build it "
+                              "from model.parameters()")
+        self.contribution = {r: [0.0, 0.0] for r in self.ranks}
+        self.updates = {r: [] for r in self.ranks}
+
+    def stage_done(self, stage: int, grads: dict[int, list[torch.Tensor]]) -> None:
+        """The executor ran `stage`'s last action: update it now unless it is its rank's last stage."""
+        rank = self.placement[stage]
+        if self.finishing.get(rank) == stage:
+            return  # the rank's update, after the partial sum arrives (finish)
+        indices = self.plan.updates.get(stage, [])
+        update = self._update(indices, {i: _sum(grads[i]) for i in indices if i in grads})
+        if update is None:
+            return
+        self._count(rank, update)
+        if self.post_validation:
+            self._optimistic(update, self.contribution[rank])
+        self.updates[rank].append(update)
+
+    def finish(self, grads: list[torch.Tensor | None]) -> None:
+        """After the rank's last action (and the tied-gradient sum): the rest of the updates, and the sums."""
+        self.steps += 1
+        last = {}
+        for rank in self.ranks:
+            indices = [i for s in self.plan.updates if self.placement[s] == rank and self.finishing[rank] == s
+                       for i in self.plan.updates[s]]
+            indices += [i for i in self.shared_on[rank] if grads[i] is not None]
+            last[rank] = self._update(indices, {i: grads[i] for i in indices if grads[i] is not None})
+            if last[rank] is not None:
+                self._count(rank, last[rank], shared_on=rank)
+        if not self.post_validation:
+            total = self._all_reduce()
+            for rank in self.ranks:
+                for update in self.updates[rank] + ([last[rank]] if last[rank] else []):
+                    self._final(update, total)
+            self._record(self.steps, total, rolled_back=0)
+            return
+        carry = [0.0, 0.0]
+        top = self.num_ranks - 1
+        for rank in sorted(self.ranks, reverse=True):
+            if rank < top and rank + 1 not in self.ranks:
+                carry = self._recv(PARTIAL, rank + 1).tolist()
+            carry = [carry[0] + self.contribution[rank][0], max(carry[1], self.contribution[rank][1])]
+            if rank > 0 and rank - 1 not in self.ranks:
+                self._send(PARTIAL, torch.tensor(carry, dtype=torch.float64), rank - 1)
+            if last[rank] is not None:
+                self._optimistic(last[rank], carry)
+                self.updates[rank].append(last[rank])
+        pending = _Pending(self.steps, [u for r in self.ranks for u in self.updates[r] if r != 0])
+        if 0 in self.ranks:
+            total = (carry[0], bool(carry[1]))
+            for other in range(1, self.num_ranks):
+                if other not in self.ranks:
+                    self._send(FULL, torch.tensor(carry, dtype=torch.float64), other)
+            rolled = sum(self._final(u, total) for u in self.updates[0])
+            self._record(self.steps, total, rolled)
+            pending.total = total
+            if pending.updates:  # other ranks of this process validate in the next step's warm-up, as across
+                self.pending.append(pending)  # processes
+        else:
+            pending.buffer, pending.work = self._post_recv(FULL, 0)
+            self.pending.append(pending)
+
+    def validate_pending(self) -> None:
+        """Apply the global verdict to every update still waiting for it (receiving it from rank 0 if needed)."""
+        for send in self.sends:
+            self.transport.wait(send, "sending the optimizer's partial norm")
+        self.sends = []
+        pending, self.pending = self.pending, []
+        for item in pending:
+            if item.total is None:
+                self.transport.wait(item.work, "waiting for rank 0's global gradient norm")
+                values = item.buffer.tolist()
+                item.total = (values[0], bool(values[1]))
+                rolled = sum(self._final(u, item.total) for u in item.updates)
+                self._record(item.step, item.total, rolled)
+            else:
+                rolled = sum(self._final(u, item.total) for u in item.updates)
+                for record in self.history:
+                    if record.step == item.step:
+                        record.rolled_back += rolled
+
+    # Updates ----------------------------------------------------------------------------------------------
+    def _all_updated(self) -> list[int]:
+        return [i for v in self.plan.updates.values() for i in v] + list(self.plan.shared_updates)
+
+    def _update(self, indices: list[int], grads: dict[int, torch.Tensor]) -> _Update | None:
+        chosen = [i for i in indices if i in grads and self.params[i] in self.group_of]
+        if not chosen:
+            return None
+        params = [self.params[i] for i in chosen]
+        return _Update(params, [grads[i] for i in chosen],
+                       [{k: v for k, v in self.group_of[p].items() if k != "params"} for p in params])
+
+    def _count(self, rank: int, update: _Update, shared_on: int | None = None) -> None:
+        """Add the update's squared norm and non-finite flag to the rank's contribution (tied weights once)."""
+        shared = {id(self.params[i]) for i, r in self.counted_shared.items() if r != shared_on}
+        grads = [g for p, g in zip(update.params, update.grads) if id(p) not in shared]
+        if not grads:
+            return
+        norms = torch._foreach_norm(grads)
+        squares = float(torch.stack(norms).double().square().sum())
+        mine = self.contribution[rank]
+        mine[0] += squares
+        mine[1] = max(mine[1], float(not math.isfinite(squares)))
+
+    def _optimistic(self, update: _Update, known: Sequence[float]) -> None:
+        """Update now with what is known so far, unless it already says the step will be clipped or skipped."""
+        if self._verdict((known[0], bool(known[1])))[0] != "plain":
+            return  # held back until the global values arrive
+        update.backup = [(p.detach().clone(), copy.deepcopy(self.optimizer.state.get(p))) for p in update.params]
+        self._apply(update, None)
+
+    def _final(self, update: _Update, total: tuple[float, bool]) -> int:
+        """Bring `update` in line with the global values; returns 1 when an applied update was rolled back."""
+        verdict, scale = self._verdict(total)
+        rolled = 0
+        if update.applied and verdict != "plain":
+            self._restore(update)
+            rolled = 1
+        if not update.applied and verdict != "skip":
+            self._apply(update, scale)
+        update.backup = None
+        update.grads = []
+        return rolled
+
+    def _verdict(self, total: tuple[float, bool]) -> tuple[str, float | None]:
+        squares, bad = total
+        if bad or not math.isfinite(squares):
+            return "skip", None
+        if self.max_norm is None:
+            return "plain", None
+        coefficient = self.max_norm / (math.sqrt(squares) + CLIP_EPS)
+        return ("clip", coefficient) if coefficient < 1.0 else ("plain", None)
+
+    def _apply(self, update: _Update, scale: float | None) -> None:
+        grads = update.grads
+        if scale is not None:
+            grads = torch._foreach_mul([g.detach() for g in grads], scale)
+        with torch.no_grad():
+            buckets: dict[int, list[int]] = {}
+            for j, p in enumerate(update.params):
+                buckets.setdefault(id(self.group_of[p]), []).append(j)
+            for js in buckets.values():
+                params = [update.params[j] for j in js]
+                states = [self.optimizer.state[p] for p in params]
+                self.kernel(params, [grads[j] for j in js], states, update.groups[js[0]])
+        update.applied = True
+
+    def _restore(self, update: _Update) -> None:
+        with torch.no_grad():
+            for p, (value, state) in zip(update.params, update.backup):
+                p.copy_(value)
+                if state is None or not state:
+                    self.optimizer.state.pop(p, None)
+                else:
+                    self.optimizer.state[p] = state
+        update.applied = False
+
+    def _record(self, step: int, total: tuple[float, bool], rolled_back: int) -> None:
+        verdict, _ = self._verdict(total)
+        self.history.append(StepRecord(step, math.sqrt(total[0]) if math.isfinite(total[0]) else math.inf,
+                                       verdict == "clip", verdict == "skip", rolled_back))
+
+    # Messages ---------------------------------------------------------------------------------------------
+    def _all_reduce(self) -> tuple[float, bool]:
+        mine = [sum(self.contribution[r][0] for r in self.ranks), max(self.contribution[r][1] for r in self.ranks)]
+        if not self.distributed:
+            return mine[0], bool(mine[1])
+        import torch.distributed as dist
+
+        squares = torch.tensor([mine[0]], dtype=torch.float64)
+        bad = torch.tensor([mine[1]], dtype=torch.float64)
+        dist.all_reduce(squares, group=self.group)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
+        return float(squares), bool(bad)
+
+    def _send(self, kind: int, tensor: torch.Tensor, dst: int) -> None:
+        self.sends.append(self.transport.send_control(kind, tensor, dst))
+
+    def _recv(self, kind: int, src: int) -> torch.Tensor:
+        buffer, work = self._post_recv(kind, src)
+        self.transport.wait(work, f"waiting for rank {src}'s partial gradient norm")
+        return buffer
+
+    def _post_recv(self, kind: int, src: int):
+        return self.transport.recv_control(kind, (2,), torch.float64, src)
+
+
+def _sum(values: list[torch.Tensor]) -> torch.Tensor:
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total
+
+
+def _producers(plan: Plan, index: int) -> list[int]:
+    from zb.passes.plan import output_keys
+
+    key = f"grad:in:{index}"
+    return [s.index for s in plan.stages
+            if any(gm is not None and key in output_keys(gm) for gm in (s.backward_input, s.backward_weight))]
+
+
+# Every OptimizerStep of an optimizer, so that its state_dict(), load_state_dict() and zb.synchronize() see
+# validated values.
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _register(step: OptimizerStep) -> None:
+    optimizer = step.optimizer
+    if optimizer not in _STEPS:
+        _STEPS[optimizer] = weakref.WeakSet()
+        optimizer.register_state_dict_pre_hook(lambda opt: synchronize(opt))
+        optimizer.register_load_state_dict_pre_hook(lambda opt, state: synchronize(opt))
+    _STEPS[optimizer].add(step)
+
+
+def synchronize(optimizer: torch.optim.Optimizer) -> None:
+    """Validate every step zb took with `optimizer` that is still waiting for the global gradient norm.
+
+    Under post-validation, ranks other than 0 learn whether their last step had to be clipped or skipped
+    during the next step; call this before reading parameters after the last step (evaluation, saving the
+    model). `optimizer.state_dict()` and `load_state_dict()` call it themselves.
+    """
+    for step in list(_STEPS.get(optimizer, ())):
+        step.validate_pending()
