@@ -96,7 +96,7 @@ def _sgd(params, grads, states, group) -> None:
         if not chosen:
             continue
         if first:
-            for p, g, s in chosen:
+            for _, g, s in chosen:
                 s["momentum_buffer"] = torch.empty_like(g)
         ps, gs, sts = (list(x) for x in zip(*chosen))
         for ps_, gs_, sts_ in _by_device_and_dtype(ps, gs, sts):

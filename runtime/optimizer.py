@@ -91,7 +91,7 @@ class OptimizerStep:
         self.set_schedule(schedule)
         self.steps = 0
         self.pending: list[_Pending] = []
-        self.history: list[StepRecord] = []
+        self.history = history(self.optimizer)  # shared by every plan driving this optimizer
         self.params: list = []
         self.contribution: dict[int, list[float]] = {}
         self.updates: dict[int, list[_Update]] = {}
@@ -108,13 +108,14 @@ class OptimizerStep:
         # (each process has its own copy), once in one process.
         holders = {i: sorted({self.placement[s] for s in _producers(self.plan, i)}) for i in self.plan.shared_updates}
         self.counted_shared = {i: r[0] for i, r in holders.items()}
-        self.shared_on = {r: [i for i, hs in holders.items() if r == min((h for h in hs if h in self.ranks), default=None)]
-                          for r in self.ranks}
+        first_local = {i: min((h for h in hs if h in self.ranks), default=None) for i, hs in holders.items()}
+        self.shared_on = {r: [i for i, h in first_local.items() if h == r] for r in self.ranks}
 
     # One step ---------------------------------------------------------------------------------------------
     def begin(self, args: Sequence) -> None:
-        """Before the step's first action: the previous step validated, this step's parameters looked up."""
-        self.validate_pending()
+        """Before the step's first action: earlier steps validated (also those of another plan of the same model,
+        e.g. before a re-partition), this step's parameters looked up."""
+        synchronize(self.optimizer)
         self.params = list(args)
         if self.steps == 0:
             missing = [self.plan.inputs[i].name for i in self._all_updated() if self.params[i] not in self.group_of]
@@ -141,6 +142,8 @@ class OptimizerStep:
     def finish(self, grads: list[torch.Tensor | None]) -> None:
         """After the rank's last action (and the tied-gradient sum): the rest of the updates, and the sums."""
         self.steps += 1
+        self.optimizer._opt_called = True  # what torch.optim.lr_scheduler checks to know a step was taken
+        number = _NUMBERS[self.optimizer] = _NUMBERS.get(self.optimizer, 0) + 1  # counted over every plan
         last = {}
         for rank in self.ranks:
             indices = [i for s in self.plan.updates if self.placement[s] == rank and self.finishing[rank] == s
@@ -154,7 +157,7 @@ class OptimizerStep:
             for rank in self.ranks:
                 for update in self.updates[rank] + ([last[rank]] if last[rank] else []):
                     self._final(update, total)
-            self._record(self.steps, total, rolled_back=0)
+            self._record(number, total, rolled_back=0)
             return
         carry = [0.0, 0.0]
         top = self.num_ranks - 1
@@ -167,20 +170,22 @@ class OptimizerStep:
             if last[rank] is not None:
                 self._optimistic(last[rank], carry)
                 self.updates[rank].append(last[rank])
-        pending = _Pending(self.steps, [u for r in self.ranks for u in self.updates[r] if r != 0])
+        pending = _Pending(number, [u for r in self.ranks for u in self.updates[r] if r != 0])
         if 0 in self.ranks:
             total = (carry[0], bool(carry[1]))
             for other in range(1, self.num_ranks):
                 if other not in self.ranks:
                     self._send(FULL, torch.tensor(carry, dtype=torch.float64), other)
             rolled = sum(self._final(u, total) for u in self.updates[0])
-            self._record(self.steps, total, rolled)
+            self._record(number, total, rolled)
             pending.total = total
             if pending.updates:  # other ranks of this process validate in the next step's warm-up, as across
                 self.pending.append(pending)  # processes
         else:
             pending.buffer, pending.work = self._post_recv(FULL, 0)
             self.pending.append(pending)
+        if self.pending:
+            _UNVALIDATED.add(self)  # alive until validated, even if its plan is replaced (re-partitioning)
 
     def validate_pending(self) -> None:
         """Apply the global verdict to every update still waiting for it (receiving it from rank 0 if needed)."""
@@ -188,6 +193,7 @@ class OptimizerStep:
             self.transport.wait(send, "sending the optimizer's partial norm")
         self.sends = []
         pending, self.pending = self.pending, []
+        _UNVALIDATED.discard(self)
         for item in pending:
             if item.total is None:
                 self.transport.wait(item.work, "waiting for rank 0's global gradient norm")
@@ -326,6 +332,15 @@ def _producers(plan: Plan, index: int) -> list[int]:
 # Every OptimizerStep of an optimizer, so that its state_dict(), load_state_dict() and zb.synchronize() see
 # validated values.
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNVALIDATED: set = set()
+_NUMBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_HISTORY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def history(optimizer: torch.optim.Optimizer) -> list[StepRecord]:
+    """What each validated step zb ran with `optimizer` did: its global gradient norm, clipped, skipped, and
+    how many early updates this process rolled back."""
+    return _HISTORY.setdefault(optimizer, [])
 
 
 def _register(step: OptimizerStep) -> None:
@@ -344,5 +359,6 @@ def synchronize(optimizer: torch.optim.Optimizer) -> None:
     during the next step; call this before reading parameters after the last step (evaluation, saving the
     model). `optimizer.state_dict()` and `load_state_dict()` call it themselves.
     """
-    for step in list(_STEPS.get(optimizer, ())):
+    steps = set(_STEPS.get(optimizer, ())) | {s for s in _UNVALIDATED if s.optimizer is optimizer}
+    for step in steps:
         step.validate_pending()
