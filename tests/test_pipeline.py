@@ -107,6 +107,15 @@ def test_torchrun_pipeline_matches_eager(model, ranks):
     assert [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")] == list(SCHEDULES)
 
 
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_torchrun_optimizer_post_validation_matches_synchronous_training(ranks):
+    """options["optimizer"] across processes: 20 steps with clipping and non-finite steps (tests/optim_check.py)."""
+    cases = ["adamw:zb-h1:1", "sgd:zb-v:1", "adam:1f1b:0", "adamw:zb-auto:1"]
+    out = torchrun(ranks, "optimizer_check.py", "--cases", ",".join(cases))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")] == cases
+
+
 @pytest.mark.inductor
 def test_torchrun_pipeline_through_inductor():
     out = torchrun(2, "pipeline_check.py", "--model", "gpt", "--schedules", "zb-h1,zb-v", "--compiler", "inductor")
