@@ -24,7 +24,6 @@ update runs clipped, or not at all.
 
 from __future__ import annotations
 
-import copy
 import math
 import weakref
 from collections.abc import Sequence
@@ -96,6 +95,7 @@ class OptimizerStep:
         self.contribution: dict[int, list[float]] = {}
         self.updates: dict[int, list[_Update]] = {}
         self.sends: list = []
+        self._spares: dict = {}  # backup buffers per parameter, reused every step
         _register(self)
 
     def set_schedule(self, schedule: Schedule) -> None:
@@ -235,8 +235,11 @@ class OptimizerStep:
         """Update now with what is known so far, unless it already says the step will be clipped or skipped."""
         if self._verdict((known[0], bool(known[1])))[0] != "plain":
             return  # held back until the global values arrive
-        update.backup = [(p.detach().clone(), copy.deepcopy(self.optimizer.state.get(p))) for p in update.params]
+        self._backup(update)
         self._apply(update, None)
+
+    def _backup(self, update: _Update) -> None:
+        update.backup = take_backup(self._spares, self.optimizer, update.params)
 
     def _final(self, update: _Update, total: tuple[float, bool]) -> int:
         """Bring `update` in line with the global values; returns 1 when an applied update was rolled back."""
@@ -275,13 +278,20 @@ class OptimizerStep:
         update.applied = True
 
     def _restore(self, update: _Update) -> None:
+        sources, targets = [], []
+        for p, ((value, tensors), others) in zip(update.params, update.backup):
+            sources.append(value)
+            targets.append(p.detach())
+            if others is None:  # the step created the state: without it, the parameter never stepped
+                self.optimizer.state.pop(p, None)
+                continue
+            state = self.optimizer.state[p]
+            for k, v in tensors.items():
+                sources.append(v)
+                targets.append(state[k])
+            state.update(others)
         with torch.no_grad():
-            for p, (value, state) in zip(update.params, update.backup):
-                p.copy_(value)
-                if state is None or not state:
-                    self.optimizer.state.pop(p, None)
-                else:
-                    self.optimizer.state[p] = state
+            torch._foreach_copy_(targets, sources)
         update.applied = False
 
     def _record(self, step: int, total: tuple[float, bool], rolled_back: int) -> None:
@@ -312,6 +322,24 @@ class OptimizerStep:
 
     def _post_recv(self, kind: int, src: int):
         return self.transport.recv_control(kind, (2,), torch.float64, src)
+
+
+def take_backup(spares: dict, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list:
+    """Copy parameters and their optimizer state into buffers kept from step to step (`spares`), in one
+    multi-tensor copy; returns per parameter ((parameter copy, state tensor copies), other state or None)."""
+    sources, targets, backup = [], [], []
+    for p in params:
+        state = optimizer.state.get(p) or {}
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        spare = spares.get(p)
+        if spare is None or spare[1].keys() != tensors.keys():
+            spare = spares[p] = (torch.empty_like(p), {k: torch.empty_like(v) for k, v in tensors.items()})
+        sources += [p.detach(), *tensors.values()]
+        targets += [spare[0], *spare[1].values()]
+        backup.append((spare, {k: v for k, v in state.items() if k not in tensors} if state else None))
+    with torch.no_grad():
+        torch._foreach_copy_(targets, sources)
+    return backup
 
 
 def _sum(values: list[torch.Tensor]) -> torch.Tensor:
