@@ -16,9 +16,11 @@ from zb.backend import ZbBackend, zb_backend
 from zb.errors import ZbError, ZbOptionError, ZbUnsupportedError
 from zb.options import Options
 from zb.passes.plan import Plan
+from zb.runtime.optimizer import history as step_history
+from zb.runtime.optimizer import synchronize
 
 __all__ = ["Options", "Plan", "ZbBackend", "ZbError", "ZbOptionError", "ZbUnsupportedError", "explain",
-           "zb_backend"]
+           "step_history", "synchronize", "zb_backend"]
 
 
 def explain(model: Any, *example_inputs: Any, **options: Any) -> Plan:
