@@ -8,8 +8,8 @@ broadcasts to [batch, heads, Lq, Lk] (it gets no gradient), causal: the top-left
 j <= i, as `F.scaled_dot_product_attention(is_causal=True)`), scale: the factor on q @ k^T. lse is the row-wise
 log-sum-exp of the scaled scores (float32, float64 for float64 inputs), kept for the backward.
 
-Both are registered with `torch.library.triton_op`, so on a GPU they run the Triton kernels below (online
-softmax forward; a dK/dV kernel and a dQ kernel backward, no atomics) and Inductor can embed them. On CPU they
+Both are registered with `torch.library.triton_op`, so on a GPU they run the Triton kernels of
+`attention_kernels.py` (online-softmax forward; a dK/dV kernel and a dQ kernel backward, no atomics). On CPU they
 run PyTorch's fused CPU flash-attention kernels, which is faster than the Triton interpreter by orders of
 magnitude; `triton_forward` / `triton_backward` run the Triton kernels on any tensors (on CPU under
 `TRITON_INTERPRET=1`), which is how the tests check them.
@@ -23,256 +23,12 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from zb.codegen.attention_kernels import lse_dtype, triton_backward, triton_forward
 
 HEAD_DIM_MAX = 128
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-@triton.jit
-def _forward_kernel(Q, K, V, Bias, O, LSE,
-                    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                    s_bb, s_bh, s_bm, s_bn, s_ob, s_oh, s_om, s_od,
-                    H, Lq, Lk, D, scale,
-                    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    row_ok = offs_m < Lq
-    d_ok = offs_d < D
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < Lk
-        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        if HAS_BIAS:
-            s += tl.load(Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        valid = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: nothing to rescale
-        alpha = tl.exp(m_i - m_ref)
-        p = tl.exp(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-    l_i = tl.where(row_ok, l_i, 1.0)  # rows past Lq are never stored
-    out = acc / l_i[:, None]  # a row with every key masked gives NaN, as eager softmax does
-    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od,
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + bh * Lq + offs_m, m_i + tl.log(l_i), mask=row_ok)
-
-
-@triton.jit
-def _probabilities(q, k, offs_m, offs_n, row_ok, col_ok, lse, Bias, b, h, s_bb, s_bh, s_bm, s_bn, scale,
-                   HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    """softmax(q k^T * scale + bias) for one [BLOCK_M, BLOCK_N] tile, from the forward's log-sum-exp."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-    else:
-        s = tl.dot(q, tl.trans(k)) * scale
-    if HAS_BIAS:
-        s += tl.load(Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    valid = row_ok[:, None] & col_ok[None, :]
-    if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
-    lse_ref = tl.where(lse == float("-inf"), 0.0, lse)
-    return tl.where(valid, tl.exp(s - lse_ref[:, None]), 0.0)
-
-
-@triton.jit
-def _backward_kv_kernel(Q, K, V, Bias, DO, LSE, DELTA, DK, DV,
-                        s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                        s_bb, s_bh, s_bm, s_bn, s_db, s_dh, s_dm, s_dd,
-                        H, Lq, Lk, D, scale,
-                        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dK and dV for one block of keys, looping over the query blocks that see it."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    col_ok = offs_n < Lk
-    d_ok = offs_d < D
-    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo = 0
-    if CAUSAL:
-        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier query rows see none of these keys
-    for start_m in range(lo, Lq, BLOCK_M):
-        offs_m = start_m + offs_m0
-        row_ok = offs_m < Lq
-        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-        p = _probabilities(q, k, offs_m, offs_n, row_ok, col_ok, lse, Bias, b, h, s_bb, s_bh, s_bm, s_bn, scale,
-                           HAS_BIAS, CAUSAL, IEEE)
-        if IEEE:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-        else:
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    out_mask = col_ok[:, None] & d_ok[None, :]
-    tl.store(DK + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=out_mask)
-    tl.store(DV + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _backward_q_kernel(Q, K, V, Bias, DO, LSE, DELTA, DQ,
-                       s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                       s_bb, s_bh, s_bm, s_bn, s_db, s_dh, s_dm, s_dd,
-                       H, Lq, Lk, D, scale,
-                       HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dQ for one block of queries, looping over the key blocks it sees."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    row_ok = offs_m < Lq
-    d_ok = offs_d < D
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < Lk
-        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        p = _probabilities(q, k, offs_m, offs_n, row_ok, col_ok, lse, Bias, b, h, s_bb, s_bh, s_bm, s_bn, scale,
-                           HAS_BIAS, CAUSAL, IEEE)
-        if IEEE:
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-
-
-KERNELS = (_forward_kernel, _probabilities, _backward_kv_kernel, _backward_q_kernel)
-
-
-# ---- launching the kernels ------------------------------------------------------------------------------------
-
-def _blocks(q: torch.Tensor) -> tuple[int, int, int]:
-    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
-    if q.device.type == "cpu":  # the interpreter: small tiles keep numpy's work proportional to the problem
-        return 16, 16, block_d
-    return (64, 64, block_d) if block_d <= 64 else (64, 32, block_d)
-
-
-def _bias_strides(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    if bias is None:
-        return q, (0, 0, 0, 0)  # any pointer: HAS_BIAS=False never reads it
-    full = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    return full, tuple(full.stride())
-
-
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def triton_forward(q, k, v, bias=None, causal=False, scale=None, launch=None):
-    """The forward with zb's Triton kernel (any device Triton can run on; CPU under TRITON_INTERPRET=1)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    launch = launch or (lambda kernel: kernel)
-    batch, heads, lq, d = q.shape
-    lk = k.shape[2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, lq), dtype=_lse_dtype(q), device=q.device)
-    bias_t, sb = _bias_strides(bias, q, k)
-    block_m, block_n, block_d = _blocks(q)
-    grid = (triton.cdiv(lq, block_m), batch * heads)
-    launch(_forward_kernel)[grid](
-        q, k, v, bias_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(),
-        heads, lq, lk, d, scale, HAS_BIAS=bias is not None, CAUSAL=causal, IEEE=q.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
-    return out, lse
-
-
-def triton_backward(grad_out, q, k, v, out, lse, bias=None, causal=False, scale=None, launch=None):
-    """dq, dk, dv with zb's Triton kernels."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    launch = launch or (lambda kernel: kernel)
-    batch, heads, lq, d = q.shape
-    lk = k.shape[2]
-    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).contiguous()  # rowsum(dO * O)
-    dq = torch.empty((batch, heads, lq, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((batch, heads, lk, d), dtype=k.dtype, device=k.device)
-    dv = torch.empty((batch, heads, lk, d), dtype=v.dtype, device=v.device)
-    bias_t, sb = _bias_strides(bias, q, k)
-    block_m, block_n, block_d = _blocks(q)
-    common = dict(HAS_BIAS=bias is not None, CAUSAL=causal, IEEE=q.dtype == torch.float32,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *sb, *grad_out.stride())
-    launch(_backward_kv_kernel)[(triton.cdiv(lk, block_n), batch * heads)](
-        q, k, v, bias_t, grad_out, lse, delta, dk, dv, *strides, heads, lq, lk, d, scale, **common)
-    launch(_backward_q_kernel)[(triton.cdiv(lq, block_m), batch * heads)](
-        q, k, v, bias_t, grad_out, lse, delta, dq, *strides, heads, lq, lk, d, scale, **common)
-    return dq, dk, dv
 
 
 # ---- the operators ---------------------------------------------------------------------------------------------
@@ -294,7 +50,7 @@ def flash_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
 def _forward_cpu(q, k, v, bias, causal, scale):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, causal, attn_mask=_cpu_mask(bias, q), scale=scale)
-    return out, lse.to(_lse_dtype(q))
+    return out.contiguous(), lse.to(lse_dtype(q)).contiguous()  # every implementation returns contiguous
 
 
 @flash_attention_backward.register_kernel("cpu")
@@ -302,7 +58,7 @@ def _backward_cpu(grad_out, q, k, v, out, lse, bias, causal, scale):
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, k, v, out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32), 0.0, causal,
         attn_mask=_cpu_mask(bias, q), scale=scale)
-    return dq, dk, dv
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 def _cpu_mask(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
@@ -312,12 +68,13 @@ def _cpu_mask(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None
 @flash_attention.register_fake
 def _forward_fake(q, k, v, bias, causal, scale):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return out, torch.empty(q.shape[:-1], dtype=_lse_dtype(q), device=q.device)
+    return out, torch.empty(q.shape[:-1], dtype=lse_dtype(q), device=q.device)
 
 
 @flash_attention_backward.register_fake
 def _backward_fake(grad_out, q, k, v, out, lse, bias, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
 def _setup_context(ctx, inputs, output):

@@ -73,7 +73,10 @@ def compile_piece(gm: fx.GraphModule, name: str, stage: int, compiler: str) -> C
     example = [n.meta["val"] for n in gm.graph.find_nodes(op="placeholder")]
     # Inductor's post-grad passes rewrite the graph in place; the plan keeps the graph the passes produced.
     target = copy.deepcopy(gm)
-    with torch.no_grad():
+    import torch._functorch.config as functorch_config
+
+    # zb's Triton operators stay opaque calls (on CPU Inductor cannot trace into Triton kernels: no driver).
+    with torch.no_grad(), functorch_config.patch(decompose_custom_triton_ops=False):
         output_code = compile_fx_inner(target, example)
     return CompiledPiece(
         name, stage, gm, inputs, outputs,

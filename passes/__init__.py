@@ -1,6 +1,7 @@
 """The zb pass pipeline. The order lives here and nowhere else."""
 
 from zb.passes.capture_joint import capture_joint
+from zb.passes.fuse_attention import fuse_attention
 from zb.passes.fuse_optimizer import fuse_optimizer
 from zb.passes.insert_communication import insert_communication
 from zb.passes.partition_fw_bw import partition_fw_bw
@@ -11,6 +12,7 @@ from zb.passes.split_backward import split_backward
 
 # Each pass takes the Plan and returns it; see each file's docstring for its contract.
 PASSES = [
+    fuse_attention,
     partition_stages,
     capture_joint,
     partition_fw_bw,
@@ -28,6 +30,7 @@ __all__ = [
     "Stage",
     "capture_joint",
     "dump_plan",
+    "fuse_attention",
     "fuse_optimizer",
     "partition_fw_bw",
     "run_passes",

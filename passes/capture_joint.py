@@ -38,6 +38,7 @@ def capture_joint(plan: Plan) -> Plan:
         keys_in, keys_out = input_keys(stage.graph), output_keys(stage.graph)
         if plan.training:
             with contextlib.ExitStack() as stack:
+                stack.enter_context(_custom_ops_opaque())
                 joint = aot_export_joint_with_descriptors(stack, module, args, decompositions=decompositions)
             _reject_extra_state(joint.params_spec, joint.buffers_spec)
             gm = joint.graph_module
@@ -47,7 +48,7 @@ def capture_joint(plan: Plan) -> Plan:
             stage.joint = gm
             plan.counters["capture_joint.joint_nodes"] += sum(n.op == "call_function" for n in gm.graph.nodes)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), _custom_ops_opaque():
                 gm, signature = aot_export_module(module, args, trace_joint=False, decompositions=decompositions)
             _reject_extra_state(signature.parameters, signature.buffers)
             for key, node in zip(keys_in, gm.graph.find_nodes(op="placeholder")):
@@ -57,6 +58,14 @@ def capture_joint(plan: Plan) -> Plan:
         for node in gm.graph.nodes:
             node.meta["zb_stage"] = stage.index
     return plan
+
+
+def _custom_ops_opaque():
+    """Keep zb's triton_op operators (flash attention) as single nodes in the traced graphs, so the B/W split and
+    the dumps see one call and its backward; codegen hands them to Inductor as such."""
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(decompose_custom_triton_ops=False)
 
 
 class _AsTuple(torch.nn.Module):

@@ -100,7 +100,7 @@ class PassRecord:
 class Plan:
     """What the backend built for one input signature; `zb.explain` returns it."""
 
-    graph: fx.GraphModule  # the Dynamo graph, untouched
+    graph: fx.GraphModule  # the Dynamo graph (fuse_attention replaces it with a copy holding the fused calls)
     inputs: list[InputSpec]
     example_inputs: list[Any]  # one microbatch's inputs, in Dynamo's order
     num_outputs: int
@@ -116,6 +116,8 @@ class Plan:
     # several stages produce (tied weights), updated at the end of the step.
     updates: dict[int, list[int]] = field(default_factory=dict)
     shared_updates: list[int] = field(default_factory=list)
+    # fuse_attention: every candidate (SDPA call or softmax) and what was done with it (AttentionSite).
+    attention: list[Any] = field(default_factory=list)
     counters: collections.Counter = field(default_factory=collections.Counter)
     history: list[PassRecord] = field(default_factory=list)
 
@@ -157,6 +159,11 @@ class Plan:
         if self.shared_updates:
             lines.append(f"  shared update (gradients summed over stages): "
                          f"{', '.join(self.inputs[i].name for i in self.shared_updates)}")
+        fused = [a for a in self.attention if a.fused]
+        left = [a for a in self.attention if not a.fused]
+        if self.attention:
+            lines.append(f"attention: {len(fused)} fused into zb.flash_attention, {len(left)} left alone")
+            lines.extend(f"  {site}" for site in self.attention)
         if self.counters:
             lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(self.counters.items())))
         if self.history:

@@ -53,9 +53,13 @@ def run_passes(plan: Plan, passes: list[Pass], dump_dir: str | None = None) -> P
 
 
 def dump_plan(plan: Plan, directory: pathlib.Path) -> list[pathlib.Path]:
-    """Write every graph of every stage as readable Python; returns the files written."""
+    """Write the whole model's torch-level graph and every graph of every stage as readable Python; returns the
+    files written."""
     directory.mkdir(parents=True, exist_ok=True)
-    written = []
+    model = directory / "model_graph.py"
+    model.write_text("# zb: the model's torch-level graph (one microbatch), before the cut into stages\n"
+                     + plan.graph.print_readable(print_output=False))
+    written = [model]
     for stage in plan.stages:
         for name, gm in stage.graphs().items():
             path = directory / f"stage{stage.index}_{name}.py"

@@ -153,6 +153,10 @@ class Options:
         None, "update at once and check the global norm and NaN/Inf afterwards, rolling back a step that had to "
         "be clipped or skipped (default: True with 'optimizer')", _optional_boolean,
     )
+    fuse_attention: bool = _option(
+        True, "replace attention (F.scaled_dot_product_attention and hand-written softmax(q @ k^T) @ v) with zb's "
+        "flash-attention operator", _boolean,
+    )
 
     def __post_init__(self):
         if self.optimizer is None:
