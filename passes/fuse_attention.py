@@ -270,6 +270,7 @@ def _rewrite(gm: fx.GraphModule, match: _Match) -> None:
         if three_d:
             fused = _insert(graph, end, "call_method", "squeeze", (fused, 0))
     fused.meta.update({k: v for k, v in end.meta.items() if k not in ("example_value", "val")})
+    fused.meta["zb_attention_site"] = end.name
     end.replace_all_uses_with(fused)
     for node in match.chain:
         if not node.users:

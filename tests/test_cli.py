@@ -39,3 +39,67 @@ def test_python_dash_m_zb_runs_the_same_command(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "stage 0 forward" in out.stdout
+
+
+def test_inspect_emits_the_triton_code_of_every_piece_without_a_gpu(tmp_path, capsys):
+    assert main(["inspect", "tests.models:gpt", "--stages", "2", "--split-points", "blocks.1", "--compiler", "eager",
+                 "--out", str(tmp_path), "--emit", "triton"]) == 0
+    out = capsys.readouterr().out
+    assert "Triton files" in out
+    for stage, piece in [(0, "forward"), (0, "backward_weight"), (1, "forward"), (1, "backward_input"),
+                         (1, "backward_weight")]:
+        code = (tmp_path / f"stage{stage}_{piece}.triton.py").read_text()
+        assert "@triton.jit" in code and "import triton.language as tl" in code, (stage, piece)
+        compile(code, f"stage{stage}_{piece}.triton.py", "exec")  # valid Python
+    # The fused attention is a call of zb's operator in the pieces, and zb's own kernels are written next to them.
+    assert "torch.ops.zb.flash_attention.default" in (tmp_path / "stage1_forward.triton.py").read_text()
+    assert "flash_attention_backward" in (tmp_path / "stage1_backward_input.triton.py").read_text()
+    kernels = (tmp_path / "zb_flash_attention.triton.py").read_text()
+    assert kernels.count("@triton.jit") == 4 and "def _forward_kernel(" in kernels
+
+
+def test_check_passes_on_gpt_with_attention_and_optimizer_rows(capsys):
+    assert main(["check", "tests.models:gpt_manual_attention", "--stages", "2", "--split-points", "blocks.1",
+                 "--optimizer", "adamw"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[0] for line in out.splitlines()}
+    for piece in ("stage 0 F", "stage 1 F", "stage 1 B", "stage 1 W", "stage 0 W",
+                  "attention y (masked, fwd+3 grads)", "attention y_1 (masked, fwd+3 grads)",
+                  "optimizer AdamW (fused update, 2 steps)"):
+        assert piece in rows, (piece, out)
+    assert "FAIL" not in out and "8 of 8 pieces within tolerance" in out
+
+
+def test_check_fails_and_names_a_miscompiled_piece(monkeypatch, capsys):
+    """A piece whose compiled code is wrong (here: stage 1's B, its output scaled by 1.001) must fail the check."""
+    from zb.codegen import inductor
+
+    real = inductor.compile_piece
+
+    def miscompile(gm, name, stage, compiler):
+        piece = real(gm, name, stage, compiler)
+        if (stage, name) == (1, "backward_input"):
+            run = piece.run
+            piece.run = lambda args: [o * 1.001 if hasattr(o, "dtype") and o.is_floating_point() else o
+                                      for o in run(args)]
+        return piece
+
+    monkeypatch.setattr(inductor, "compile_piece", miscompile)
+    assert main(["check", "tests.models:gpt", "--stages", "2", "--split-points", "blocks.1",
+                 "--compiler", "eager"]) == 1
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if line.rstrip().endswith("FAIL")]
+    assert len(failed) == 1 and failed[0].startswith("stage 1 B"), out
+    assert "1 FAILED" in out
+
+
+def test_check_reports_a_wrong_attention_kernel(monkeypatch, capsys):
+    """The attention row compares zb's operator with the softmax math: a kernel that drops the scale fails."""
+    from zb.codegen import attention
+
+    real = attention.attention
+    monkeypatch.setattr(attention, "attention", lambda q, k, v, bias=None, causal=False, scale=None:
+                        real(q, k, v, bias, causal, 1.0))
+    assert main(["check", "tests.models:sdpa_block", "--compiler", "eager"]) == 1
+    out = capsys.readouterr().out
+    assert any(line.startswith("attention") and line.rstrip().endswith("FAIL") for line in out.splitlines()), out

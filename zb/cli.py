@@ -1,12 +1,16 @@
 """The `zb` command line (also `python -m zb`).
 
-    zb inspect MODULE:FACTORY [--microbatches N] [--compiler eager|inductor] [--out DIR]
+    zb inspect MODULE:FACTORY [--microbatches N] [--compiler eager|inductor] [--out DIR] [--emit triton]
+    zb check MODULE:FACTORY [zb options] [--optimizer sgd|adam|adamw]
     zb schedule --schedule zb-h2 --stages 4 --microbatches 8 --costs F=1,B=1,W=1,comm=0 [--memory-limit 2p]
                 [--chunks 2] [--out timeline.svg] [--csv out.csv] [--json]
 
 MODULE is a dotted module name or a path to a .py file; FACTORY() returns (model, example_args). `inspect`
 runs every zb pass on the model (nothing is compiled or trained), prints the plan's summary and writes each
-stage's graphs as readable Python files under --out. `schedule` generates a pipeline schedule, times it with the
+stage's graphs as readable Python files under --out (with --emit triton, also the Triton code Inductor
+generates for each piece). `check` compiles the model and runs every piece (each stage's F, B, W, each fused
+attention, the fused optimizer update) against eager PyTorch in float64, prints one row per piece and exits 1 if
+any is outside its dtype's tolerance. `schedule` generates a pipeline schedule, times it with the
 simulator and prints a text timeline and a summary (makespan, bubble rate, peak memory per rank).
 """
 
@@ -38,8 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     inspect.add_argument("target", metavar="MODULE:FACTORY", help="FACTORY() returns (model, example_args)")
     inspect.add_argument("--out", default="zb-inspect", help="directory for the graph files (default: %(default)s)")
+    inspect.add_argument("--emit", choices=("triton",), default=None,
+                         help="also write the Triton code Inductor generates for every piece (works without a GPU: "
+                         "the code is generated, not run), and zb's own Triton kernels")
     _add_option_flags(inspect)
     inspect.set_defaults(run=_inspect)
+    check = commands.add_parser(
+        "check", help="run every compiled piece against eager PyTorch (float64) and report the errors",
+        allow_abbrev=False,
+    )
+    check.add_argument("target", metavar="MODULE:FACTORY", help="FACTORY() returns (model, example_args)")
+    check.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=None,
+                       help="also check zb's fused update for this optimizer against torch.optim")
+    _add_option_flags(check, skip=("optimizer",))
+    check.set_defaults(run=_check)
     _add_schedule_command(commands)
     args = parser.parse_args(argv)
     try:
@@ -49,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+def _add_option_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group("zb options (as in torch.compile(..., options={...}))")
     for name, default, doc in Options.describe():
-        if name in NOT_ON_THE_COMMAND_LINE:
+        if name in NOT_ON_THE_COMMAND_LINE or name in skip:
             continue
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"option_{name}", metavar="VALUE",
                            help=f"{doc} (default: {default!r})")
@@ -63,7 +79,7 @@ def _options_from(args: argparse.Namespace) -> dict[str, Any]:
     for name, _, _ in Options.describe():
         if name in NOT_ON_THE_COMMAND_LINE:
             continue
-        text = getattr(args, f"option_{name}")
+        text = getattr(args, f"option_{name}", None)
         if text is not None:
             options[name] = Options.parse_cli_value(name, text)
     return options
@@ -79,7 +95,23 @@ def _inspect(args: argparse.Namespace) -> int:
     print(plan.summary())
     written = dump_plan(plan, pathlib.Path(args.out))
     print(f"wrote {len(written)} graph files to {args.out}/: " + ", ".join(p.name for p in written))
+    if args.emit == "triton":
+        from zb.codegen.emit import emit_plan
+
+        emitted = emit_plan(plan, pathlib.Path(args.out))
+        print(f"wrote {len(emitted)} Triton files to {args.out}/: "
+              + ", ".join(f"{p.name} ({n} kernels)" for p, n in emitted))
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from zb.check import check, format_table
+
+    factory = load_factory(args.target)
+    model, example_args = factory()
+    rows = check(model, example_args, _options_from(args), optimizer=args.optimizer)
+    print(format_table(rows))
+    return 0 if all(r.passed for r in rows) else 1
 
 
 def _add_schedule_command(commands) -> None:
