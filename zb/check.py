@@ -73,7 +73,8 @@ def format_table(rows: list[Row]) -> str:
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (header, *body)]
     lines.insert(1, "  ".join("-" * w for w in widths))
     failed = sum(not r.passed for r in rows)
-    lines.append(f"{len(rows) - failed} of {len(rows)} pieces within tolerance" + (f"; {failed} FAILED" if failed else ""))
+    summary = f"{len(rows) - failed} of {len(rows)} pieces within tolerance"
+    lines.append(summary + (f"; {failed} FAILED" if failed else ""))
     return "\n".join(lines)
 
 
