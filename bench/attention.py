@@ -74,10 +74,11 @@ def cpu(args) -> None:
         q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
         scale = 1.0 / math.sqrt(d)
         times = {
-            "eager": time_fwd_bwd(lambda q, k, v: reference(q, k, v, None, causal, scale), q, k, v, args.repeat),
-            "sdpa": time_fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k,
+            "eager": time_fwd_bwd(lambda q, k, v, c=causal, s=scale: reference(q, k, v, None, c, s), q, k, v,
+                                  args.repeat),
+            "sdpa": time_fwd_bwd(lambda q, k, v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c), q, k,
                                  v, args.repeat),
-            "zb": time_fwd_bwd(lambda q, k, v: attention(q, k, v, None, causal, scale), q, k, v, args.repeat),
+            "zb": time_fwd_bwd(lambda q, k, v, c=causal, s=scale: attention(q, k, v, None, c, s), q, k, v, args.repeat),
         }
         print(f"{f'{b},{h},{n},{d},{causal}':<22} {times['eager'] * 1e3:8.2f} {times['sdpa'] * 1e3:8.2f} "
               f"{times['zb'] * 1e3:8.2f} {flops(b, h, n, d, causal) / times['zb'] / 1e9:11.1f} "
@@ -108,9 +109,10 @@ def gpu(args) -> None:
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         scale = 1.0 / math.sqrt(d)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            flash = time_fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v,
-                                 args.repeat)
-        mine = time_fwd_bwd(lambda q, k, v: TritonAttention.apply(q, k, v, causal, scale), q, k, v, args.repeat)
+            flash = time_fwd_bwd(lambda q, k, v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c),
+                                 q, k, v, args.repeat)
+        mine = time_fwd_bwd(lambda q, k, v, c=causal, s=scale: TritonAttention.apply(q, k, v, c, s), q, k, v,
+                            args.repeat)
         work = flops(b, h, n, d, causal)
         print(f"{f'{b},{h},{n},{d},{causal}':<22} {work / flash / 1e12:11.1f} {work / mine / 1e12:10.1f} "
               f"{flash / mine:8.2f}")
