@@ -38,7 +38,7 @@ from zb.passes.plan import Plan
 # (functions, Tensor method names) for each step of the pattern, as Dynamo records them.
 SDPA = ((torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention), ())
 SOFTMAX = ((F.softmax, torch.softmax), ("softmax",))
-MATMUL = ((operator.matmul, torch.matmul), ("matmul",))
+MATMUL = ((operator.matmul, torch.matmul, torch.bmm), ("matmul", "bmm"))
 DROPOUT = ((F.dropout, torch.dropout), ())
 MASKED_FILL = ((torch.masked_fill,), ("masked_fill",))
 ADD = ((operator.add, torch.add), ("add",))

@@ -109,6 +109,10 @@ class Attention(nn.Module):
         elif form == "additive":
             bias = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
             att = F.softmax(q @ k.transpose(-2, -1) * (1.0 / math.sqrt(d)) + bias, dim=-1) @ v
+        elif form == "bmm_3d":  # heads folded into the batch, as older models write it
+            q3, k3, v3 = (z.reshape(b * h, t, d) for z in (q, k, v))
+            scores = torch.bmm(q3, k3.transpose(1, 2)) * d ** -0.5
+            att = torch.bmm(torch.softmax(scores, dim=-1), v3).view(b, h, t, d)
         elif form == "probs_returned":  # the probabilities are also an output: not fusable
             probs = F.softmax(q @ k.transpose(-2, -1), dim=-1)
             att = probs @ v
@@ -129,6 +133,7 @@ FUSED = {
     "mul_scale_causal": "causal (constant lower-triangular mask)",
     "buffer_mask_dropout_eval": "boolean mask as a bias",
     "additive": "additive mask",
+    "bmm_3d": "softmax(q @ k^T) @ v",
 }
 LEFT_ALONE = {
     "probs_returned": "also used by",
