@@ -150,11 +150,31 @@ def _like(value, node):
 def _run_reference(gm, values: list) -> tuple[list, str]:
     try:
         with torch.no_grad():
-            return list(gm(*values)), "eager fp64"
-    except RuntimeError:  # a graph with a hard-coded dtype (a float32 constant, a cast): run it as it is
+            return list(_in_float64(gm)(*values)), "eager fp64"
+    except RuntimeError:  # something that has no float64 version: run the graph as it is
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         with torch.no_grad():
             return [_up(v) for v in gm(*[_like(v, p) for v, p in zip(values, placeholders)])], "eager (own dtype)"
+
+
+def _in_float64(gm):
+    """A copy of the graph whose floating dtype arguments (zeros(..., dtype=float32), casts) say float64."""
+    import copy
+
+    def up(value):
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return torch.float64
+        if isinstance(value, (list, tuple)):
+            return type(value)(up(v) for v in value)
+        return value
+
+    gm = copy.deepcopy(gm)
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.args = up(node.args)
+            node.kwargs = {k: up(v) for k, v in node.kwargs.items()}
+    gm.recompile()
+    return gm
 
 
 def _compare(got, reference, placeholders) -> tuple[float, float, torch.dtype]:
