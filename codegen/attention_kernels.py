@@ -19,6 +19,35 @@ import torch
 import triton
 import triton.language as tl
 
+
+@triton.jit
+def _tile(Ptr, b, h, s_b, s_h, s_r, s_d, offs_r, offs_d, r_ok, d_ok):
+    """A [rows, BLOCK_D] tile of a [batch, heads, length, d] tensor, zeros outside it."""
+    return tl.load(Ptr + b * s_b + h * s_h + offs_r[:, None] * s_r + offs_d[None, :] * s_d,
+                   mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 inputs: full precision, not TF32
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, row_ok, col_ok, Bias, b, h, s_bb, s_bh, s_bm, s_bn, scale,
+            HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """q k^T * scale + bias for one [BLOCK_M, BLOCK_N] tile, -inf where masked or outside the matrix."""
+    s = _dot(q, tl.trans(k), IEEE) * scale
+    if HAS_BIAS:
+        s += tl.load(Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    valid = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    return tl.where(valid, s, float("-inf"))
+
+
 @triton.jit
 def _forward_kernel(Q, K, V, Bias, Out, LSE,
                     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
@@ -32,11 +61,9 @@ def _forward_kernel(Q, K, V, Bias, Out, LSE,
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
     row_ok = offs_m < Lq
     d_ok = offs_d < D
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _tile(Q, b, h, s_qb, s_qh, s_qm, s_qd, offs_m, offs_d, row_ok, d_ok)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -44,33 +71,18 @@ def _forward_kernel(Q, K, V, Bias, Out, LSE,
     if CAUSAL:
         hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Lk
-        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        if HAS_BIAS:
-            s += tl.load(Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        valid = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
+        k = _tile(K, b, h, s_kb, s_kh, s_kn, s_kd, offs_n, offs_d, col_ok, d_ok)
+        v = _tile(V, b, h, s_vb, s_vh, s_vn, s_vd, offs_n, offs_d, col_ok, d_ok)
+        s = _scores(q, k, offs_m, offs_n, row_ok, col_ok, Bias, b, h, s_bb, s_bh, s_bm, s_bn, scale,
+                    HAS_BIAS, CAUSAL, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: nothing to rescale
         alpha = tl.exp(m_i - m_ref)
         p = tl.exp(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     l_i = tl.where(row_ok, l_i, 1.0)  # rows past Lq are never stored
     out = acc / l_i[:, None]  # a row with every key masked gives NaN, as eager softmax does
@@ -80,21 +92,16 @@ def _forward_kernel(Q, K, V, Bias, Out, LSE,
 
 
 @triton.jit
-def _probabilities(q, k, offs_m, offs_n, row_ok, col_ok, lse, Bias, b, h, s_bb, s_bh, s_bm, s_bn, scale,
-                   HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    """softmax(q k^T * scale + bias) for one [BLOCK_M, BLOCK_N] tile, from the forward's log-sum-exp."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-    else:
-        s = tl.dot(q, tl.trans(k)) * scale
-    if HAS_BIAS:
-        s += tl.load(Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    valid = row_ok[:, None] & col_ok[None, :]
-    if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+def _gradient_of_scores(q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, Bias, b, h,
+                        s_bb, s_bh, s_bm, s_bn, scale,
+                        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """For one tile: the probabilities P (recomputed from the forward's log-sum-exp) and dS = P * (dO V^T - delta)."""
+    s = _scores(q, k, offs_m, offs_n, row_ok, col_ok, Bias, b, h, s_bb, s_bh, s_bm, s_bn, scale,
+                HAS_BIAS, CAUSAL, IEEE)
     lse_ref = tl.where(lse == float("-inf"), 0.0, lse)
-    return tl.where(valid, tl.exp(s - lse_ref[:, None]), 0.0)
+    p = tl.exp(s - lse_ref[:, None])  # masked scores are -inf: probability 0
+    dp = _dot(do, tl.trans(v), IEEE)
+    return p, p * (dp - delta[:, None])
 
 
 @triton.jit
@@ -111,40 +118,26 @@ def _backward_kv_kernel(Q, K, V, Bias, DO, LSE, DELTA, DK, DV,
     h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_m0 = tl.arange(0, BLOCK_M)
     col_ok = offs_n < Lk
     d_ok = offs_d < D
-    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    k = _tile(K, b, h, s_kb, s_kh, s_kn, s_kd, offs_n, offs_d, col_ok, d_ok)
+    v = _tile(V, b, h, s_vb, s_vh, s_vn, s_vd, offs_n, offs_d, col_ok, d_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
     if CAUSAL:
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # earlier query rows see none of these keys
     for start_m in range(lo, Lq, BLOCK_M):
-        offs_m = start_m + offs_m0
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Lq
-        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = _tile(Q, b, h, s_qb, s_qh, s_qm, s_qd, offs_m, offs_d, row_ok, d_ok)
+        do = _tile(DO, b, h, s_db, s_dh, s_dm, s_dd, offs_m, offs_d, row_ok, d_ok)
         lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-        p = _probabilities(q, k, offs_m, offs_n, row_ok, col_ok, lse, Bias, b, h, s_bb, s_bh, s_bm, s_bn, scale,
-                           HAS_BIAS, CAUSAL, IEEE)
-        if IEEE:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-        else:
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        p, ds = _gradient_of_scores(q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, Bias, b, h,
+                                    s_bb, s_bh, s_bm, s_bn, scale, HAS_BIAS, CAUSAL, IEEE)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     out_mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=out_mask)
@@ -165,13 +158,10 @@ def _backward_q_kernel(Q, K, V, Bias, DO, LSE, DELTA, DQ,
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
     row_ok = offs_m < Lq
     d_ok = offs_d < D
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _tile(Q, b, h, s_qb, s_qh, s_qm, s_qd, offs_m, offs_d, row_ok, d_ok)
+    do = _tile(DO, b, h, s_db, s_dh, s_dm, s_dd, offs_m, offs_d, row_ok, d_ok)
     lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -179,28 +169,19 @@ def _backward_q_kernel(Q, K, V, Bias, DO, LSE, DELTA, DQ,
     if CAUSAL:
         hi = tl.minimum(Lk, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Lk
-        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        p = _probabilities(q, k, offs_m, offs_n, row_ok, col_ok, lse, Bias, b, h, s_bb, s_bh, s_bm, s_bn, scale,
-                           HAS_BIAS, CAUSAL, IEEE)
-        if IEEE:
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        k = _tile(K, b, h, s_kb, s_kh, s_kn, s_kd, offs_n, offs_d, col_ok, d_ok)
+        v = _tile(V, b, h, s_vb, s_vh, s_vn, s_vd, offs_n, offs_d, col_ok, d_ok)
+        _, ds = _gradient_of_scores(q, k, v, do, lse, delta, offs_m, offs_n, row_ok, col_ok, Bias, b, h,
+                                    s_bb, s_bh, s_bm, s_bn, scale, HAS_BIAS, CAUSAL, IEEE)
+        dq += _dot(ds.to(k.dtype), k, IEEE)
     tl.store(DQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
 
-KERNELS = (_forward_kernel, _probabilities, _backward_kv_kernel, _backward_q_kernel)
+KERNELS = (_forward_kernel, _backward_kv_kernel, _backward_q_kernel)
+HELPERS = (_tile, _dot, _scores, _gradient_of_scores)
 
 
 # ---- launching the kernels ------------------------------------------------------------------------------------
