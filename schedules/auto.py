@@ -4,7 +4,9 @@
 steady state, the paper's cost; the makespan breaks ties. Candidates, all timed with the same model:
   * the paper's heuristic, as the list scheduler (greedy.py) under the memory limit, over its knobs: a warm-up
     staircase (rank r holds at most k(p-r) microbatches, or no cap but memory), a ready B before a ready F or
-    not, and how eagerly a W fills an idle gap;
+    not, how eagerly a W fills an idle gap, and whether a W may delay the last microbatch's chain of backwards
+    (`strict_drain`: it may not; that chain ends the first rank's step, so with it the schedule can reach the
+    lower bound below);
   * the handcrafted zb-h1, zb-h2 and 1f1b when their peak memory fits.
 So zb-auto is never worse than zb-h1 at `1p` nor than zb-h2 at `2p`. Candidates run best-first within a time
 budget (large pipelines: the budget keeps planning under 2 s for p=32, m=256; see bench/schedules.py).
@@ -73,6 +75,8 @@ def _policies(ranks: int, limit: float):
     stairs = [tuple(2 * (ranks - r) for r in range(ranks)), tuple(2 * (ranks - r) - 1 for r in range(ranks)),
               None, tuple(ranks - r for r in range(ranks))]
     for inflight, b_first, fraction in itertools.product(stairs, (True, False), (0.75, 1.0, 0.5)):
-        yield Policy(inflight=inflight, memory_limit=limit, b_first=b_first, fill="gap", gap_fraction=fraction)
+        for strict in (True, False):
+            yield Policy(inflight=inflight, memory_limit=limit, b_first=b_first, fill="gap", gap_fraction=fraction,
+                         strict_drain=strict)
     for inflight, b_first in itertools.product(stairs, (True, False)):
         yield Policy(inflight=inflight, memory_limit=limit, b_first=b_first, fill="always")

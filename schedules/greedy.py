@@ -30,6 +30,10 @@ class Policy:
     pending_w: tuple[int, ...] | None = None  # per rank: W's that may wait; beyond that a W runs first
     reserve: int = 0  # W's kept back for the drain: before a rank's last F, a gap is filled only beyond these
     gap_fraction: float | tuple[float, ...] = 1.0  # fill="gap": a W runs when the wait is >= this x T_W (per rank)
+    # fill="gap" once a rank has run all its forwards: a W runs only if it ends before the next B can start, as
+    # far as the producing rank's state tells (it has not started that B: no earlier than it is free plus T_B),
+    # so the drain never delays the chain of backwards the first rank waits for.
+    strict_drain: bool = False
 
 
 def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Costs, policy: Policy
@@ -137,11 +141,18 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
             bound = next_known
             if unknown:
                 bound = min(bound, t + comm + min(costs.f[s] for s in unknown))
+            last_chain = policy.strict_drain and not fs and any(next_b[x] == microbatches - 1 for x, _ in bs)
+            if last_chain:
+                for x, r in bs:
+                    if r is None:
+                        bound = min(bound, max(t, free[placement[x + 1]]) + costs.duration(x + 1, back) + comm)
             s = ws[0]
             draining = not fs
             held = sum(len(pending_w[x]) for x in ws)
             fill = policy.fill if isinstance(policy.fill, str) else policy.fill[rank]
             fraction = policy.gap_fraction if isinstance(policy.gap_fraction, float) else policy.gap_fraction[rank]
+            if last_chain:
+                fraction = 1.0
             wants = fill == "always" or bound - t >= fraction * costs.w[s] - 1e-9
             if not (fs or bs) or (wants and (draining or held > policy.reserve)):
                 run(rank, Action(s, W, pending_w[s].popleft()), t)
