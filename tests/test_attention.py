@@ -213,3 +213,44 @@ def _assert_trains_like_eager(model, x, y, options):
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class PaddedAttention(nn.Module):
+    """A padding mask passed in as an input (split into microbatches with the batch), used by SDPA and by the
+    spelled-out form."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(32, 96), nn.Linear(32, 32)
+
+    def forward(self, x, keep, y):
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, 2, 16).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        scores = ((q @ k.transpose(-2, -1)) / 4.0).masked_fill(~keep[:, None, None, :], float("-inf"))
+        a2 = scores.softmax(-1) @ v
+        return F.mse_loss(self.out((a + a2).transpose(1, 2).reshape(b, t, c)), y)
+
+
+def test_a_padding_mask_given_as_input_is_split_with_the_batch():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 8, 32), torch.randn(4, 8, 32)
+    keep = torch.ones(4, 8, dtype=torch.bool)
+    keep[1, 5:] = False
+    keep[3, 2:] = False
+    model = PaddedAttention()
+    plan = zb.explain(model, x, keep, y, microbatches=2, compiler="eager")
+    assert plan.counters["fused_attention"] == 2
+    assert all("boolean mask as a bias" in site.note for site in plan.attention)
+    import copy
+
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    loss = torch.compile(model, backend="zb", options={"microbatches": 2, "stages": 2, "compiler": "eager"})(
+        x, keep, y)
+    loss.backward()
+    want = reference(x, keep, y)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
