@@ -50,7 +50,8 @@ def flash_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
 def _forward_cpu(q, k, v, bias, causal, scale):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, causal, attn_mask=_cpu_mask(bias, q), scale=scale)
-    return out.contiguous(), lse.to(lse_dtype(q)).contiguous()  # every implementation returns contiguous
+    out_strides, lse_strides = _forward_strides(q)
+    return _laid_out(out, out_strides), _laid_out(lse.to(lse_dtype(q)), lse_strides)
 
 
 @flash_attention_backward.register_kernel("cpu")
@@ -58,23 +59,76 @@ def _backward_cpu(grad_out, q, k, v, out, lse, bias, causal, scale):
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, k, v, out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32), 0.0, causal,
         attn_mask=_cpu_mask(bias, q), scale=scale)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return tuple(_laid_out(g, strides) for g, strides in zip((dq, dk, dv), _backward_strides(q, k, v)))
 
 
 def _cpu_mask(bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
     return None if bias is None else bias.to(q.dtype)
 
 
+# ---- output layouts ----------------------------------------------------------------------------------------------
+# Inductor plans the code around an operator from the strides its fake kernel reports, so the fake and every real
+# kernel must agree. The Triton kernels write contiguous outputs. PyTorch's CPU kernels write `out` in q's memory
+# order and lse, dq, dk, dv in [batch, L, heads, (D)] order: reporting exactly that spares a copy of every output
+# (and, since q, k, v usually come from `.view(B, L, H, D).transpose(1, 2)`, lets the transpose back be free).
+
+def _blhd_strides(shape) -> tuple[int, ...]:
+    """Strides of a [batch, heads, L, (D)] tensor stored in [batch, L, heads, (D)] order."""
+    batch, heads, length, *rest = shape
+    d = rest[0] if rest else 1
+    strides = (length * heads * d, d, heads * d, 1)
+    return strides if rest else strides[:3]
+
+
+def _forward_strides(q: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Strides of (out, lse) for these inputs."""
+    if q.device.type != "cpu":
+        return _contiguous(q.shape), _contiguous(q.shape[:-1])
+    return _dense_like(q), _blhd_strides(q.shape[:-1])
+
+
+def _contiguous(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _dense_like(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides `torch.empty_like(t)` gives: t's own when dense, else dense in t's memory order."""
+    order = sorted(range(t.dim()), key=lambda i: (t.stride(i), -i))  # innermost first
+    strides, step = [0] * t.dim(), 1
+    for i in order:
+        strides[i] = step
+        step *= max(t.shape[i], 1)
+    return tuple(strides)
+
+
+def _backward_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[tuple[int, ...]]:
+    if q.device.type != "cpu":
+        return [_contiguous(t.shape) for t in (q, k, v)]
+    return [_blhd_strides(t.shape) for t in (q, k, v)]
+
+
+def _laid_out(value: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
+    """`value` with these strides: itself when the kernel already wrote it so (the usual case), else a copy."""
+    if value.stride() == strides:
+        return value
+    return torch.empty_strided(value.shape, strides, dtype=value.dtype, device=value.device).copy_(value)
+
+
 @flash_attention.register_fake
 def _forward_fake(q, k, v, bias, causal, scale):
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return out, torch.empty(q.shape[:-1], dtype=lse_dtype(q), device=q.device)
+    out_strides, lse_strides = _forward_strides(q)
+    return (torch.empty_strided(q.shape, out_strides, dtype=q.dtype, device=q.device),
+            torch.empty_strided(q.shape[:-1], lse_strides, dtype=lse_dtype(q), device=q.device))
 
 
 @flash_attention_backward.register_fake
 def _backward_fake(grad_out, q, k, v, out, lse, bias, causal, scale):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+    return tuple(torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+                 for t, strides in zip((q, k, v), _backward_strides(q, k, v)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -87,7 +141,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, bias = ctx.saved_tensors
-    dq, dk, dv = torch.ops.zb.flash_attention_backward(grad_out.contiguous(), q, k, v, out, lse, bias, ctx.causal,
+    dq, dk, dv = torch.ops.zb.flash_attention_backward(grad_out, q, k, v, out, lse, bias, ctx.causal,
                                                        ctx.scale)
     return dq, dk, dv, None, None, None
 
