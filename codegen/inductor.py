@@ -12,7 +12,7 @@ import os
 import pathlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,9 +34,37 @@ class CompiledPiece:
     outputs: list[str]
     run: Callable[[list[Any]], Any]
     source_code: str | None = None  # Inductor's generated module, when compiled with Inductor
+    # (position, strides) of the inputs that cross a stage boundary (act:, tangent:), as the graph was traced:
+    # the same value arrives with other strides by another path (a contiguous receive buffer, or the previous
+    # stage's output on the same rank), and a graph traced for one layout may view its input as only that allows.
+    layouts: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.layouts:
+            self.layouts = boundary_layouts(self.graph)
 
     def __call__(self, args: list[Any]) -> tuple:
+        for position, strides in self.layouts:
+            args[position] = _in_layout(args[position], strides)
         return tuple(self.run(args))
+
+
+def boundary_layouts(gm: fx.GraphModule) -> list[tuple[int, tuple[int, ...]]]:
+    found = []
+    for position, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        value = node.meta.get("val")
+        if node.meta.get("zb_key", "").startswith(("act:", "tangent:")) and isinstance(value, torch.Tensor) \
+                and all(isinstance(s, int) for s in value.stride()):
+            found.append((position, tuple(value.stride())))
+    return found
+
+
+def _in_layout(value: Any, strides: tuple[int, ...]) -> Any:
+    """`value` itself when its strides match wherever they matter (dimensions longer than 1), else a copy."""
+    if not isinstance(value, torch.Tensor) or all(
+            size <= 1 or have == want for size, have, want in zip(value.shape, value.stride(), strides)):
+        return value
+    return torch.empty_strided(value.shape, strides, dtype=value.dtype, device=value.device).copy_(value)
 
 
 def compile_plan(plan: Plan, dump_dir: str | None = None, stages: set[int] | None = None

@@ -28,6 +28,8 @@ from zb.errors import ZbOptionError, ZbUnsupportedError
 from zb.passes.plan import Plan, Stage
 
 BALANCE_WINDOW = 0.05  # a cut may move this fraction of the total cost away from the even split to cross less
+# ... and this much once stage times were measured: they showed what the imbalance costs, so balance comes first
+MEASURED_BALANCE_WINDOW = 0.01
 
 
 def partition_stages(plan: Plan) -> Plan:
@@ -105,6 +107,7 @@ def _balanced_cuts(plan: Plan, compute: list[fx.Node], n: int) -> list[int]:
     costs = _refined(_estimate_costs(plan, compute), plan.measured_stage_times, plan.previous_cuts)
     crossing = _crossing_bytes(plan.graph.graph, compute)
     total = sum(costs) or 1.0
+    slack = MEASURED_BALANCE_WINDOW if costs_measured(plan) else BALANCE_WINDOW
     prefix, running = [], 0.0
     for c in costs:
         running += c
@@ -114,17 +117,22 @@ def _balanced_cuts(plan: Plan, compute: list[fx.Node], n: int) -> list[int]:
         target = j * total / n
         lo = (cuts[-1] + 1) if cuts else 1
         hi = len(compute) - (n - j)
-        window = [i for i in range(lo, hi + 1) if abs(prefix[i - 1] - target) <= BALANCE_WINDOW * total]
+        window = [i for i in range(lo, hi + 1) if abs(prefix[i - 1] - target) <= slack * total]
         if not window:
             window = [min(range(lo, hi + 1), key=lambda i: abs(prefix[i - 1] - target))]
         cuts.append(min(window, key=lambda i: (crossing[i], abs(prefix[i - 1] - target))))
     return cuts
 
 
+def costs_measured(plan: Plan) -> bool:
+    measured, previous = plan.measured_stage_times, plan.previous_cuts
+    return bool(measured) and previous is not None and len(measured) == len(previous) + 1
+
+
 def _refined(costs: list[float], measured, previous_cuts) -> list[float]:
     """Scale each old stage's node estimates so that they sum to its measured time."""
     if not measured or previous_cuts is None or len(measured) != len(previous_cuts) + 1:
-        return costs
+        return costs  # measured for other cuts (or not at all): FLOPs alone
     bounds = [0, *previous_cuts, len(costs)]
     refined = list(costs)
     for s, seconds in enumerate(measured):

@@ -41,7 +41,9 @@ REPLAN_AFTER = 2  # zb-auto re-plans with the costs measured in this step (the f
 
 class PipelineRunner:
     def __init__(self, plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], schedule: Schedule,
-                 ranks: Sequence[int], transport, group=None, distributed: bool = False):
+                 ranks: Sequence[int], transport, group=None, distributed: bool = False,
+                 measure_first: bool = False):
+        """`measure_first`: time the first step (every rank's actions), so the stages can be re-cut after it."""
         self.plan = plan
         self.schedule = schedule if plan.training else forward_only(schedule)
         self.distributed = distributed
@@ -49,6 +51,8 @@ class PipelineRunner:
         self.ranks = list(ranks)
         self.executor = StepExecutor(plan, compiled, lower(self.schedule), ranks, transport)
         self.steps = 0
+        self.measure_first = measure_first
+        self.last_grads: list[torch.Tensor | None] | None = None  # what backward hands out for the last step
         self.rebalanced = False  # set by the backend once it rebuilt the plan with this runner's measurements
         self.trace: list[tuple[int, str, float, float]] = []  # every rank's actions in the last profiled step
         self.costs = None  # costs measured in the last profiled step
@@ -103,8 +107,10 @@ class PipelineRunner:
                 self._sum_shared_gradients(combined)
             self.steps += 1
             replan = self.plan.training and self.schedule.name == "zb-auto" and self.steps == REPLAN_AFTER
-            if self.plan.training and (self.plan.options.profile or replan):
+            first = self.measure_first and self.steps == 1
+            if self.plan.training and (self.plan.options.profile or replan or first):
                 self._profile(replan)
+            self.last_grads = combined
         return outputs, combined
 
     def _profile(self, replan: bool) -> None:

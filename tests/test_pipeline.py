@@ -102,7 +102,9 @@ def torchrun(ranks: int, script: str, *args: str, timeout: int = 600) -> subproc
 @pytest.mark.parametrize("ranks", [2, 4])
 @pytest.mark.parametrize("model", ["gpt", "mlp"])
 def test_torchrun_pipeline_matches_eager(model, ranks):
-    out = torchrun(ranks, "pipeline_check.py", "--model", model)
+    """The GPT runs with the default options (re-cut after step 1 or not, as its measured times say); the MLP's
+    stages are always re-cut after step 1, moving parameters (and that step's gradients) between ranks."""
+    out = torchrun(ranks, "pipeline_check.py", "--model", model, *(["--recut"] if model == "mlp" else []))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     assert [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")] == list(SCHEDULES)
 
@@ -170,6 +172,23 @@ def test_rebalanced_pipeline_still_matches_eager(monkeypatch):
     assert runner.rebalanced and runner.plan.previous_cuts is not None
 
 
+@pytest.mark.parametrize("rebalance", [True, False])
+def test_the_first_step_is_measured_for_rebalancing_unless_turned_off(monkeypatch, rebalance):
+    import zb.backend
+
+    monkeypatch.setattr(zb.backend, "REBALANCE_ABOVE", 0.0)  # any measured imbalance re-cuts
+    torch.manual_seed(0)
+    model, args = models.deep_mlp()
+    backend = zb.ZbBackend({"stages": 2, "schedule": "1f1b", "microbatches": 4, "compiler": "eager",
+                            "rebalance": rebalance})
+    step = torch.compile(model, backend=backend)
+    for _ in range(2):
+        step(*args).backward()
+    (runner,) = backend.runners
+    assert (runner.plan.previous_cuts is not None) == rebalance  # the second step ran on re-cut stages
+    assert runner.rebalanced == rebalance
+
+
 def test_split_points_for_names_the_cut():
     model, args = models.gpt()
     plan = zb.explain(model, *args, stages=2, split_points=["blocks.1"], microbatches=2)
@@ -216,3 +235,18 @@ def test_input_gradient_of_an_input_two_stages_read_is_refused():
         step(x, y)
     x.requires_grad_(False)  # without input gradients the same pipeline is fine
     assert_close(step(x, y).detach(), model(x, y).detach(), "loss")
+
+
+@pytest.mark.parametrize("compiler", ["eager", pytest.param("inductor", marks=pytest.mark.inductor)])
+def test_a_cut_after_attention_passes_strided_boundary_values(monkeypatch, compiler):
+    """A stage that ends at the attention operator sends its output in the kernel's [B, L, H, D] memory order and
+    gets the gradient back in whatever order the next stage made it; each piece takes them in the layout it was
+    traced with (codegen/inductor.py: CompiledPiece.layouts), on one rank and across ranks alike."""
+    partition = sys.modules["zb.passes.partition_stages"]  # the module (the package exports the pass function)
+
+    def after_attention(plan, compute, n):
+        first = next(i for i, node in enumerate(compute) if "zb_attention_site" in node.meta)
+        return [first + 1]  # stage 1 begins right after the fused attention
+
+    monkeypatch.setattr(partition, "_balanced_cuts", after_attention)
+    train_three_steps(models.gpt, stages=2, schedule="zb-h1", microbatches=2, compiler=compiler)

@@ -18,11 +18,12 @@ from torch import fx
 from zb.codegen import compile_plan
 from zb.errors import ZbUnsupportedError
 from zb.frame import FrameCapture, describe_inputs, placeholders
-from zb.options import Options
+from zb.options import REBALANCE_ABOVE, Options
 from zb.passes import PASSES, InputSpec, Plan, partition_stages, run_passes
 from zb.passes.partition_stages import split_points_for
 from zb.pipeline import Pipeline
 from zb.runtime import PipelineRunner, split_microbatches
+from zb.runtime.migrate import migrate, moves
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +94,19 @@ class CompiledGraph:
         runner, arg_map = self._built[key]
         if runner is None:
             return self.gm(*args)
-        if _needs_rebalancing(runner):
-            if runner.distributed:
+        if _needs_rebalancing(runner) and not runner.distributed:  # one process: re-cut before the next step
+            runner = self._rebalance(key, runner, args)
+        result = runner(*[args[i] for i in arg_map])
+        if runner.distributed and _needs_rebalancing(runner):
+            if runner.optimizer is not None:
                 self._suggest_split_points(runner)
-            else:
-                runner = self._rebalance(key, runner, args)
-        return runner(*[args[i] for i in arg_map])
+            else:  # before the user's first optimizer.step(): move parameters and this step's gradients
+                self._rebalance_across_ranks(key, runner, args)
+        return result
 
     def _suggest_split_points(self, runner: PipelineRunner) -> None:
-        """Across processes the stages stay where they are: each rank's optimizer holds its parameters' state, so
-        moving a stage would silently lose it. Say once which split_points the measured times call for."""
+        """With options["optimizer"] across processes the stages stay where they are (the fused update already
+        ran on the old owners). Say once which split_points the measured times call for."""
         runner.rebalanced = True
         old = runner.plan
         probe = Plan(old.graph, old.inputs, old.example_inputs, old.num_outputs, old.training, old.options,
@@ -126,6 +130,33 @@ class CompiledGraph:
         self.plans[key] = plan
         self._built[key] = (fresh, arg_map)
         return fresh
+
+    def _rebalance_across_ranks(self, key: tuple, runner: PipelineRunner, args: Sequence[Any]) -> None:
+        """Re-cut on the first step's measured times (the same on every rank: the trace is gathered from all)
+        and move the parameters whose stage changes rank, with this step's gradients (runtime/migrate.py)."""
+        runner.rebalanced = True
+        old, (_, arg_map) = runner.plan, self._built[key]
+        plan, new_map = self.build_plan(args, old.training, measured=runner.stage_times(), previous=old.cuts)
+        times = [round(t * 1e3, 2) for t in runner.stage_times()]
+        if plan.cuts == old.cuts:
+            log.info("zb: measured stage times %s ms; the balanced cut is the current one", times)
+            return
+        if new_map != arg_map or [(s.kind, s.name) for s in plan.inputs] != [(s.kind, s.name) for s in old.inputs]:
+            log.warning("zb: measured stage times %s ms are uneven, but re-tracing gave different inputs; the "
+                        "stages stay where they are", times)
+            return
+        fresh = self._runner(plan)
+        fresh.rebalanced = True  # once per signature: the new cuts are final
+        values = [args[i] for i in arg_map]
+        planned = moves(old, runner.schedule.placement, plan, fresh.schedule.placement)
+        migrate(planned, runner.ranks[0], runner.executor.transport, values, runner.last_grads, old,
+                runner.schedule.placement, plan, fresh.schedule.placement)
+        if runner.ranks[0] == 0:
+            log.info("zb: re-cut the stages on measured times %s ms: %s -> %s (%d parameters and buffers moved)",
+                     times, split_points_for(old) or list(old.cuts), split_points_for(plan) or list(plan.cuts),
+                     len({m.index for m in planned}))
+        self.plans[key] = plan
+        self._built[key] = (fresh, arg_map)
 
     def build_plan(self, args: Sequence[Any], training: bool, measured: tuple[float, ...] | None = None,
                    previous: tuple[int, ...] | None = None) -> tuple[Plan, list[int]]:
@@ -164,16 +195,16 @@ class CompiledGraph:
         local = pipeline.local_ranks
         stages = {s for s, r in enumerate(schedule.placement) if r in local}
         compiled = compile_plan(plan, stages=stages)
+        options = plan.options
+        measure_first = plan.training and plan.num_stages > 1 and options.rebalance and not options.split_points
         return PipelineRunner(plan, compiled, schedule, local, pipeline.transport(), pipeline.group,
-                              distributed=pipeline.distributed)
-
-
-REBALANCE_ABOVE = 1.10  # re-cut the stages once when the slowest measured stage is 10% over the mean
+                              distributed=pipeline.distributed, measure_first=measure_first)
 
 
 def _needs_rebalancing(runner: PipelineRunner) -> bool:
     times = runner.stage_times()
-    if runner.rebalanced or times is None or len(times) < 2 or runner.plan.options.split_points:
+    options = runner.plan.options
+    if runner.rebalanced or times is None or len(times) < 2 or options.split_points or not options.rebalance:
         return False
     return max(times) > REBALANCE_ABOVE * (sum(times) / len(times))
 

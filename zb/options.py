@@ -108,6 +108,9 @@ def _optional_boolean(name: str, value: Any) -> bool | None:
     return None if value is None else _boolean(name, value)
 
 
+REBALANCE_ABOVE = 1.05  # re-cut when the slowest measured stage is this much over the mean
+
+
 def _option(default: Any, doc: str, check: Callable[[str, Any], Any]) -> Any:
     return field(default=default, metadata={"doc": doc, "check": check})
 
@@ -138,6 +141,11 @@ class Options:
     )
     group: Any = _option(None, "torch.distributed process group of the pipeline ranks (default: WORLD)",
                          _process_group)
+    rebalance: bool = _option(
+        True, "re-cut the stages once, after the first training step, when its measured stage times are "
+        f"uneven (slowest over {REBALANCE_ABOVE:g}x the mean); across ranks this moves parameters to their new "
+        "rank. Not with 'split_points' or 'optimizer' across ranks", _boolean,
+    )
     profile: bool = _option(False, "time every action and transfer; zb-auto re-plans with the measured costs",
                             _boolean)
     timeout: float = _option(300.0, "seconds to wait for a peer rank before failing", _positive_float)

@@ -23,20 +23,25 @@ import torch.distributed as dist
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import zb  # noqa: E402
 from tests import models  # noqa: E402
+from zb.pipeline import Pipeline  # noqa: E402
+from zb.runtime.migrate import moves, readers  # noqa: E402
 from zb.schedules import SCHEDULES  # noqa: E402
 
 FACTORIES = {"gpt": models.gpt, "mlp": models.deep_mlp}
 
 
-def check(schedule: str, factory, microbatches: int, compiler: str, rank: int) -> None:
+def check(schedule: str, factory, microbatches: int, compiler: str, rank: int, recut: bool = False) -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model, args = factory()
     reference = copy.deepcopy(model)
-    step = torch.compile(model, backend="zb", options={
-        "schedule": schedule, "microbatches": microbatches, "compiler": compiler, "timeout": 120.0,
-    })
+    options = {"schedule": schedule, "microbatches": microbatches, "compiler": compiler, "timeout": 120.0}
+    backend = zb.ZbBackend(options)
+    if recut:
+        before = scramble_unread_parameters(model, args, options, rank)
+    step = torch.compile(model, backend=backend)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, reference)]
     for i in range(3):
         torch.manual_seed(100 + i)
@@ -60,6 +65,13 @@ def check(schedule: str, factory, microbatches: int, compiler: str, rank: int) -
         for opt in optimizers:
             opt.step()
             opt.zero_grad()
+    if recut:
+        after = backend.plans[-1]
+        if after.cuts == before.cuts:
+            raise AssertionError(f"{schedule}: the stages were not re-cut (cuts {after.cuts})")
+        moved = moves(before, backend.runners[0].schedule.placement, after, backend.runners[0].schedule.placement)
+        if not moved:
+            raise AssertionError(f"{schedule}: the re-cut {before.cuts} -> {after.cuts} moved no parameter")
     # Parameters of other ranks' stages get no gradient here, so this rank's optimizer leaves them alone.
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         if name in owned:
@@ -67,21 +79,51 @@ def check(schedule: str, factory, microbatches: int, compiler: str, rank: int) -
                                        msg=lambda m, n=name: f"{schedule}: {n} after 3 steps on rank {rank}: {m}")
 
 
+def scramble_unread_parameters(model, args, options: dict, rank: int):
+    """Overwrite, on this rank, every parameter its stages do not read before the re-cut: a rank that gains a
+    stage part must then get the values from the rank that had it, or training goes wrong. Returns the plan."""
+    plan = zb.explain(model, *args, **{**options, "compiler": "eager"})
+    placement = Pipeline(plan.options).schedule_for(True).placement
+    read = readers(plan, placement)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for index, spec in enumerate(plan.inputs):
+            if spec.kind == "parameter" and rank not in read.get(index, set()):
+                parameters[spec.name].normal_(mean=3.0)
+    return plan
+
+
+def force_recut() -> None:
+    """Re-cut after the first step whatever it measured, as if stage 0 took three times as long as each other
+    stage: stage 0 gives operations (and parameters) to stage 1, on the other rank."""
+    import zb.backend
+    from zb.runtime.runner import PipelineRunner
+
+    zb.backend.REBALANCE_ABOVE = 0.0
+    PipelineRunner.stage_times = lambda self: None if self.costs is None else tuple(
+        3.0 if s == 0 else 1.0 for s in range(self.plan.num_stages))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=sorted(FACTORIES), default="gpt")
     parser.add_argument("--schedules", default=",".join(SCHEDULES))
     parser.add_argument("--compiler", default="eager")
+    parser.add_argument("--recut", action="store_true", help="re-cut the stages after the first step (moving "
+                        "parameters between ranks) and check that training still equals eager")
     args = parser.parse_args()
+    if args.recut:
+        force_recut()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     microbatches = 2 * world
     for schedule in args.schedules.split(","):
-        check(schedule, FACTORIES[args.model], microbatches, args.compiler, rank)
+        check(schedule, FACTORIES[args.model], microbatches, args.compiler, rank, args.recut)
         dist.barrier()
         if rank == 0:
-            print(f"ok {schedule} ({args.model}, {world} ranks, {microbatches} microbatches)", flush=True)
+            print(f"ok {schedule} ({args.model}, {world} ranks, {microbatches} microbatches"
+                  f"{', re-cut after step 1' if args.recut else ''})", flush=True)
     dist.destroy_process_group()
 
 
