@@ -41,8 +41,9 @@ def modelled_costs(plan: Plan, held_keys: dict[int, set[str]], comm: float = 0.0
     return Costs((1.0,) * n, (1.0,) * n, (1.0,) * n, comm, tuple(mem_b), tuple(min(w, b) for w, b in zip(mem_w, mem_b)))
 
 
-def measured_costs(trace, plan: Plan, held_keys: dict[int, set[str]]) -> Costs:
-    """Median F, B, W seconds per stage from (rank, action, start, end) records of all ranks."""
+def measured_costs(trace, plan: Plan, held_keys: dict[int, set[str]], statistic=statistics.median) -> Costs:
+    """F, B, W seconds per stage (the median over microbatches, or `statistic`) from (rank, action, start, end)
+    records of all ranks."""
     times: dict[tuple[int, str], list[float]] = defaultdict(list)
     receives = []
     for _, text, start, end in trace:
@@ -56,9 +57,9 @@ def measured_costs(trace, plan: Plan, held_keys: dict[int, set[str]]) -> Costs:
     def median(stage: int, kind: str) -> float:
         values = times.get((stage, kind))
         if values:
-            return statistics.median(values)
+            return statistic(values)
         if kind in (B, W) and times.get((stage, BW)):  # unsplit backward measured: split it 2:1 as the paper does
-            return statistics.median(times[(stage, BW)]) * (2 / 3 if kind == B else 1 / 3)
+            return statistic(times[(stage, BW)]) * (2 / 3 if kind == B else 1 / 3)
         return 1e-6
 
     mem_b, mem_w = stage_memory(plan, held_keys)

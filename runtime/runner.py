@@ -61,10 +61,13 @@ class PipelineRunner:
             self.optimizer = OptimizerStep(plan, self.schedule, ranks, transport, distributed, group)
 
     def stage_times(self) -> tuple[float, ...] | None:
-        """Measured F+B+W seconds per stage (from the last profiled step), or None."""
+        """Measured F+B+W seconds per stage (from the last profiled step), or None: the quickest of each piece
+        over the microbatches, what the stage costs undisturbed (the first step's first microbatches are slowed
+        by first-touch memory, a peer still compiling, or the machine's other work)."""
         if self.costs is None:
             return None
-        return tuple(f + b + w for f, b, w in zip(self.costs.f, self.costs.b, self.costs.w))
+        quickest = measured_costs(self.trace, self.plan, self.executor.counted, statistic=min)
+        return tuple(f + b + w for f, b, w in zip(quickest.f, quickest.b, quickest.w))
 
     def modelled_costs(self) -> Costs:
         """The plan's activation memory per stage with unit times: what the simulator needs to predict memory."""
