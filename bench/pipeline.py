@@ -14,6 +14,7 @@ all-gather adds to their step time) and a second table gives each rank's busy an
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pathlib
 import statistics
@@ -28,9 +29,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from examples.gpt import GPT, PRESETS  # noqa: E402
+from zb.passes.partition_stages import split_points_for  # noqa: E402
 from zb.schedules import SCHEDULES  # noqa: E402
 
 WARMUP = 3
+TORCH_SCHEDULES = ("Schedule1F1B", "ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble")
 
 
 class Part(nn.Module):
@@ -122,7 +125,18 @@ def main() -> None:
     parser.add_argument("--compiler", default="inductor", choices=["inductor", "eager"])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--profile", action="store_true", help="trace zb's steps; print busy/idle time per rank")
+    parser.add_argument("--verbose", action="store_true", help="log zb's decisions (re-cuts, re-plans)")
+    parser.add_argument("--torch-schedules", default=",".join(TORCH_SCHEDULES),
+                        help="torch.distributed.pipelining schedules to time (comma-separated)")
+    parser.add_argument("--schedules", default=",".join(SCHEDULES), help="zb schedules to time (comma-separated)")
     args = parser.parse_args()
+    unknown = [k for k in args.torch_schedules.split(",") if k not in TORCH_SCHEDULES]
+    unknown += [k for k in args.schedules.split(",") if k not in SCHEDULES]
+    if unknown:
+        parser.error(f"unknown schedule(s) {unknown}; torch: {', '.join(TORCH_SCHEDULES)}; zb: {', '.join(SCHEDULES)}")
+    if args.verbose:
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("zb").setLevel(logging.INFO)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -143,13 +157,13 @@ def main() -> None:
             eager_opt.zero_grad()
 
     single = timed(eager_step, args.steps)
-    for kind in ("Schedule1F1B", "ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble"):
+    for kind in args.torch_schedules.split(","):
         step = torch_pipelining(kind, config, x, y, args.microbatches, rank)
         rows.append((f"torch.distributed.pipelining {kind}", timed(step, args.steps)))
         if rank == 0:
             print(f"measured {kind}", file=sys.stderr, flush=True)
     backends: dict = {}
-    for schedule in SCHEDULES:
+    for schedule in args.schedules.split(","):
         step = zb_step(schedule, config, x, y, args.microbatches, args.compiler, backends, args.profile)
         rows.append((f"zb {schedule} ({args.compiler})", timed(step, args.steps)))
         if rank == 0:
@@ -168,12 +182,16 @@ def main() -> None:
         print(f"\nbest zb / best torch.distributed.pipelining: {zb_best / torch_best:.2f}x (target <= 0.85x); "
               f"best zb / ideal: {zb_best / ideal:.2f}x (target <= 1.15x)")
         if args.profile:
-            print("\n| zb schedule | rank | busy (ms) | idle in its span (ms) |\n|---|---:|---:|---:|")
+            print("\n| zb schedule | stages begin at | re-cut | rank | busy (ms) | idle in its span (ms) |\n"
+                  "|---|---|---|---:|---:|---:|")
             for schedule, backend in backends.items():
-                timeline = backend.runners[0].measured_timeline()
+                runner = backend.runners[0]
+                timeline = runner.measured_timeline()
+                where = ", ".join(split_points_for(runner.plan)) or "-"
+                recut = "yes" if runner.plan.previous_cuts is not None else "no"
                 for r in range(timeline.schedule.num_ranks):
                     busy, span = timeline.work(r), timeline.span(r)
-                    print(f"| {schedule} | {r} | {busy * 1e3:.1f} | {(span - busy) * 1e3:.1f} |")
+                    print(f"| {schedule} | {where} | {recut} | {r} | {busy * 1e3:.1f} | {(span - busy) * 1e3:.1f} |")
     dist.destroy_process_group()
 
 
