@@ -45,7 +45,10 @@ def partition_stages(plan: Plan) -> Plan:
     elif plan.options.split_points:
         cuts = _cuts_at_split_points(compute, plan.options.split_points, n)
     else:
-        cuts = _balanced_cuts(plan, compute, n)
+        costs = _refined(_estimate_costs(plan, compute), plan.measured_stage_times, plan.previous_cuts)
+        cuts = _balanced_cuts(plan, compute, n, costs)
+        bounds = [0, *cuts, len(compute)]
+        plan.stage_costs = tuple(sum(costs[bounds[s]: bounds[s + 1]]) for s in range(n))
     plan.cuts = tuple(cuts)
     stage_of = {}
     bounds = [0, *cuts, len(compute)]
@@ -103,8 +106,7 @@ def _cuts_at_split_points(compute: list[fx.Node], split_points, n: int) -> list[
     return cuts
 
 
-def _balanced_cuts(plan: Plan, compute: list[fx.Node], n: int) -> list[int]:
-    costs = _refined(_estimate_costs(plan, compute), plan.measured_stage_times, plan.previous_cuts)
+def _balanced_cuts(plan: Plan, compute: list[fx.Node], n: int, costs: list[float]) -> list[int]:
     crossing = _crossing_bytes(plan.graph.graph, compute)
     total = sum(costs) or 1.0
     slack = MEASURED_BALANCE_WINDOW if costs_measured(plan) else BALANCE_WINDOW

@@ -111,6 +111,8 @@ class Plan:
     measured_stage_times: tuple[float, ...] | None = None
     previous_cuts: tuple[int, ...] | None = None
     cuts: tuple[int, ...] = ()  # where each stage after the first begins, in Dynamo's node order
+    # What partition_stages expects each stage to cost: seconds when it re-cut on measured times, else FLOPs.
+    stage_costs: tuple[float, ...] = ()
     stages: list[Stage] = field(default_factory=list)
     # fuse_optimizer: parameter indices each stage updates right after its last W; parameters whose gradient
     # several stages produce (tied weights), updated at the end of the step.

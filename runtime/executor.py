@@ -38,6 +38,11 @@ class StepExecutor:
                      for s in self.pieces}
         self.counted = {s: _held_keys(plan.stages[s]) for s in range(plan.num_stages)}
         self.trace: list[tuple[int, str, float, float]] = []  # (rank, action, start, end) of the last step
+        # With repeat > 1 every piece runs that many times back to back (the same inputs, the random state
+        # replayed; only the first run's results are kept) and `quickest[(stage, kind)]` collects, per action,
+        # the quickest run: a timing that one disturbed run cannot spoil. Used to measure the first step.
+        self.repeat = 1
+        self.quickest: dict[tuple[int, str], list[float]] = {}
         self.peak_memory: dict[int, int] = {}  # activation bytes each local rank held at most in the last step
 
     # One step ---------------------------------------------------------------------------------------------
@@ -59,6 +64,7 @@ class StepExecutor:
         self.outs: list[list[Any]] = [[] for _ in range(plan.num_outputs)]
         self.grads: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.trace = []
+        self.quickest = {}
         self.transport.prepare([self._receive(a) for r in self.ranks for a in self.schedule.actions[r]
                                 if a.kind in (RECV_F, RECV_B)])
         self.held = {r: 0 for r in self.ranks}
@@ -75,6 +81,8 @@ class StepExecutor:
                     start = time.perf_counter()
                     self._do(rank, action)
                     self.trace.append((rank, str(action), start, time.perf_counter()))
+                    if self.repeat > 1 and action.kind in (F, B, W, BW):
+                        self.quickest.setdefault((action.stage, action.kind), []).append(self._seconds)
                     if on_stage_done is not None and plan.training and last.get(action.stage) == action:
                         on_stage_done(action.stage, self.grads)
                     position[rank] += 1
@@ -102,6 +110,7 @@ class StepExecutor:
 
     def _do(self, rank: int, action: Action) -> None:
         s, kind, mb = action
+        self._seconds = 0.0  # the quickest run of each piece this action runs, summed
         if kind == F:
             self._forward(s, mb)
         elif kind == B:
@@ -128,6 +137,13 @@ class StepExecutor:
             spec = self.backward_spec[s]
             tensors = self.transport.recv(*self._receive(action))
             self.backward_box[(s + 1, mb)] = {f"grad:{k}": t for (k, _, _), t in zip(spec, tensors)}
+
+    def _call(self, piece, args: list) -> tuple:
+        if self.repeat <= 1:
+            return piece(args)
+        results, seconds = _timed_runs(piece, args, self.repeat)
+        self._seconds += seconds
+        return results
 
     def _forward(self, s: int, mb: int) -> None:
         env = self.env[(s, mb)]
@@ -156,7 +172,7 @@ class StepExecutor:
             return
         env = self.env[(s, mb)]
         rank, counted = self.placement[s], self.counted[s]
-        results = piece([env[k] for k in piece.inputs])
+        results = self._call(piece, [env[k] for k in piece.inputs])
         for key, value in zip(piece.outputs, results):
             if key in counted:
                 self.held[rank] += _nbytes(value)
@@ -178,6 +194,23 @@ class StepExecutor:
         self.peak_memory[rank] = max(self.peak_memory[rank], self.held[rank])
         if not env:
             self.env.pop((s, mb), None)
+
+
+def _timed_runs(piece, args: list, repeat: int) -> tuple[tuple, float]:
+    """The results of the first run and the quickest of `repeat` runs' seconds; later runs replay the random
+    state the first one started from, and the state after the first run is restored."""
+    before = torch.random.get_rng_state()
+    start = time.perf_counter()
+    results = piece(list(args))
+    quickest = time.perf_counter() - start
+    after = torch.random.get_rng_state()
+    for _ in range(repeat - 1):
+        torch.random.set_rng_state(before)
+        start = time.perf_counter()
+        piece(list(args))
+        quickest = min(quickest, time.perf_counter() - start)
+    torch.random.set_rng_state(after)
+    return results, quickest
 
 
 def _nbytes(value) -> int:

@@ -37,6 +37,7 @@ def forward_only(schedule: Schedule) -> Schedule:
 
 
 REPLAN_AFTER = 2  # zb-auto re-plans with the costs measured in this step (the first one warms caches up)
+MEASURE_REPEAT = 3  # in the first step measured for re-cutting, each piece runs this often; the quickest counts
 
 
 class PipelineRunner:
@@ -56,6 +57,7 @@ class PipelineRunner:
         self.rebalanced = False  # set by the backend once it rebuilt the plan with this runner's measurements
         self.trace: list[tuple[int, str, float, float]] = []  # every rank's actions in the last profiled step
         self.costs = None  # costs measured in the last profiled step
+        self.quickest: dict = {}  # (stage, kind) -> quickest of repeated runs per action, in a measured first step
         self.optimizer = None  # the fused update and its validation, with options["optimizer"]
         if plan.training and plan.options.optimizer is not None:
             self.optimizer = OptimizerStep(plan, self.schedule, ranks, transport, distributed, group)
@@ -66,6 +68,9 @@ class PipelineRunner:
         by first-touch memory, a peer still compiling, or the machine's other work)."""
         if self.costs is None:
             return None
+        if self.quickest:  # the first step: every piece was run MEASURE_REPEAT times
+            return tuple(sum(min(times) for (stage, _), times in self.quickest.items() if stage == s)
+                         for s in range(self.plan.num_stages))
         quickest = measured_costs(self.trace, self.plan, self.executor.counted, statistic=min)
         return tuple(f + b + w for f, b, w in zip(quickest.f, quickest.b, quickest.w))
 
@@ -100,9 +105,14 @@ class PipelineRunner:
         return (torch.Tensor._make_subclass(StepLoss, loss), *outputs[1:])
 
     def run(self, args: Sequence[Any]) -> tuple[list[Any], list[torch.Tensor | None]]:
+        measuring = self.measure_first and self.steps == 0 and self.plan.training
         with torch.no_grad():
+            if measuring and self.distributed:
+                self._wait_for_every_rank()  # no peer still compiling while this step is timed
+            self.executor.repeat = MEASURE_REPEAT if measuring else 1
             outs, grads = self.executor.run(
                 args, on_stage_done=self.optimizer.stage_done if self.optimizer is not None else None)
+            self.executor.repeat = 1
             m = self.plan.options.microbatches
             outputs, combined = combine(outs, grads, self.plan, m)
             if self.distributed:
@@ -117,14 +127,15 @@ class PipelineRunner:
         return outputs, combined
 
     def _profile(self, replan: bool) -> None:
-        trace = self.executor.trace
+        trace, quickest = self.executor.trace, self.executor.quickest
         if self.distributed:
             import torch.distributed as dist
 
             everyone: list = [None] * dist.get_world_size(self.group)
-            dist.all_gather_object(everyone, trace, group=self.group)
-            trace = [record for records in everyone for record in records]
-        self.trace = trace
+            dist.all_gather_object(everyone, (trace, quickest), group=self.group)
+            trace = [record for records, _ in everyone for record in records]
+            quickest = {key: times for _, theirs in everyone for key, times in theirs.items()}
+        self.trace, self.quickest = trace, quickest
         self.costs = measured_costs(trace, self.plan, self.executor.counted)
         if replan:
             self._install(self._replanned(self.costs))
@@ -149,6 +160,13 @@ class PipelineRunner:
         self.executor.schedule = lower(schedule)
         if self.optimizer is not None:
             self.optimizer.set_schedule(schedule)
+
+    def _wait_for_every_rank(self) -> None:
+        """A barrier with the pipeline's timeout (a dead peer is an error, not a hang)."""
+        import torch.distributed as dist
+
+        work = dist.all_reduce(torch.zeros(1), group=self.group, async_op=True)
+        self.executor.transport.wait(work, "waiting for every rank to finish compiling")
 
     @property
     def last_rank(self) -> int:

@@ -150,10 +150,18 @@ def test_measured_stage_times_move_the_cuts():
     assert even.cuts[0] > plan.cuts[0]
 
 
-def test_rebalanced_pipeline_still_matches_eager(monkeypatch):
+def _pretend_stage_0_is_slow(monkeypatch):
+    """Once a step was measured, stage 0 reads as 3x each other stage (the re-cut then moves work off it)."""
     import zb.backend
+    from zb.runtime.runner import PipelineRunner
 
-    monkeypatch.setattr(zb.backend, "REBALANCE_ABOVE", 0.0)  # re-cut after the first profiled step, always
+    monkeypatch.setattr(zb.backend, "REBALANCE_ABOVE", 0.0)
+    monkeypatch.setattr(PipelineRunner, "stage_times", lambda self: None if self.costs is None else tuple(
+        3.0 if s == 0 else 1.0 for s in range(self.plan.num_stages)))
+
+
+def test_rebalanced_pipeline_still_matches_eager(monkeypatch):
+    _pretend_stage_0_is_slow(monkeypatch)  # re-cut after the first measured step, always
     torch.manual_seed(0)
     model, args = models.deep_mlp()
     reference = copy.deepcopy(model)
@@ -174,9 +182,7 @@ def test_rebalanced_pipeline_still_matches_eager(monkeypatch):
 
 @pytest.mark.parametrize("rebalance", [True, False])
 def test_the_first_step_is_measured_for_rebalancing_unless_turned_off(monkeypatch, rebalance):
-    import zb.backend
-
-    monkeypatch.setattr(zb.backend, "REBALANCE_ABOVE", 0.0)  # any measured imbalance re-cuts
+    _pretend_stage_0_is_slow(monkeypatch)
     torch.manual_seed(0)
     model, args = models.deep_mlp()
     backend = zb.ZbBackend({"stages": 2, "schedule": "1f1b", "microbatches": 4, "compiler": "eager",
@@ -187,6 +193,23 @@ def test_the_first_step_is_measured_for_rebalancing_unless_turned_off(monkeypatc
     (runner,) = backend.runners
     assert (runner.plan.previous_cuts is not None) == rebalance  # the second step ran on re-cut stages
     assert runner.rebalanced == rebalance
+
+
+def test_no_re_cut_when_it_would_not_speed_up_the_slowest_stage(monkeypatch):
+    """Stages within 2% of each other: any other cut only moves the imbalance, so the stages stay."""
+    import zb.backend
+    from zb.runtime.runner import PipelineRunner
+
+    monkeypatch.setattr(zb.backend, "REBALANCE_ABOVE", 0.0)
+    monkeypatch.setattr(PipelineRunner, "stage_times", lambda self: None if self.costs is None else (1.0, 1.02))
+    torch.manual_seed(0)
+    model, args = models.deep_mlp()
+    backend = zb.ZbBackend({"stages": 2, "schedule": "1f1b", "microbatches": 4, "compiler": "eager"})
+    step = torch.compile(model, backend=backend)
+    for _ in range(2):
+        step(*args).backward()
+    (runner,) = backend.runners
+    assert runner.rebalanced and runner.plan.previous_cuts is None
 
 
 def test_split_points_for_names_the_cut():
@@ -244,7 +267,7 @@ def test_a_cut_after_attention_passes_strided_boundary_values(monkeypatch, compi
     traced with (codegen/inductor.py: CompiledPiece.layouts), on one rank and across ranks alike."""
     partition = sys.modules["zb.passes.partition_stages"]  # the module (the package exports the pass function)
 
-    def after_attention(plan, compute, n):
+    def after_attention(plan, compute, n, costs):
         first = next(i for i, node in enumerate(compute) if "zb_attention_site" in node.meta)
         return [first + 1]  # stage 1 begins right after the fused attention
 

@@ -121,42 +121,54 @@ class CompiledGraph:
     def _rebalance(self, key: tuple, runner: PipelineRunner, args: Sequence[Any]) -> PipelineRunner:
         """Rebuild the plan with stages re-cut on measured times (in one process, where every parameter and its
         optimizer state stay put whatever stage reads them)."""
-        runner.rebalanced = True
-        old = runner.plan
-        log.info("re-partitioning: measured stage times %s", [round(t * 1e3, 2) for t in runner.stage_times()])
-        plan, arg_map = self.build_plan(args, old.training, measured=runner.stage_times(), previous=old.cuts)
-        fresh = self._runner(plan)
-        fresh.rebalanced = True  # once per signature: the new cuts are final
-        self.plans[key] = plan
-        self._built[key] = (fresh, arg_map)
+        recut = self._recut(runner, args)
+        if recut is None:
+            return runner
+        fresh = self._install(key, *recut)
         return fresh
 
     def _rebalance_across_ranks(self, key: tuple, runner: PipelineRunner, args: Sequence[Any]) -> None:
-        """Re-cut on the first step's measured times (the same on every rank: the trace is gathered from all)
-        and move the parameters whose stage changes rank, with this step's gradients (runtime/migrate.py)."""
-        runner.rebalanced = True
-        old, (_, arg_map) = runner.plan, self._built[key]
-        plan, new_map = self.build_plan(args, old.training, measured=runner.stage_times(), previous=old.cuts)
-        times = [round(t * 1e3, 2) for t in runner.stage_times()]
-        if plan.cuts == old.cuts:
-            log.info("zb: measured stage times %s ms; the balanced cut is the current one", times)
+        """Re-cut on the first step's measured times (the same on every rank: the measurements are gathered from
+        all) and move the parameters whose stage changes rank, with this step's gradients (runtime/migrate.py)."""
+        recut = self._recut(runner, args)
+        if recut is None:
             return
-        if new_map != arg_map or [(s.kind, s.name) for s in plan.inputs] != [(s.kind, s.name) for s in old.inputs]:
-            log.warning("zb: measured stage times %s ms are uneven, but re-tracing gave different inputs; the "
-                        "stages stay where they are", times)
+        old, plan, arg_map = runner.plan, *recut
+        if arg_map != self._built[key][1] or [(s.kind, s.name) for s in plan.inputs] != \
+                [(s.kind, s.name) for s in old.inputs]:
+            log.warning("zb: re-tracing for the re-cut gave different inputs; the stages stay where they are")
             return
-        fresh = self._runner(plan)
-        fresh.rebalanced = True  # once per signature: the new cuts are final
+        fresh = self._install(key, plan, arg_map)
         values = [args[i] for i in arg_map]
         planned = moves(old, runner.schedule.placement, plan, fresh.schedule.placement)
         migrate(planned, runner.ranks[0], runner.executor.transport, values, runner.last_grads, old,
                 runner.schedule.placement, plan, fresh.schedule.placement)
         if runner.ranks[0] == 0:
-            log.info("zb: re-cut the stages on measured times %s ms: %s -> %s (%d parameters and buffers moved)",
-                     times, split_points_for(old) or list(old.cuts), split_points_for(plan) or list(plan.cuts),
-                     len({m.index for m in planned}))
+            log.info("zb: %d parameters and buffers moved to their new rank", len({m.index for m in planned}))
+
+    def _recut(self, runner: PipelineRunner, args: Sequence[Any]) -> tuple[Plan, list[int]] | None:
+        """The plan re-cut on the runner's measured stage times, or None when it would not make the slowest stage
+        at least RECUT_GAIN quicker (as the measured costs predict). Decided once per signature."""
+        runner.rebalanced = True
+        old, measured = runner.plan, runner.stage_times()
+        plan, arg_map = self.build_plan(args, old.training, measured=measured, previous=old.cuts)
+        times = [round(t * 1e3, 2) for t in measured]
+        predicted = max(plan.stage_costs, default=max(measured))
+        if plan.cuts == old.cuts or predicted > (1 - RECUT_GAIN) * max(measured):
+            log.info("zb: measured stage times %s ms; no other cut makes the slowest stage %g%% quicker, the "
+                     "stages stay", times, RECUT_GAIN * 100)
+            return None
+        log.info("zb: re-cut the stages on measured times %s ms: %s -> %s (slowest stage %.2f -> %.2f ms "
+                 "predicted)", times, split_points_for(old) or list(old.cuts),
+                 split_points_for(plan) or list(plan.cuts), max(measured) * 1e3, predicted * 1e3)
+        return plan, arg_map
+
+    def _install(self, key: tuple, plan: Plan, arg_map: list[int]) -> PipelineRunner:
+        fresh = self._runner(plan)
+        fresh.rebalanced, fresh.measure_first = True, False  # once per signature: the new cuts are final
         self.plans[key] = plan
         self._built[key] = (fresh, arg_map)
+        return fresh
 
     def build_plan(self, args: Sequence[Any], training: bool, measured: tuple[float, ...] | None = None,
                    previous: tuple[int, ...] | None = None) -> tuple[Plan, list[int]]:
@@ -199,6 +211,9 @@ class CompiledGraph:
         measure_first = plan.training and plan.num_stages > 1 and options.rebalance and not options.split_points
         return PipelineRunner(plan, compiled, schedule, local, pipeline.transport(), pipeline.group,
                               distributed=pipeline.distributed, measure_first=measure_first)
+
+
+RECUT_GAIN = 0.02  # re-cut only if the slowest stage gets (by the measured costs) at least this much quicker
 
 
 def _needs_rebalancing(runner: PipelineRunner) -> bool:

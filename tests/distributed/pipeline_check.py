@@ -100,6 +100,7 @@ def force_recut() -> None:
     from zb.runtime.runner import PipelineRunner
 
     zb.backend.REBALANCE_ABOVE = 0.0
+    zb.backend.RECUT_GAIN = -1.0
     PipelineRunner.stage_times = lambda self: None if self.costs is None else tuple(
         3.0 if s == 0 else 1.0 for s in range(self.plan.num_stages))
 
