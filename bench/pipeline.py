@@ -6,9 +6,11 @@ One model (the example GPT, `small` preset, untied head so torch's stages need n
 the same microbatches, one thread per rank, in one run. torch.distributed.pipelining gets hand-cut stage modules:
 two stages for Schedule1F1B, four (two per rank) for ScheduleInterleavedZeroBubble and, in a V, for
 ScheduleZBVZeroBubble. The reference is single-process eager PyTorch on one thread (measured on rank 0 while
-rank 1 waits): a perfect 2-rank pipeline takes half its time. Each time is the median of --steps steps after
-3 warm-up steps. Prints a table on rank 0. With --profile, zb's steps are traced (profile=True; the trace's
-all-gather adds to their step time) and a second table gives each rank's busy and idle time in the last step.
+rank 1 waits): a perfect 2-rank pipeline takes half its time. Every configuration first takes 3 warm-up steps
+(zb compiles, re-cuts and re-plans there); then the configurations take one step each, round after round, and
+each time is the median over --steps rounds, so that a slow spell of the machine falls on all of them alike.
+Prints a table on rank 0. With --profile, zb's steps are traced (profile=True; the trace's all-gather adds to
+their step time) and a second table gives each rank's busy and idle time in the last step.
 """
 
 from __future__ import annotations
@@ -58,16 +60,22 @@ def loss_fn(logits, targets):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def timed(step, steps: int) -> float:
-    times = []
-    for i in range(WARMUP + steps):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        dist.barrier()
-        if i >= WARMUP:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def one_step(step) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    step()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def timed_together(steps: dict, rounds: int) -> dict:
+    """Median step time of each configuration, its steps interleaved round by round: a slow spell of the machine
+    (common on shared cores) then falls on every configuration alike instead of on whichever ran at the time."""
+    times: dict = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(one_step(step))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def torch_pipelining(kind: str, config, x, y, microbatches: int, rank: int) -> float:
@@ -101,7 +109,6 @@ def torch_pipelining(kind: str, config, x, y, microbatches: int, rank: int) -> f
 def zb_step(schedule: str, config, x, y, microbatches: int, compiler: str, backends: dict, profile: bool):
     import zb
 
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(config)
     backend = backends[schedule] = zb.ZbBackend({"schedule": schedule, "microbatches": microbatches,
@@ -138,13 +145,13 @@ def main() -> None:
         logging.basicConfig(format="%(name)s: %(message)s")
         logging.getLogger("zb").setLevel(logging.INFO)
     torch.set_num_threads(1)
+    torch._dynamo.config.recompile_limit = 64  # one compiled GPT per zb schedule, all alive at once
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     config = PRESETS[args.preset].with_(tie_weights=False)
     torch.manual_seed(1)
     x = torch.randint(0, config.vocab_size, (args.batch, config.block_size))
     y = torch.randint(0, config.vocab_size, (args.batch, config.block_size))
-    rows = []
 
     torch.manual_seed(0)
     eager = GPT(config)
@@ -156,18 +163,21 @@ def main() -> None:
             eager_opt.step()
             eager_opt.zero_grad()
 
-    single = timed(eager_step, args.steps)
+    steps = {"eager": eager_step}
     for kind in args.torch_schedules.split(","):
-        step = torch_pipelining(kind, config, x, y, args.microbatches, rank)
-        rows.append((f"torch.distributed.pipelining {kind}", timed(step, args.steps)))
-        if rank == 0:
-            print(f"measured {kind}", file=sys.stderr, flush=True)
+        steps[f"torch.distributed.pipelining {kind}"] = torch_pipelining(kind, config, x, y, args.microbatches, rank)
     backends: dict = {}
     for schedule in args.schedules.split(","):
-        step = zb_step(schedule, config, x, y, args.microbatches, args.compiler, backends, args.profile)
-        rows.append((f"zb {schedule} ({args.compiler})", timed(step, args.steps)))
+        steps[f"zb {schedule} ({args.compiler})"] = zb_step(schedule, config, x, y, args.microbatches, args.compiler,
+                                                            backends, args.profile)
+    for name, step in steps.items():  # compile, re-cut, re-plan, warm caches
+        for _ in range(WARMUP):
+            one_step(step)
         if rank == 0:
-            print(f"measured zb {schedule}", file=sys.stderr, flush=True)
+            print(f"warmed up {name}", file=sys.stderr, flush=True)
+    medians = timed_together(steps, args.steps)
+    single = medians.pop("eager")
+    rows = list(medians.items())
     if rank == 0:
         torch_best = min(t for name, t in rows if name.startswith("torch"))
         zb_best = min(t for name, t in rows if name.startswith("zb"))

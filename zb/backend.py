@@ -124,8 +124,7 @@ class CompiledGraph:
         recut = self._recut(runner, args)
         if recut is None:
             return runner
-        fresh = self._install(key, *recut)
-        return fresh
+        return self._install(key, *recut, steps=runner.steps)
 
     def _rebalance_across_ranks(self, key: tuple, runner: PipelineRunner, args: Sequence[Any]) -> None:
         """Re-cut on the first step's measured times (the same on every rank: the measurements are gathered from
@@ -138,7 +137,7 @@ class CompiledGraph:
                 [(s.kind, s.name) for s in old.inputs]:
             log.warning("zb: re-tracing for the re-cut gave different inputs; the stages stay where they are")
             return
-        fresh = self._install(key, plan, arg_map)
+        fresh = self._install(key, plan, arg_map, steps=runner.steps)
         values = [args[i] for i in arg_map]
         planned = moves(old, runner.schedule.placement, plan, fresh.schedule.placement)
         migrate(planned, runner.ranks[0], runner.executor.transport, values, runner.last_grads, old,
@@ -163,9 +162,10 @@ class CompiledGraph:
                  split_points_for(plan) or list(plan.cuts), max(measured) * 1e3, predicted * 1e3)
         return plan, arg_map
 
-    def _install(self, key: tuple, plan: Plan, arg_map: list[int]) -> PipelineRunner:
+    def _install(self, key: tuple, plan: Plan, arg_map: list[int], steps: int) -> PipelineRunner:
         fresh = self._runner(plan)
         fresh.rebalanced, fresh.measure_first = True, False  # once per signature: the new cuts are final
+        fresh.steps = steps  # zb-auto re-plans at the same step as without the re-cut
         self.plans[key] = plan
         self._built[key] = (fresh, arg_map)
         return fresh
