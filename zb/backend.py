@@ -153,11 +153,12 @@ class CompiledGraph:
         plan, arg_map = self.build_plan(args, old.training, measured=measured, previous=old.cuts)
         times = [round(t * 1e3, 2) for t in measured]
         predicted = max(plan.stage_costs, default=max(measured))
+        say = log.info if runner.ranks[0] == 0 else log.debug  # every rank decides alike; one says so
         if plan.cuts == old.cuts or predicted > (1 - RECUT_GAIN) * max(measured):
-            log.info("zb: measured stage times %s ms; no other cut makes the slowest stage %g%% quicker, the "
+            say("zb: measured stage times %s ms; no other cut makes the slowest stage %g%% quicker, the "
                      "stages stay", times, RECUT_GAIN * 100)
             return None
-        log.info("zb: re-cut the stages on measured times %s ms: %s -> %s (slowest stage %.2f -> %.2f ms "
+        say("zb: re-cut the stages on measured times %s ms: %s -> %s (slowest stage %.2f -> %.2f ms "
                  "predicted)", times, split_points_for(old) or list(old.cuts),
                  split_points_for(plan) or list(plan.cuts), max(measured) * 1e3, predicted * 1e3)
         return plan, arg_map
@@ -213,7 +214,7 @@ class CompiledGraph:
                               distributed=pipeline.distributed, measure_first=measure_first)
 
 
-RECUT_GAIN = 0.02  # re-cut only if the slowest stage gets (by the measured costs) at least this much quicker
+RECUT_GAIN = 0.05  # re-cut only if the slowest stage gets (by the measured costs) at least this much quicker
 
 
 def _needs_rebalancing(runner: PipelineRunner) -> bool:

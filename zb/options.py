@@ -108,7 +108,7 @@ def _optional_boolean(name: str, value: Any) -> bool | None:
     return None if value is None else _boolean(name, value)
 
 
-REBALANCE_ABOVE = 1.05  # re-cut when the slowest measured stage is this much over the mean
+REBALANCE_ABOVE = 1.15  # re-cut when the slowest measured stage is this much over the mean
 
 
 def _option(default: Any, doc: str, check: Callable[[str, Any], Any]) -> Any:
