@@ -102,8 +102,8 @@ def torchrun(ranks: int, script: str, *args: str, timeout: int = 600) -> subproc
 @pytest.mark.parametrize("ranks", [2, 4])
 @pytest.mark.parametrize("model", ["gpt", "mlp"])
 def test_torchrun_pipeline_matches_eager(model, ranks):
-    """The GPT runs with the default options (re-cut after step 1 or not, as its measured times say); the MLP's
-    stages are always re-cut after step 1, moving parameters (and that step's gradients) between ranks."""
+    """The GPT runs with the default options; the MLP with rebalance=True, its stages always re-cut after step 1,
+    moving parameters (and that step's gradients) between ranks."""
     out = torchrun(ranks, "pipeline_check.py", "--model", model, *(["--recut"] if model == "mlp" else []))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     assert [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")] == list(SCHEDULES)
@@ -166,7 +166,7 @@ def test_rebalanced_pipeline_still_matches_eager(monkeypatch):
     model, args = models.deep_mlp()
     reference = copy.deepcopy(model)
     backend = zb.ZbBackend({"stages": 4, "schedule": "zb-h1", "microbatches": 8, "compiler": "eager",
-                            "profile": True})
+                            "profile": True, "rebalance": True})
     step = torch.compile(model, backend=backend)
     for i in range(3):
         batch = [a + 0.1 * i for a in args]
@@ -204,7 +204,8 @@ def test_no_re_cut_when_it_would_not_speed_up_the_slowest_stage(monkeypatch):
     monkeypatch.setattr(PipelineRunner, "stage_times", lambda self: None if self.costs is None else (1.0, 1.02))
     torch.manual_seed(0)
     model, args = models.deep_mlp()
-    backend = zb.ZbBackend({"stages": 2, "schedule": "1f1b", "microbatches": 4, "compiler": "eager"})
+    backend = zb.ZbBackend({"stages": 2, "schedule": "1f1b", "microbatches": 4, "compiler": "eager",
+                            "rebalance": True})
     step = torch.compile(model, backend=backend)
     for _ in range(2):
         step(*args).backward()

@@ -142,7 +142,7 @@ class Options:
     group: Any = _option(None, "torch.distributed process group of the pipeline ranks (default: WORLD)",
                          _process_group)
     rebalance: bool = _option(
-        True, "re-cut the stages once, after the first training step, when its measured stage times are "
+        False, "re-cut the stages once, after the first training step, when its measured stage times are "
         f"uneven (slowest over {REBALANCE_ABOVE:g}x the mean); across ranks this moves parameters to their new "
         "rank. Not with 'split_points' or 'optimizer' across ranks", _boolean,
     )

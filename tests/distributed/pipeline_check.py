@@ -37,7 +37,8 @@ def check(schedule: str, factory, microbatches: int, compiler: str, rank: int, r
     torch.manual_seed(0)
     model, args = factory()
     reference = copy.deepcopy(model)
-    options = {"schedule": schedule, "microbatches": microbatches, "compiler": compiler, "timeout": 120.0}
+    options = {"schedule": schedule, "microbatches": microbatches, "compiler": compiler, "timeout": 120.0,
+               "rebalance": recut}
     backend = zb.ZbBackend(options)
     if recut:
         before = scramble_unread_parameters(model, args, options, rank)
