@@ -183,14 +183,7 @@ def test_rebalanced_pipeline_still_matches_eager(monkeypatch):
 @pytest.mark.parametrize("rebalance", [True, False])
 def test_the_first_step_is_measured_for_rebalancing_unless_turned_off(monkeypatch, rebalance):
     _pretend_stage_0_is_slow(monkeypatch)
-    torch.manual_seed(0)
-    model, args = models.deep_mlp()
-    backend = zb.ZbBackend({"stages": 2, "schedule": "1f1b", "microbatches": 4, "compiler": "eager",
-                            "rebalance": rebalance})
-    step = torch.compile(model, backend=backend)
-    for _ in range(2):
-        step(*args).backward()
-    (runner,) = backend.runners
+    runner = _two_steps_of_a_two_stage_mlp(rebalance=rebalance)
     assert (runner.plan.previous_cuts is not None) == rebalance  # the second step ran on re-cut stages
     assert runner.rebalanced == rebalance
 
@@ -202,15 +195,19 @@ def test_no_re_cut_when_it_would_not_speed_up_the_slowest_stage(monkeypatch):
 
     monkeypatch.setattr(zb.backend, "REBALANCE_ABOVE", 0.0)
     monkeypatch.setattr(PipelineRunner, "stage_times", lambda self: None if self.costs is None else (1.0, 1.02))
+    runner = _two_steps_of_a_two_stage_mlp(rebalance=True)
+    assert runner.rebalanced and runner.plan.previous_cuts is None
+
+
+def _two_steps_of_a_two_stage_mlp(**options):
     torch.manual_seed(0)
     model, args = models.deep_mlp()
-    backend = zb.ZbBackend({"stages": 2, "schedule": "1f1b", "microbatches": 4, "compiler": "eager",
-                            "rebalance": True})
+    backend = zb.ZbBackend({"stages": 2, "schedule": "1f1b", "microbatches": 4, "compiler": "eager", **options})
     step = torch.compile(model, backend=backend)
     for _ in range(2):
         step(*args).backward()
     (runner,) = backend.runners
-    assert runner.rebalanced and runner.plan.previous_cuts is None
+    return runner
 
 
 def test_split_points_for_names_the_cut():
