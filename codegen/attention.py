@@ -11,8 +11,9 @@ log-sum-exp of the scaled scores (float32, float64 for float64 inputs), kept for
 Both are registered with `torch.library.triton_op`, so on a GPU they run the Triton kernels of
 `attention_kernels.py` (online-softmax forward; a dK/dV kernel and a dQ kernel backward, no atomics). On CPU they
 run PyTorch's fused CPU flash-attention kernels, which is faster than the Triton interpreter by orders of
-magnitude; `triton_forward` / `triton_backward` run the Triton kernels on any tensors (on CPU under
-`TRITON_INTERPRET=1`), which is how the tests check them.
+magnitude (pieces compiled for CPU call those ATen kernels directly: `lower_to_cpu_kernels`); `triton_forward` /
+`triton_backward` run the Triton kernels on any tensors (on CPU under `TRITON_INTERPRET=1`), which is how the
+tests check them.
 
 Attention has no weights: every gradient it produces is an input gradient, so the B/W split puts its backward
 wholly in B.
@@ -147,6 +148,62 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- CPU: PyTorch's own kernels, called directly ------------------------------------------------------------------
+# On CPU the operator's kernel is PyTorch's fused flash attention, reached through the custom operator's Python
+# dispatch (~35-55 us a call on top of the kernel). The pieces Inductor compiles to C++ call the ATen operators
+# instead, wherever they produce exactly what the fake kernel promised (dtypes and strides), so the generated
+# code and everything planned around it stays as it was.
+
+CPU_FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def lower_to_cpu_kernels(gm: torch.fx.GraphModule) -> int:
+    """Replace each call of zb's operators on CPU tensors in `gm` by the ATen CPU kernel it runs; returns how
+    many were replaced. A call the ATen kernel would run differently (a mask of another dtype, which it would not
+    convert) or whose outputs it would lay out otherwise stays zb's operator."""
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.zb.flash_attention.default,
+                                                             torch.ops.zb.flash_attention_backward.default):
+            continue
+        forward = node.target is torch.ops.zb.flash_attention.default
+        tensors = node.args[:3] if forward else node.args[:6]
+        bias, causal, scale = node.args[3:] if forward else node.args[6:]
+        vals = [t.meta.get("val") for t in tensors]
+        bias_val = bias.meta.get("val") if isinstance(bias, torch.fx.Node) else None
+        promised = node.meta.get("val")
+        if not all(isinstance(v, torch.Tensor) and v.device.type == "cpu" and _static(v) for v in vals) or \
+                promised is None or (bias is not None and not (isinstance(bias_val, torch.Tensor) and
+                                                               _static(bias_val) and bias_val.dtype == vals[0].dtype)):
+            continue
+        target = CPU_FORWARD if forward else CPU_BACKWARD
+        # What the ATen kernel would return for these inputs, from its meta kernel.
+        metas = [_on_meta(v) for v in vals]
+        aten = target(*metas, 0.0, causal, attn_mask=None if bias is None else _on_meta(bias_val), scale=scale)
+        if len(aten) != len(promised) or not all(
+                a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() for a, b in zip(aten, promised)):
+            continue
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_function(target, (*tensors, 0.0, causal), {"attn_mask": bias, "scale": scale})
+        call.meta = dict(node.meta)  # the same values as the promised ones
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        gm.graph.lint()
+        gm.recompile()
+    return replaced
+
+
+def _static(t: torch.Tensor) -> bool:
+    return all(isinstance(n, int) for n in (*t.shape, *t.stride()))
+
+
+def _on_meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
 def _flops(q_shape, k_shape, *args, **kwargs) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from zb.codegen.attention import lower_to_cpu_kernels
 from zb.passes.plan import PIECES, PassRecord, Plan, input_keys, output_keys
 from zb.passes.runner import dump_plan
 
@@ -94,13 +95,15 @@ def compile_plan(plan: Plan, dump_dir: str | None = None, stages: set[int] | Non
 
 def compile_piece(gm: fx.GraphModule, name: str, stage: int, compiler: str) -> CompiledPiece:
     inputs, outputs = input_keys(gm), output_keys(gm)
+    # The plan keeps the graph the passes produced; what runs is a copy (Inductor's post-grad passes rewrite the
+    # graph in place) with the fused attention calling PyTorch's CPU kernels directly where it runs on CPU.
+    target = copy.deepcopy(gm)
+    lower_to_cpu_kernels(target)
     if compiler == "eager":
-        return CompiledPiece(name, stage, gm, inputs, outputs, lambda args: gm(*args))
+        return CompiledPiece(name, stage, gm, inputs, outputs, lambda args: target(*args))
     from torch._inductor.compile_fx import compile_fx_inner
 
     example = [n.meta["val"] for n in gm.graph.find_nodes(op="placeholder")]
-    # Inductor's post-grad passes rewrite the graph in place; the plan keeps the graph the passes produced.
-    target = copy.deepcopy(gm)
     import torch._functorch.config as functorch_config
 
     # zb's Triton operators stay opaque calls (on CPU Inductor cannot trace into Triton kernels: no driver).

@@ -63,6 +63,41 @@ def test_operator_on_cpu_matches_eager_with_gradients(dtype, causal):
         assert _relative(g, w) <= tolerance, name
 
 
+@pytest.mark.parametrize("case", ["float32 causal", "float64 bias", "transposed views", "bias of another dtype"])
+def test_cpu_lowering_calls_aten_kernels_with_the_same_results(case):
+    """The pieces compiled for CPU call PyTorch's flash kernels directly (no custom-operator dispatch): same
+    values and the layouts the fake kernel promised; a call whose ATen form would differ stays zb's operator."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from zb.codegen.attention import CPU_BACKWARD, CPU_FORWARD, lower_to_cpu_kernels
+
+    dtype = torch.float64 if case == "float64 bias" else torch.float32
+    q, k, v, grad = _inputs(2, 3, 16, 16, 8, dtype=dtype, seed=5)
+    if case == "transposed views":  # as a GPT makes them: [B, L, H, D] memory seen as [B, H, L, D]
+        q, k, v, grad = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v, grad))
+    bias = {"float64 bias": torch.randn(16, 16, dtype=dtype),
+            "bias of another dtype": torch.randn(16, 16, dtype=torch.float64)}.get(case)
+
+    def step(q, k, v, grad):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, bias, bias is None)
+        return (out, *torch.autograd.grad(out, leaves, grad))
+
+    gm = make_fx(step)(q, k, v, grad)
+    want = gm(q, k, v, grad)
+    replaced = lower_to_cpu_kernels(gm)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    if case == "bias of another dtype":  # ATen would not convert the mask: left to zb's operator
+        assert replaced == 0 and CPU_FORWARD not in targets
+        return
+    assert replaced == 2 and {CPU_FORWARD, CPU_BACKWARD} <= targets
+    assert not any("zb.flash_attention" in str(t) for t in targets)
+    got = gm(q, k, v, grad)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.stride() == w.stride(), name
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+
+
 def test_operators_pass_torch_library_opcheck():
     import torch._functorch.config as functorch_config
 
