@@ -49,8 +49,9 @@ class StepExecutor:
     def run(self, args: Sequence[Any], on_stage_done=None) -> tuple[list[list[Any]], dict[int, list[torch.Tensor]]]:
         """Runs every action of the local ranks; returns (per-output lists over microbatches, grads by input).
 
-        `on_stage_done(stage, grads)` is called right after a stage's last compute action (its last W), with
-        the gradients produced so far (input index -> one tensor per microbatch)."""
+        The gradients map an input's index to one slice per microbatch for a batched input, and to [the sum
+        over microbatches] for any other (parameters, buffers). `on_stage_done(stage, grads)` is called right
+        after a stage's last compute action (its last W), with the gradients produced so far."""
         plan = self.plan
         last = {}
         for r in self.ranks:
@@ -63,6 +64,7 @@ class StepExecutor:
         self.backward_box: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.outs: list[list[Any]] = [[] for _ in range(plan.num_outputs)]
         self.grads: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.owned: set[int] = set()  # unbatched inputs whose gradient sum this step allocated
         self.trace = []
         self.quickest = {}
         self.transport.prepare([self._receive(a) for r in self.ranks for a in self.schedule.actions[r]
@@ -173,6 +175,7 @@ class StepExecutor:
         env = self.env[(s, mb)]
         rank, counted = self.placement[s], self.counted[s]
         results = self._call(piece, [env[k] for k in piece.inputs])
+        summed = []  # (input index, gradient) of unbatched inputs (parameters): summed over microbatches here
         for key, value in zip(piece.outputs, results):
             if key in counted:
                 self.held[rank] += _nbytes(value)
@@ -183,9 +186,15 @@ class StepExecutor:
             elif key.startswith("grad:act:"):
                 self.backward_box.setdefault((s, mb), {})[key] = value
             elif key.startswith("grad:in:"):
-                self.grads[int(key[8:])].append(value)
+                index = int(key[8:])
+                if self.plan.inputs[index].batched:
+                    self.grads[index].append(value)
+                else:
+                    summed.append((index, value))
             else:
                 env[key] = value
+        if summed:
+            self._accumulate(summed)
         for key in self.drop[s][name]:
             value = env.pop(key, None)
             if key in counted and value is not None:
@@ -194,6 +203,25 @@ class StepExecutor:
         self.peak_memory[rank] = max(self.peak_memory[rank], self.held[rank])
         if not env:
             self.env.pop((s, mb), None)
+
+
+    def _accumulate(self, grads: list[tuple[int, torch.Tensor]]) -> None:
+        """Add one piece's parameter gradients to the step's sums (`grads[index]` = [sum]) as they come: no
+        microbatch's gradients wait until the end of the step. A piece's first output is kept as it is (it may
+        alias another value); the first addition makes a sum of the step's own, later ones add in place."""
+        start, more = [], []
+        for i, g in grads:
+            if i not in self.grads:
+                self.grads[i] = [g]
+            else:
+                (more if i in self.owned else start).append((i, g))
+        if start:
+            totals = torch._foreach_add([self.grads[i][0] for i, _ in start], [g for _, g in start])
+            for (i, _), total in zip(start, totals):
+                self.grads[i] = [total]
+                self.owned.add(i)
+        if more:
+            torch._foreach_add_([self.grads[i][0] for i, _ in more], [g for _, g in more])
 
 
 def _timed_runs(piece, args: list, repeat: int) -> tuple[tuple, float]:
@@ -265,10 +293,7 @@ def combine(outs: list[list[Any]], grads: dict[int, list[torch.Tensor]], plan: P
                     "zb returns input gradients only for inputs one stage reads"
                 )
             combined[index] = torch.cat(values) if len(values) > 1 else values[0]
-        else:
-            total = values[0]
-            for v in values[1:]:
-                total = total + v
-            combined[index] = total
+        else:  # summed over microbatches as the pieces ran
+            (combined[index],) = values
     return combine_outputs(outs, microbatches), combined
 

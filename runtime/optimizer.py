@@ -131,7 +131,7 @@ class OptimizerStep:
         if self.finishing.get(rank) == stage:
             return  # the rank's update, after the partial sum arrives (finish)
         indices = self.plan.updates.get(stage, [])
-        update = self._update(indices, {i: _sum(grads[i]) for i in indices if i in grads})
+        update = self._update(indices, {i: grads[i][0] for i in indices if i in grads})  # [sum over mbs]
         if update is None:
             return
         self._count(rank, update)
@@ -340,13 +340,6 @@ def take_backup(spares: dict, optimizer: torch.optim.Optimizer, params: list[tor
     with torch.no_grad():
         torch._foreach_copy_(targets, sources)
     return backup
-
-
-def _sum(values: list[torch.Tensor]) -> torch.Tensor:
-    total = values[0]
-    for v in values[1:]:
-        total = total + v
-    return total
 
 
 def _producers(plan: Plan, index: int) -> list[int]:
