@@ -37,6 +37,8 @@ class StepExecutor:
         self.drop = {s: _last_uses([self.pieces[s][n] for n in PIECES if n in self.pieces[s]])
                      for s in self.pieces}
         self.counted = {s: _held_keys(plan.stages[s]) for s in range(plan.num_stages)}
+        self.routes = {(s, name): _routes(piece, plan, self.counted[s], self.drop[s][name])
+                       for s, pieces in self.pieces.items() for name, piece in pieces.items()}
         self.trace: list[tuple[int, str, float, float]] = []  # (rank, action, start, end) of the last step
         # With repeat > 1 every piece runs that many times back to back (the same inputs, the random state
         # replayed; only the first run's results are kept) and `quickest[(stage, kind)]` collects, per action,
@@ -173,37 +175,37 @@ class StepExecutor:
         if piece is None:  # e.g. the first stage's B when its inputs need no gradient: W does everything
             return
         env = self.env[(s, mb)]
-        rank, counted = self.placement[s], self.counted[s]
+        rank = self.placement[s]
         results = self._call(piece, [env[k] for k in piece.inputs])
+        outputs, drops = self.routes[(s, name)]
         summed = []  # (input index, gradient) of unbatched inputs (parameters): summed over microbatches here
-        for key, value in zip(piece.outputs, results):
-            if key in counted:
-                self.held[rank] += _nbytes(value)
-            if key.startswith("out:"):
-                self.outs[int(key[4:])].append(value)
-            elif key.startswith("act:"):
-                self.forward_box.setdefault((s, mb), {})[key] = value
-            elif key.startswith("grad:act:"):
-                self.backward_box.setdefault((s, mb), {})[key] = value
-            elif key.startswith("grad:in:"):
-                index = int(key[8:])
-                if self.plan.inputs[index].batched:
-                    self.grads[index].append(value)
-                else:
-                    summed.append((index, value))
-            else:
+        held = 0
+        for (route, key, index, counted), value in zip(outputs, results):
+            if counted:
+                held += _nbytes(value)
+            if route == _ENV:
                 env[key] = value
+            elif route == _OUT:
+                self.outs[index].append(value)
+            elif route == _ACT:
+                self.forward_box.setdefault((s, mb), {})[key] = value
+            elif route == _GRAD_ACT:
+                self.backward_box.setdefault((s, mb), {})[key] = value
+            elif route == _GRAD_SLICE:
+                self.grads[index].append(value)
+            else:
+                summed.append((index, value))
         if summed:
             self._accumulate(summed)
-        for key in self.drop[s][name]:
+        for key, counted in drops:
             value = env.pop(key, None)
-            if key in counted and value is not None:
-                self.held[rank] -= _nbytes(value)
+            if counted and value is not None:
+                held -= _nbytes(value)
+        self.held[rank] += held
         # Sampled between actions, as the schedule simulator accounts memory.
         self.peak_memory[rank] = max(self.peak_memory[rank], self.held[rank])
         if not env:
             self.env.pop((s, mb), None)
-
 
     def _accumulate(self, grads: list[tuple[int, torch.Tensor]]) -> None:
         """Add one piece's parameter gradients to the step's sums (`grads[index]` = [sum]) as they come: no
@@ -222,6 +224,31 @@ class StepExecutor:
                 self.owned.add(i)
         if more:
             torch._foreach_add_([self.grads[i][0] for i, _ in more], [g for _, g in more])
+
+
+# Where a piece's output goes (see `_routes`).
+_ENV, _OUT, _ACT, _GRAD_ACT, _GRAD_SLICE, _GRAD_SUM = range(6)
+
+
+def _routes(piece: CompiledPiece, plan: Plan, counted: set[str], drop: list[str]):
+    """Worked out once per piece: for each output (where it goes, its key, the output or input index it is for,
+    whether its bytes count as activation memory), and the (key, counted) of the values freed after the piece."""
+    outputs = []
+    for key in piece.outputs:
+        index = -1
+        if key.startswith("out:"):
+            route, index = _OUT, int(key[4:])
+        elif key.startswith("act:"):
+            route = _ACT
+        elif key.startswith("grad:act:"):
+            route = _GRAD_ACT
+        elif key.startswith("grad:in:"):
+            index = int(key[8:])
+            route = _GRAD_SLICE if plan.inputs[index].batched else _GRAD_SUM
+        else:
+            route = _ENV
+        outputs.append((route, key, index, key in counted))
+    return outputs, [(key, key in counted) for key in drop]
 
 
 def _timed_runs(piece, args: list, repeat: int) -> tuple[tuple, float]:
