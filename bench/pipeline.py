@@ -7,8 +7,9 @@ the same microbatches, one thread per rank, in one run. torch.distributed.pipeli
 two stages for Schedule1F1B, four (two per rank) for ScheduleInterleavedZeroBubble and, in a V, for
 ScheduleZBVZeroBubble. The reference is single-process eager PyTorch on one thread (measured on rank 0 while
 rank 1 waits): a perfect 2-rank pipeline takes half its time. Every configuration first takes 3 warm-up steps
-(zb compiles, re-cuts and re-plans there); then the configurations take one step each, round after round, and
-each time is the median over --steps rounds, so that a slow spell of the machine falls on all of them alike.
+(zb compiles, re-cuts and re-plans there); then the configurations take one step each, round after round (a
+slow spell of the machine falls on all of them alike), and each ratio is the median over --steps rounds of that
+round's ratio (the machine's speed may drift between rounds).
 Prints a table on rank 0. With --profile, zb's steps are traced (profile=True; the trace's all-gather adds to
 their step time) and a second table gives each rank's busy and idle time in the last step.
 """
@@ -69,13 +70,19 @@ def one_step(step) -> float:
 
 
 def timed_together(steps: dict, rounds: int) -> dict:
-    """Median step time of each configuration, its steps interleaved round by round: a slow spell of the machine
-    (common on shared cores) then falls on every configuration alike instead of on whichever ran at the time."""
+    """Each configuration's step times, its steps interleaved round by round: a slow spell of the machine (common
+    on shared cores) then falls on every configuration alike instead of on whichever ran at the time."""
     times: dict = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             times[name].append(one_step(step))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def ratio(times: list[float], baseline: list[float]) -> float:
+    """Median over rounds of one round's time against the baseline's time in the same round: robust to the
+    machine's speed drifting between rounds, which a ratio of two medians is not."""
+    return statistics.median(t / b for t, b in zip(times, baseline))
 
 
 def torch_pipelining(kind: str, config, x, y, microbatches: int, rank: int) -> float:
@@ -175,22 +182,24 @@ def main() -> None:
             one_step(step)
         if rank == 0:
             print(f"warmed up {name}", file=sys.stderr, flush=True)
-    medians = timed_together(steps, args.steps)
-    single = medians.pop("eager")
-    rows = list(medians.items())
+    times = timed_together(steps, args.steps)
+    ideal = [t / 2 for t in times.pop("eager")]
+    medians = {name: statistics.median(values) for name, values in times.items()}
     if rank == 0:
-        torch_best = min(t for name, t in rows if name.startswith("torch"))
-        zb_best = min(t for name, t in rows if name.startswith("zb"))
-        ideal = single / 2
+        torch_best = min((name for name in medians if name.startswith("torch")), key=medians.get)
+        zb_best = min((name for name in medians if name.startswith("zb")), key=medians.get)
         print(f"GPT {args.preset} (untied), batch {args.batch} x {config.block_size}, {args.microbatches} "
-              f"microbatches, 2 ranks x 1 thread, torch {torch.__version__}, median of {args.steps} steps")
-        print("| configuration | step (ms) | vs torch's best | vs ideal (eager / 2) |")
+              f"microbatches, 2 ranks x 1 thread, torch {torch.__version__}, {args.steps} rounds")
+        print("| configuration | step (ms, median) | vs torch's best | vs ideal (eager / 2) |")
         print("|---|---:|---:|---:|")
-        print(f"| single process eager, 1 thread | {single * 1e3:.1f} | | {single / ideal:.2f}x |")
-        for name, t in rows:
-            print(f"| {name} | {t * 1e3:.1f} | {t / torch_best:.2f}x | {t / ideal:.2f}x |")
-        print(f"\nbest zb / best torch.distributed.pipelining: {zb_best / torch_best:.2f}x (target <= 0.85x); "
-              f"best zb / ideal: {zb_best / ideal:.2f}x (target <= 1.15x)")
+        print(f"| single process eager, 1 thread | {statistics.median(ideal) * 2e3:.1f} | | 2.00x |")
+        for name, t in medians.items():
+            print(f"| {name} | {t * 1e3:.1f} | {ratio(times[name], times[torch_best]):.2f}x | "
+                  f"{ratio(times[name], ideal):.2f}x |")
+        print(f"\nbest zb ({zb_best}) / best torch.distributed.pipelining ({torch_best}): "
+              f"{ratio(times[zb_best], times[torch_best]):.2f}x (target <= 0.85x); best zb / ideal: "
+              f"{ratio(times[zb_best], ideal):.2f}x (target <= 1.15x). Ratios: the median over rounds of each "
+              "round's ratio.")
         if args.profile:
             print("\n| zb schedule | stages begin at | re-cut | rank | busy (ms) | idle in its span (ms) |\n"
                   "|---|---|---|---:|---:|---:|")
