@@ -199,7 +199,8 @@ def main() -> None:
         print(f"\nbest zb ({zb_best}) / best torch.distributed.pipelining ({torch_best}): "
               f"{ratio(times[zb_best], times[torch_best]):.2f}x (target <= 0.85x); best zb / ideal: "
               f"{ratio(times[zb_best], ideal):.2f}x (target <= 1.15x). Ratios: the median over rounds of each "
-              "round's ratio.")
+              f"round's ratio; as ratios of the medians instead: {medians[zb_best] / medians[torch_best]:.2f}x and "
+              f"{medians[zb_best] / statistics.median(ideal):.2f}x.")
         if args.profile:
             print("\n| zb schedule | stages begin at | re-cut | rank | busy (ms) | idle in its span (ms) |\n"
                   "|---|---|---|---:|---:|---:|")

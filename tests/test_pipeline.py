@@ -3,6 +3,7 @@
 import copy
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -127,7 +128,8 @@ def test_torchrun_pipeline_through_inductor():
 def test_torchrun_bad_placement_fails_on_every_rank():
     out = torchrun(2, "failure_check.py", "bad-stages")
     assert out.returncode == 0, out.stderr[-4000:]
-    assert sorted(line.split()[3] for line in out.stdout.splitlines() if line.startswith("caught")) == ["0:", "1:"]
+    # Both ranks write to the same pipe, so one rank's line may land in the middle of the other's.
+    assert sorted(re.findall(r"caught on rank (\d+)", out.stdout)) == ["0", "1"], out.stdout
 
 
 def test_torchrun_dead_peer_is_an_error_not_a_hang():
