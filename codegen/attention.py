@@ -152,9 +152,9 @@ flash_attention.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- CPU: PyTorch's own kernels, called directly ------------------------------------------------------------------
 # On CPU the operator's kernel is PyTorch's fused flash attention, reached through the custom operator's Python
-# dispatch (~35-55 us a call on top of the kernel). The pieces Inductor compiles to C++ call the ATen operators
-# instead, wherever they produce exactly what the fake kernel promised (dtypes and strides), so the generated
-# code and everything planned around it stays as it was.
+# dispatch (tens of microseconds a call on top of the kernel). The pieces Inductor compiles to C++ call the ATen
+# operators instead, wherever they produce exactly what the fake kernel promised (dtypes and strides), so the
+# generated code and everything planned around it stays as it was.
 
 CPU_FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
