@@ -134,6 +134,41 @@ def test_zb_auto_is_never_worse_than_zb_h1_at_1p_nor_zb_h2_at_2p(p, extra, fbw, 
     assert span(auto_2p) <= span(generate("zb-h2", p, m)) + 1e-9
 
 
+@pytest.mark.parametrize("p, m", [(4, 8), (32, 128)])
+def test_zb_auto_plans_the_same_schedule_however_slow_the_clock(monkeypatch, p, m):
+    """zb-auto's search is bounded by work, not time: every rank plans the same schedule on any machine. At
+    p=32, m=128 the budget cuts the search (a clock budget would have cut it elsewhere under a slow clock)."""
+    import time
+
+    costs = Costs.uniform(p, **PAPER)
+    normal = generate("zb-auto", p, m, costs, "2p")
+    now = [0.0]
+
+    def slow_clock():
+        now[0] += 10.0  # every reading 10 s later: any time budget would be spent at once
+        return now[0]
+
+    for name in ("perf_counter", "monotonic", "time", "process_time"):
+        monkeypatch.setattr(time, name, slow_clock)
+    for name in ("perf_counter_ns", "monotonic_ns", "time_ns", "process_time_ns"):
+        monkeypatch.setattr(time, name, lambda: int(slow_clock() * 1e9))
+    slowed = generate("zb-auto", p, m, costs, "2p")
+    assert slowed.actions == normal.actions and slowed.placement == normal.placement
+
+
+def test_zb_auto_tries_every_candidate_on_small_pipelines_and_a_fixed_number_on_large_ones(monkeypatch):
+    from zb.schedules import auto
+
+    runs = []
+    real = auto.greedy
+    monkeypatch.setattr(auto, "greedy", lambda *args: runs.append(args[2]) or real(*args))
+    generate("zb-auto", 8, 24, Costs.uniform(8, **PAPER), "2p")
+    assert len(runs) == len(list(auto._policies(8, 16.0))) == 56
+    runs.clear()
+    generate("zb-auto", 32, 128, Costs.uniform(32, **PAPER), "2p")
+    assert len(runs) == auto.WORK_BUDGET // (3 * 32 * 128) == 8
+
+
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_every_schedule_validates_lowers_and_cannot_deadlock(name):
     stages = 8 if name in ("zb-v", "interleaved-1f1b") else 4
