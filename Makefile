@@ -11,8 +11,9 @@ export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: the CPU wheel; triton for the kernels and code emission.
-	$(BIN)/pip install --quiet torch==2.13.0 triton
+	# torch first and pinned to the CPU wheel, so that pyproject's torch range finds it installed and no CUDA
+	# packages are downloaded; triton pinned to the version the suite runs (the attention kernels, code emission).
+	$(BIN)/pip install --quiet torch==2.13.0 triton==3.9.0
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 

@@ -22,7 +22,7 @@ from torch.utils import benchmark
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from zb.codegen.attention import attention, reference  # noqa: E402
+from zb.ops.attention import attention, reference  # noqa: E402
 
 SHAPES = [  # batch, heads, length, head dim, causal
     (4, 4, 128, 32, True),
@@ -88,7 +88,7 @@ def cpu(args) -> None:
 def gpu(args) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from zb.codegen.attention_kernels import triton_backward, triton_forward
+    from zb.ops.attention_kernels import triton_backward, triton_forward
 
     class TritonAttention(torch.autograd.Function):
         @staticmethod

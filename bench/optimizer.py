@@ -3,7 +3,7 @@
     .venv/bin/python bench/optimizer.py [--steps 50] [--preset small] [--compiler inductor]
 
 Part 1 (this process, 1 thread): one AdamW update of every parameter of the example GPT, median of --steps:
-torch.optim.AdamW with foreach=True and with fused=True, zb's fused update (codegen/optimizer.py) alone, and
+torch.optim.AdamW with foreach=True and with fused=True, zb's fused update (ops/optimizer.py) alone, and
 with the backup post-validation takes before an update it may have to roll back.
 Part 2 (launches itself under torchrun, 2 ranks x 1 thread): the step time of a zb pipeline (zb-h1, 8
 microbatches) training with options["optimizer"] = AdamW and max_grad_norm = 1.0, with post-validation and with
@@ -41,7 +41,7 @@ def median_ms(fn, steps: int, warmup: int = 3) -> float:
 
 
 def update_table(preset: str, steps: int) -> None:
-    from zb.codegen.optimizer import update_kernel as kernel_for
+    from zb.ops.optimizer import update_kernel as kernel_for
     from zb.runtime.optimizer import take_backup
 
     torch.manual_seed(0)

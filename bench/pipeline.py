@@ -207,8 +207,8 @@ def main() -> None:
             for schedule, backend in backends.items():
                 runner = backend.runners[0]
                 timeline = runner.measured_timeline()
-                where = ", ".join(split_points_for(runner.plan)) or "-"
-                recut = "yes" if runner.plan.previous_cuts is not None else "no"
+                where = ", ".join(split_points_for(backend.plans[-1])) or "-"
+                recut = "yes" if backend.plans[-1].previous_cuts is not None else "no"
                 for r in range(timeline.schedule.num_ranks):
                     busy, span = timeline.work(r), timeline.span(r)
                     print(f"| {schedule} | {where} | {recut} | {r} | {busy * 1e3:.1f} | {(span - busy) * 1e3:.1f} |")

@@ -59,7 +59,7 @@ def emit_plan(plan: Plan, directory: pathlib.Path) -> list[tuple[pathlib.Path, i
                             f"{'a GPU' if torch.cuda.is_available() else 'CPU, not run'})\n" + code)
             written.append((path, len(triton_kernel_names(code))))
     if uses_attention:
-        from zb.codegen import attention_kernels
+        from zb.ops import attention_kernels
 
         source = pathlib.Path(attention_kernels.__file__).read_text()
         path = directory / "zb_flash_attention.triton.py"

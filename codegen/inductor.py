@@ -12,12 +12,12 @@ import os
 import pathlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
-from zb.codegen.attention import lower_to_cpu_kernels
+from zb.ops.attention import lower_to_cpu_kernels
 from zb.passes.plan import PIECES, PassRecord, Plan, input_keys, output_keys
 from zb.passes.runner import dump_plan
 
@@ -30,19 +30,14 @@ class CompiledPiece:
 
     name: str
     stage: int
-    graph: fx.GraphModule
     inputs: list[str]
-    outputs: list[str]
+    outputs: list[str | None]
     run: Callable[[list[Any]], Any]
-    source_code: str | None = None  # Inductor's generated module, when compiled with Inductor
     # (position, strides) of the inputs that cross a stage boundary (act:, tangent:), as the graph was traced:
     # the same value arrives with other strides by another path (a contiguous receive buffer, or the previous
     # stage's output on the same rank), and a graph traced for one layout may view its input as only that allows.
-    layouts: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
-
-    def __post_init__(self):
-        if not self.layouts:
-            self.layouts = boundary_layouts(self.graph)
+    layouts: list[tuple[int, tuple[int, ...]]]
+    source_code: str | None = None  # Inductor's generated module, when compiled with Inductor
 
     def __call__(self, args: list[Any]) -> tuple:
         for position, strides in self.layouts:
@@ -99,8 +94,9 @@ def compile_piece(gm: fx.GraphModule, name: str, stage: int, compiler: str) -> C
     # graph in place) with the fused attention calling PyTorch's CPU kernels directly where it runs on CPU.
     target = copy.deepcopy(gm)
     lower_to_cpu_kernels(target)
+    layouts = boundary_layouts(gm)
     if compiler == "eager":
-        return CompiledPiece(name, stage, gm, inputs, outputs, lambda args: target(*args))
+        return CompiledPiece(name, stage, inputs, outputs, lambda args: target(*args), layouts)
     from torch._inductor.compile_fx import compile_fx_inner
 
     example = [n.meta["val"] for n in gm.graph.find_nodes(op="placeholder")]
@@ -109,9 +105,6 @@ def compile_piece(gm: fx.GraphModule, name: str, stage: int, compiler: str) -> C
     # zb's Triton operators stay opaque calls (on CPU Inductor cannot trace into Triton kernels: no driver).
     with torch.no_grad(), functorch_config.patch(decompose_custom_triton_ops=False):
         output_code = compile_fx_inner(target, example)
-    return CompiledPiece(
-        name, stage, gm, inputs, outputs,
-        lambda args: output_code(list(args)),
-        source_code=getattr(output_code, "source_code", None),
-    )
+    return CompiledPiece(name, stage, inputs, outputs, lambda args: output_code(list(args)), layouts,
+                         source_code=getattr(output_code, "source_code", None))
 

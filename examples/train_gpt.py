@@ -54,11 +54,11 @@ def batches(data: torch.Tensor, batch_size: int, block_size: int, generator: tor
 def report_pipeline(backend, timeline_prefix: str | None, say) -> dict:
     """The schedule zb ran, the bubble rate of the last profiled step and, if asked, its timeline pictures."""
     runner = backend.runners[0] if backend.runners else None
-    if runner is None or runner.plan.num_stages == 1:
+    if runner is None or runner.program.num_stages == 1:
         return {}
     from zb.schedules import draw, simulate
 
-    say(f"pipeline: {runner.plan.num_stages} stages, schedule {runner.schedule.name}")
+    say(f"pipeline: {runner.program.num_stages} stages, schedule {runner.schedule.name}")
     if not runner.trace:
         return {}
     measured = runner.measured_timeline()

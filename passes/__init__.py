@@ -2,8 +2,8 @@
 
 from zb.passes.capture_joint import capture_joint
 from zb.passes.fuse_attention import fuse_attention
-from zb.passes.fuse_optimizer import fuse_optimizer
-from zb.passes.insert_communication import insert_communication
+from zb.passes.assign_updates import assign_updates
+from zb.passes.record_boundaries import record_boundaries
 from zb.passes.partition_fw_bw import partition_fw_bw
 from zb.passes.partition_stages import partition_stages
 from zb.passes.plan import PIECES, InputSpec, Plan, Stage
@@ -17,8 +17,8 @@ PASSES = [
     capture_joint,
     partition_fw_bw,
     split_backward,
-    insert_communication,
-    fuse_optimizer,
+    record_boundaries,
+    assign_updates,
 ]
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
     "capture_joint",
     "dump_plan",
     "fuse_attention",
-    "fuse_optimizer",
+    "assign_updates",
     "partition_fw_bw",
     "run_passes",
     "split_backward",

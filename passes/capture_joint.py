@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput, PlainAOTOutput, TangentAOTInput
 from torch._functorch.aot_autograd import aot_export_joint_with_descriptors, aot_export_module
 
-from zb.errors import ZbUnsupportedError
+from zb.core.errors import ZbUnsupportedError
 from zb.passes.plan import Plan, grad_key, input_keys, output_keys, tangent_key
 
 

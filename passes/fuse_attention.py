@@ -3,7 +3,7 @@
 Contract
   input:  `plan.graph` (Dynamo's torch-level graph) and `plan.options.fuse_attention`.
   output: `plan.graph` is a copy of it in which each recognised attention is one call of
-          `zb.codegen.attention.attention(q, k, v, bias, causal, scale)` (the operator `zb::flash_attention`);
+          `zb.ops.attention.attention(q, k, v, bias, causal, scale)` (the operator `zb::flash_attention`);
           `plan.counters["fused_attention"]` counts them and `plan.attention` records every candidate (each
           SDPA call and each softmax) with what was done and, for one left alone, why. Runs before the graph is
           cut into stages, so an attention is never split between two stages.
@@ -17,7 +17,7 @@ Recognised:
   q, k, v are [batch, heads, length, head_dim] (or [batch, length, head_dim]) of one floating dtype with equal
   head dims of at most HEAD_DIM_MAX.
 
-    scores = q @ k.transpose(-2, -1) / 8.0          att = zb.codegen.attention.attention(q, k, v, None, True,
+    scores = q @ k.transpose(-2, -1) / 8.0          att = zb.ops.attention.attention(q, k, v, None, True,
     scores = scores.masked_fill(~tril, -inf)   ->                                          0.125)
     att = softmax(scores, dim=-1) @ v
 """
@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from zb.codegen.attention import DTYPES, HEAD_DIM_MAX, attention
+from zb.ops.attention import DTYPES, HEAD_DIM_MAX, attention
 from zb.passes.plan import Plan
 
 # (functions, Tensor method names) for each step of the pattern, as Dynamo records them.

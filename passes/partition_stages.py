@@ -24,12 +24,10 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from zb.errors import ZbOptionError, ZbUnsupportedError
-from zb.passes.plan import Plan, Stage
+from zb.core.errors import ZbOptionError, ZbUnsupportedError
+from zb.passes.plan import Plan, Stage, nbytes
 
 BALANCE_WINDOW = 0.05  # a cut may move this fraction of the total cost away from the even split to cross less
-# ... and this much once stage times were measured: they showed what the imbalance costs, so balance comes first
-MEASURED_BALANCE_WINDOW = 0.01
 
 
 def partition_stages(plan: Plan) -> Plan:
@@ -109,7 +107,7 @@ def _cuts_at_split_points(compute: list[fx.Node], split_points, n: int) -> list[
 def _balanced_cuts(plan: Plan, compute: list[fx.Node], n: int, costs: list[float]) -> list[int]:
     crossing = _crossing_bytes(plan.graph.graph, compute)
     total = sum(costs) or 1.0
-    slack = MEASURED_BALANCE_WINDOW if costs_measured(plan) else BALANCE_WINDOW
+    slack = BALANCE_WINDOW if plan.balance_window is None else plan.balance_window
     prefix, running = [], 0.0
     for c in costs:
         running += c
@@ -176,14 +174,6 @@ def _estimate_costs(plan: Plan, compute: list[fx.Node]) -> list[float]:
     return costs
 
 
-def _nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
-    return 0
-
-
 def _crossing_bytes(graph: fx.Graph, compute: list[fx.Node]) -> list[int]:
     """crossing[i]: bytes of values computed before compute[i] and read at or after it."""
     position = {node: i for i, node in enumerate(compute)}
@@ -192,7 +182,7 @@ def _crossing_bytes(graph: fx.Graph, compute: list[fx.Node]) -> list[int]:
     for node in compute:
         last = max((position.get(u, end) for u in node.users), default=position[node])
         if last > position[node]:
-            size = _nbytes(node.meta.get("example_value"))
+            size = nbytes(node.meta.get("example_value"))
             delta[position[node] + 1] += size
             delta[last + 1] -= size
     crossing, running = [], 0

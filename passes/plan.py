@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import fx
 
-from zb.options import Options
+from zb.core.options import Options
 
 PIECES = ("forward", "backward_input", "backward_weight")
 
@@ -68,7 +68,7 @@ class Stage:
     pieces: dict[str, fx.GraphModule] = field(default_factory=dict)
     # The unsplit backward, kept for inspection and for checking the split against it.
     backward: fx.GraphModule | None = None
-    # insert_communication: (act key, shape, dtype) this stage receives going forward / gradients coming back.
+    # record_boundaries: (act key, shape, dtype) this stage receives going forward / gradients coming back.
     receives_forward: list[tuple[str, tuple, Any]] = field(default_factory=list)
     receives_backward: list[tuple[str, tuple, Any]] = field(default_factory=list)
 
@@ -110,11 +110,14 @@ class Plan:
     # Measured F+B+W seconds per stage of an earlier plan with these cuts: partition_stages re-balances with them.
     measured_stage_times: tuple[float, ...] | None = None
     previous_cuts: tuple[int, ...] | None = None
+    # The fraction of the total cost a cut may move from the even split to cross fewer bytes (None: the pass's
+    # default); a re-cut on measured times passes a smaller one (zb/adapt.py).
+    balance_window: float | None = None
     cuts: tuple[int, ...] = ()  # where each stage after the first begins, in Dynamo's node order
     # What partition_stages expects each stage to cost: seconds when it re-cut on measured times, else FLOPs.
     stage_costs: tuple[float, ...] = ()
     stages: list[Stage] = field(default_factory=list)
-    # fuse_optimizer: parameter indices each stage updates right after its last W; parameters whose gradient
+    # assign_updates: parameter indices each stage updates right after its last W; parameters whose gradient
     # several stages produce (tied weights), updated at the end of the step.
     updates: dict[int, list[int]] = field(default_factory=dict)
     shared_updates: list[int] = field(default_factory=list)
@@ -186,6 +189,15 @@ def output_values(gm: fx.GraphModule) -> list[Any]:
     (out,) = gm.graph.find_nodes(op="output")
     values = out.args[0]
     return list(values) if isinstance(values, (tuple, list)) else [values]
+
+
+def nbytes(value: Any) -> int:
+    """Bytes of a tensor (real or fake), or of a tuple or list of them; 0 for anything else."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(v) for v in value)
+    return 0
 
 
 def op_counts(gm: fx.GraphModule) -> collections.Counter:

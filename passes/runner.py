@@ -15,7 +15,7 @@ from collections.abc import Callable
 from zb.passes.plan import PassRecord, Plan, input_keys, output_keys
 from zb.passes.verify import verify_plan
 
-from zb.errors import ZbError
+from zb.core.errors import ZbError
 
 log = logging.getLogger(__name__)
 

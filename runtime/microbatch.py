@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from zb.errors import ZbError
-from zb.passes.plan import InputSpec
+from zb.core.errors import ZbError
+from zb.codegen.program import InputSpec
 
 
 def split_microbatches(specs: Sequence[InputSpec], args: Sequence[Any], microbatches: int) -> list[list[Any]]:

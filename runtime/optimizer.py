@@ -1,7 +1,7 @@
 """The optimizer step inside the pipeline: fused per-stage updates, and post-validation.
 
 With options["optimizer"], a call of the compiled model is a whole training step. Each stage's parameters are
-updated by one fused kernel (codegen/optimizer.py, chosen by the fuse_optimizer pass) as soon as the stage has
+updated by one fused kernel (ops/optimizer.py, chosen by the assign_updates pass) as soon as the stage has
 run its last W. What an update must know first is global: the gradient norm over every rank (for
 `max_grad_norm`) and whether any gradient is NaN/Inf (then the step is skipped, as a loss-scaled loop skips it).
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zb.codegen.optimizer import update_kernel
-from zb.errors import ZbError
-from zb.passes.plan import Plan
+from zb.codegen.program import Program
+from zb.core.errors import ZbError
+from zb.ops.optimizer import update_kernel
 from zb.schedules import COMPUTE, Schedule
 
 PARTIAL, FULL = 0, 1  # control messages: the partial sum going down the ranks, the global one coming back
@@ -72,18 +72,16 @@ class _Pending:
 
 
 class OptimizerStep:
-    def __init__(self, plan: Plan, schedule: Schedule, ranks: Sequence[int], transport, distributed: bool,
-                 group=None):
-        options = plan.options
-        self.plan = plan
+    def __init__(self, program: Program, schedule: Schedule, ranks: Sequence[int], comm):
+        options = program.options
+        self.program = program
         self.optimizer = options.optimizer
         self.kernel = update_kernel(self.optimizer)
         self.max_norm = options.max_grad_norm
         self.post_validation = options.post_validation
         self.ranks = list(ranks)
-        self.transport = transport
-        self.distributed = distributed
-        self.group = group
+        self.comm = comm
+        self.distributed = comm.distributed
         self.group_of = {p: g for g in self.optimizer.param_groups for p in g["params"]}
         if not self.group_of:
             raise ZbError("options['optimizer'] holds no parameters")
@@ -106,7 +104,7 @@ class OptimizerStep:
                           for r in range(self.num_ranks) if any(a.kind in COMPUTE for a in schedule.actions[r])}
         # A tied weight: counted in the norm on the lowest rank holding it; updated by every rank holding it
         # (each process has its own copy), once in one process.
-        holders = {i: sorted({self.placement[s] for s in _producers(self.plan, i)}) for i in self.plan.shared_updates}
+        holders = {i: self.program.producer_ranks(i, self.placement) for i in self.program.shared_updates}
         self.counted_shared = {i: r[0] for i, r in holders.items()}
         first_local = {i: min((h for h in hs if h in self.ranks), default=None) for i, hs in holders.items()}
         self.shared_on = {r: [i for i, h in first_local.items() if h == r] for r in self.ranks}
@@ -118,7 +116,7 @@ class OptimizerStep:
         synchronize(self.optimizer)
         self.params = list(args)
         if self.steps == 0:
-            missing = [self.plan.inputs[i].name for i in self._all_updated() if self.params[i] not in self.group_of]
+            missing = [self.program.inputs[i].name for i in self._all_updated() if self.params[i] not in self.group_of]
             if missing and len(missing) == len(self._all_updated()):
                 raise ZbError("options['optimizer'] holds none of the model's trainable parameters; build it "
                               "from model.parameters()")
@@ -130,7 +128,7 @@ class OptimizerStep:
         rank = self.placement[stage]
         if self.finishing.get(rank) == stage:
             return  # the rank's update, after the partial sum arrives (finish)
-        indices = self.plan.updates.get(stage, [])
+        indices = self.program.updates.get(stage, [])
         update = self._update(indices, {i: grads[i][0] for i in indices if i in grads})  # [sum over mbs]
         if update is None:
             return
@@ -146,8 +144,8 @@ class OptimizerStep:
         number = _NUMBERS[self.optimizer] = _NUMBERS.get(self.optimizer, 0) + 1  # counted over every plan
         last = {}
         for rank in self.ranks:
-            indices = [i for s in self.plan.updates if self.placement[s] == rank and self.finishing[rank] == s
-                       for i in self.plan.updates[s]]
+            indices = [i for s in self.program.updates if self.placement[s] == rank and self.finishing[rank] == s
+                       for i in self.program.updates[s]]
             indices += [i for i in self.shared_on[rank] if grads[i] is not None]
             last[rank] = self._update(indices, {i: grads[i] for i in indices if grads[i] is not None})
             if last[rank] is not None:
@@ -190,13 +188,13 @@ class OptimizerStep:
     def validate_pending(self) -> None:
         """Apply the global verdict to every update still waiting for it (receiving it from rank 0 if needed)."""
         for send in self.sends:
-            self.transport.wait(send, "sending the optimizer's partial norm")
+            self.comm.wait(send, "sending the optimizer's partial norm")
         self.sends = []
         pending, self.pending = self.pending, []
         _UNVALIDATED.discard(self)
         for item in pending:
             if item.total is None:
-                self.transport.wait(item.work, "waiting for rank 0's global gradient norm")
+                self.comm.wait(item.work, "waiting for rank 0's global gradient norm")
                 values = item.buffer.tolist()
                 item.total = (values[0], bool(values[1]))
                 rolled = sum(self._final(u, item.total) for u in item.updates)
@@ -209,7 +207,7 @@ class OptimizerStep:
 
     # Updates ----------------------------------------------------------------------------------------------
     def _all_updated(self) -> list[int]:
-        return [i for v in self.plan.updates.values() for i in v] + list(self.plan.shared_updates)
+        return [i for v in self.program.updates.values() for i in v] + list(self.program.shared_updates)
 
     def _update(self, indices: list[int], grads: dict[int, torch.Tensor]) -> _Update | None:
         chosen = [i for i in indices if i in grads and self.params[i] in self.group_of]
@@ -304,24 +302,21 @@ class OptimizerStep:
         mine = [sum(self.contribution[r][0] for r in self.ranks), max(self.contribution[r][1] for r in self.ranks)]
         if not self.distributed:
             return mine[0], bool(mine[1])
-        import torch.distributed as dist
-
-        squares = torch.tensor([mine[0]], dtype=torch.float64)
-        bad = torch.tensor([mine[1]], dtype=torch.float64)
-        dist.all_reduce(squares, group=self.group)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
+        squares = self.comm.all_reduce(torch.tensor([mine[0]], dtype=torch.float64), "summing gradient norms")
+        bad = self.comm.all_reduce(torch.tensor([mine[1]], dtype=torch.float64), "checking gradients for NaN/Inf",
+                                   op="max")
         return float(squares), bool(bad)
 
     def _send(self, kind: int, tensor: torch.Tensor, dst: int) -> None:
-        self.sends.append(self.transport.send_control(kind, tensor, dst))
+        self.sends.append(self.comm.send_control(kind, tensor, dst))
 
     def _recv(self, kind: int, src: int) -> torch.Tensor:
         buffer, work = self._post_recv(kind, src)
-        self.transport.wait(work, f"waiting for rank {src}'s partial gradient norm")
+        self.comm.wait(work, f"waiting for rank {src}'s partial gradient norm")
         return buffer
 
     def _post_recv(self, kind: int, src: int):
-        return self.transport.recv_control(kind, (2,), torch.float64, src)
+        return self.comm.recv_control(kind, (2,), torch.float64, src)
 
 
 def take_backup(spares: dict, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list:
@@ -340,14 +335,6 @@ def take_backup(spares: dict, optimizer: torch.optim.Optimizer, params: list[tor
     with torch.no_grad():
         torch._foreach_copy_(targets, sources)
     return backup
-
-
-def _producers(plan: Plan, index: int) -> list[int]:
-    from zb.passes.plan import output_keys
-
-    key = f"grad:in:{index}"
-    return [s.index for s in plan.stages
-            if any(gm is not None and key in output_keys(gm) for gm in (s.backward_input, s.backward_weight))]
 
 
 # Every OptimizerStep of an optimizer, so that its state_dict(), load_state_dict() and zb.synchronize() see

@@ -10,18 +10,19 @@ outputs (broadcast from the rank of the last stage) and gets gradients only for 
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import pathlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from zb.codegen import CompiledPiece
-from zb.errors import ZbError
-from zb.passes.plan import Plan, output_keys
+from zb.codegen.program import Program
+from zb.core.errors import ZbError
 from zb.runtime.executor import StepExecutor, combine
 from zb.runtime.optimizer import OptimizerStep, synchronize
 from zb.runtime.profile import measured_costs, measured_timeline, modelled_costs
-from zb.schedules import Action, Costs, F, Schedule, Timeline, generate, lower
+from zb.schedules import Action, Costs, F, Schedule, Timeline, lower
 
 
 def sequential_schedule(microbatches: int, training: bool) -> Schedule:
@@ -36,31 +37,28 @@ def forward_only(schedule: Schedule) -> Schedule:
     return Schedule(schedule.name, schedule.num_microbatches, schedule.placement, acts)
 
 
-REPLAN_AFTER = 2  # zb-auto re-plans with the costs measured in this step (the first one warms caches up)
-MEASURE_REPEAT = 3  # in the first step measured for re-cutting, each piece runs this often; the quickest counts
-
-
 class PipelineRunner:
-    def __init__(self, plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], schedule: Schedule,
-                 ranks: Sequence[int], transport, group=None, distributed: bool = False,
-                 measure_first: bool = False):
-        """`measure_first`: time the first step (every rank's actions), so the stages can be re-cut after it."""
-        self.plan = plan
-        self.schedule = schedule if plan.training else forward_only(schedule)
-        self.distributed = distributed
-        self.group = group
+    def __init__(self, program: Program, schedule: Schedule, ranks: Sequence[int], comm):
+        self.program = program
+        self.schedule = schedule if program.training else forward_only(schedule)
+        self.comm = comm
+        self.distributed = comm.distributed
         self.ranks = list(ranks)
-        self.executor = StepExecutor(plan, compiled, lower(self.schedule), ranks, transport)
+        self.executor = StepExecutor(program, lower(self.schedule), ranks, comm)
         self.steps = 0
-        self.measure_first = measure_first
+        # Set by the caller (zb/adapt.py) before a step: the step numbers (counted from 1) whose actions are
+        # traced and gathered from every rank, and, per step number, how often each piece runs back to back
+        # (the quickest run counts) to measure it.
+        self.profile_steps: set[int] = set()
+        self.repeat: dict[int, int] = {}
         self.last_grads: list[torch.Tensor | None] | None = None  # what backward hands out for the last step
-        self.rebalanced = False  # set by the backend once it rebuilt the plan with this runner's measurements
         self.trace: list[tuple[int, str, float, float]] = []  # every rank's actions in the last profiled step
         self.costs = None  # costs measured in the last profiled step
-        self.quickest: dict = {}  # (stage, kind) -> quickest of repeated runs per action, in a measured first step
+        self.quickest: dict = {}  # (stage, kind) -> quickest of repeated runs per action, in a measured step
         self.optimizer = None  # the fused update and its validation, with options["optimizer"]
-        if plan.training and plan.options.optimizer is not None:
-            self.optimizer = OptimizerStep(plan, self.schedule, ranks, transport, distributed, group)
+        if program.training and program.options.optimizer is not None:
+            self.optimizer = OptimizerStep(program, self.schedule, ranks, comm)
+        self._dump_schedule()
 
     def stage_times(self) -> tuple[float, ...] | None:
         """Measured F+B+W seconds per stage (from the last profiled step), or None: the quickest of each piece
@@ -68,15 +66,15 @@ class PipelineRunner:
         by first-touch memory, a peer still compiling, or the machine's other work)."""
         if self.costs is None:
             return None
-        if self.quickest:  # the first step: every piece was run MEASURE_REPEAT times
+        if self.quickest:  # a measured step: every piece was run several times
             return tuple(sum(min(times) for (stage, _), times in self.quickest.items() if stage == s)
-                         for s in range(self.plan.num_stages))
-        quickest = measured_costs(self.trace, self.plan, self.executor.counted, statistic=min)
+                         for s in range(self.program.num_stages))
+        quickest = measured_costs(self.trace, self.program, statistic=min)
         return tuple(f + b + w for f, b, w in zip(quickest.f, quickest.b, quickest.w))
 
     def modelled_costs(self) -> Costs:
-        """The plan's activation memory per stage with unit times: what the simulator needs to predict memory."""
-        return modelled_costs(self.plan, self.executor.counted)
+        """The program's activation memory per stage with unit times: what the simulator needs to predict memory."""
+        return modelled_costs(self.program)
 
     def measured_timeline(self) -> Timeline:
         """The last profiled step as a Timeline (real start and end of every action on every rank)."""
@@ -87,10 +85,10 @@ class PipelineRunner:
     def __call__(self, *args: Any) -> Any:
         if self.optimizer is not None:
             return self._optimizer_step(args)
-        if self.plan.training:
+        if self.program.training:
             return _TrainingStep.apply(self, *args)
-        if self.plan.options.optimizer is not None:
-            synchronize(self.plan.options.optimizer)  # evaluate validated parameters
+        if self.program.options.optimizer is not None:
+            synchronize(self.program.options.optimizer)  # evaluate validated parameters
         with torch.no_grad():
             outputs, _ = self.run(args)
         return outputs
@@ -105,118 +103,81 @@ class PipelineRunner:
         return (torch.Tensor._make_subclass(StepLoss, loss), *outputs[1:])
 
     def run(self, args: Sequence[Any]) -> tuple[list[Any], list[torch.Tensor | None]]:
-        measuring = self.measure_first and self.steps == 0 and self.plan.training
+        program = self.program
+        number = self.steps + 1
+        profiled = program.training and (program.options.profile or number in self.profile_steps)
+        repeat = self.repeat.get(number, 1) if program.training else 1
         with torch.no_grad():
-            if measuring and self.distributed:
-                self._wait_for_every_rank()  # no peer still compiling while this step is timed
-            self.executor.repeat = MEASURE_REPEAT if measuring else 1
+            if repeat > 1 and self.distributed:
+                self.comm.barrier("waiting for every rank to finish compiling")  # no peer compiling while timed
+            self.executor.timed, self.executor.repeat = profiled, repeat
             outs, grads = self.executor.run(
                 args, on_stage_done=self.optimizer.stage_done if self.optimizer is not None else None)
             self.executor.repeat = 1
-            m = self.plan.options.microbatches
-            outputs, combined = combine(outs, grads, self.plan, m)
+            outputs, combined = combine(outs, grads, program)
             if self.distributed:
                 outputs = self._broadcast_outputs(outputs)
                 self._sum_shared_gradients(combined)
-            self.steps += 1
-            replan = self.plan.training and self.schedule.name == "zb-auto" and self.steps == REPLAN_AFTER
-            first = self.measure_first and self.steps == 1
-            if self.plan.training and (self.plan.options.profile or replan or first):
-                self._profile(replan)
+            self.steps = number
+            if profiled:
+                self._profile()
             self.last_grads = combined
         return outputs, combined
 
-    def _profile(self, replan: bool) -> None:
+    def _profile(self) -> None:
         trace, quickest = self.executor.trace, self.executor.quickest
         if self.distributed:
-            import torch.distributed as dist
-
-            everyone: list = [None] * dist.get_world_size(self.group)
-            dist.all_gather_object(everyone, (trace, quickest), group=self.group)
+            everyone = self.comm.all_gather_object((trace, quickest), "gathering every rank's step timings")
             trace = [record for records, _ in everyone for record in records]
             quickest = {key: times for _, theirs in everyone for key, times in theirs.items()}
         self.trace, self.quickest = trace, quickest
-        self.costs = measured_costs(trace, self.plan, self.executor.counted)
-        if replan:
-            self._install(self._replanned(self.costs))
+        self.costs = measured_costs(trace, self.program)
 
-    def _replanned(self, costs: Costs) -> Schedule:
-        """zb-auto for the measured costs, planned on one rank (its time budget could differ between ranks)."""
-        options = self.plan.options
-        schedule = None
-        if not self.distributed or self.ranks[0] == 0:
-            schedule = generate("zb-auto", self.plan.num_stages, options.microbatches, costs, options.memory_limit)
-        if self.distributed:
-            import torch.distributed as dist
-
-            box = [schedule]
-            dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0,
-                                       group=self.group)
-            schedule = box[0]
-        return schedule
-
-    def _install(self, schedule: Schedule) -> None:
+    def install(self, schedule: Schedule) -> None:
+        """Run `schedule` from the next step on (the same stages and placement, another order)."""
         self.schedule = schedule
         self.executor.schedule = lower(schedule)
         if self.optimizer is not None:
             self.optimizer.set_schedule(schedule)
+        self._dump_schedule()
 
-    def _wait_for_every_rank(self) -> None:
-        """A barrier with the pipeline's timeout (a dead peer is an error, not a hang)."""
-        import torch.distributed as dist
-
-        work = dist.all_reduce(torch.zeros(1), group=self.group, async_op=True)
-        self.executor.transport.wait(work, "waiting for every rank to finish compiling")
+    def _dump_schedule(self) -> None:
+        """With ZB_DUMP_DIR, write the schedule this runner runs from the next step on (by the process of rank 0):
+        `schedule.txt` (compute actions, one line per rank, parsed back by Schedule.from_text) and
+        `schedule_lowered.txt` (with the sends and receives)."""
+        directory = os.environ.get("ZB_DUMP_DIR")
+        if not directory or 0 not in self.ranks:
+            return
+        path = pathlib.Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        s = self.schedule
+        header = (f"# zb schedule {s.name}: {self.program.num_stages} stages, placement {list(s.placement)}, "
+                  f"{s.num_microbatches} microbatches; runs from step {self.steps + 1}\n")
+        (path / "schedule.txt").write_text(header + s.text() + "\n")
+        (path / "schedule_lowered.txt").write_text(header + self.executor.schedule.text() + "\n")
 
     @property
     def last_rank(self) -> int:
-        return self.schedule.placement[self.plan.num_stages - 1]
+        return self.schedule.placement[self.program.num_stages - 1]
 
     def _broadcast_outputs(self, outputs: list[Any]) -> list[Any]:
-        import torch.distributed as dist
-
-        last = self.plan.stages[-1].forward
-        m = self.plan.options.microbatches
-        vals = _output_vals(last)
-        src = dist.get_global_rank(self.group, self.last_rank) if self.group is not None else self.last_rank
+        m = self.program.microbatches
         result = []
-        for j, val in enumerate(vals):
-            shape = tuple(val.shape) if val.dim() == 0 else (val.shape[0] * m, *val.shape[1:])
-            tensor = outputs[j] if outputs[j] is not None else torch.empty(shape, dtype=val.dtype)
-            tensor = tensor.contiguous()
-            dist.broadcast(tensor, src=src, group=self.group)
-            result.append(tensor)
+        for j, spec in enumerate(self.program.outputs):
+            shape = spec.shape if len(spec.shape) == 0 else (spec.shape[0] * m, *spec.shape[1:])
+            tensor = outputs[j] if outputs[j] is not None else torch.empty(shape, dtype=spec.dtype,
+                                                                           device=spec.device)
+            result.append(self.comm.broadcast(tensor, self.last_rank, f"broadcasting output {j} of the step"))
         return result
 
     def _sum_shared_gradients(self, grads: list[torch.Tensor | None]) -> None:
         """Parameters read by stages on several ranks (tied weights): every such rank gets the summed gradient."""
-        import torch.distributed as dist
-
-        for index, ranks in _shared_parameters(self.plan, self.schedule).items():
+        for index, ranks in self.program.shared_parameters(self.schedule.placement).items():
             value = grads[index]
-            mine = value is not None
-            shape = self.plan.example_inputs[index].shape
-            buffer = value.clone() if mine else torch.zeros(shape, dtype=self.plan.example_inputs[index].dtype)
-            dist.all_reduce(buffer, group=self.group)
+            buffer = value.clone() if value is not None else self.program.input_specs[index].zeros()
+            buffer = self.comm.all_reduce(buffer, f"summing the gradient of {self.program.inputs[index].name}")
             if self.ranks[0] in ranks:
                 grads[index] = buffer
-
-
-def _output_vals(gm) -> list[torch.Tensor]:
-    (out,) = gm.graph.find_nodes(op="output")
-    keys = output_keys(gm)
-    return [node.meta["val"] for key, node in zip(keys, out.args[0]) if key is not None and key.startswith("out:")]
-
-
-def _shared_parameters(plan: Plan, schedule: Schedule) -> dict[int, set[int]]:
-    """Parameter index -> the ranks whose stages produce its gradient, for parameters on more than one rank."""
-    owners: dict[int, set[int]] = {}
-    for stage in plan.stages:
-        for gm in (stage.backward_weight, stage.backward_input):
-            for key in (output_keys(gm) if gm is not None else []):
-                if key.startswith("grad:in:") and plan.inputs[int(key[8:])].kind == "parameter":
-                    owners.setdefault(int(key[8:]), set()).add(schedule.placement[stage.index])
-    return {i: r for i, r in sorted(owners.items()) if len(r) > 1}
 
 
 class StepLoss(torch.Tensor):

@@ -69,6 +69,8 @@ class Schedule:
     def from_text(cls, text: str, placement: tuple[int, ...], num_microbatches: int, name: str = "custom"):
         rows = []
         for line in text.strip().splitlines():
+            if line.startswith("#"):  # a comment, as zb's ZB_DUMP_DIR files begin with
+                continue
             _, _, body = line.partition(":")
             rows.append(tuple(Action.parse(t) for t in (body if body else line).split()))
         return cls(name, num_microbatches, tuple(placement), tuple(rows))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import zb
 from tests import models
-from zb.codegen.attention import attention, reference
+from zb.ops.attention import attention, reference
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -69,7 +69,7 @@ def test_cpu_lowering_calls_aten_kernels_with_the_same_results(case):
     values and the layouts the fake kernel promised; a call whose ATen form would differ stays zb's operator."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from zb.codegen.attention import CPU_BACKWARD, CPU_FORWARD, lower_to_cpu_kernels
+    from zb.ops.attention import CPU_BACKWARD, CPU_FORWARD, lower_to_cpu_kernels
 
     dtype = torch.float64 if case == "float64 bias" else torch.float32
     q, k, v, grad = _inputs(2, 3, 16, 16, 8, dtype=dtype, seed=5)

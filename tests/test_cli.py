@@ -4,6 +4,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from zb.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -95,7 +97,7 @@ def test_check_fails_and_names_a_miscompiled_piece(monkeypatch, capsys):
 
 def test_check_reports_a_wrong_attention_kernel(monkeypatch, capsys):
     """The attention row compares zb's operator with the softmax math: a kernel that drops the scale fails."""
-    from zb.codegen import attention
+    from zb.ops import attention
 
     real = attention.attention
     monkeypatch.setattr(attention, "attention", lambda q, k, v, bias=None, causal=False, scale=None:
@@ -103,3 +105,79 @@ def test_check_reports_a_wrong_attention_kernel(monkeypatch, capsys):
     assert main(["check", "tests.models:sdpa_block", "--compiler", "eager"]) == 1
     out = capsys.readouterr().out
     assert any(line.startswith("attention") and line.rstrip().endswith("FAIL") for line in out.splitlines()), out
+
+
+def test_object_options_have_no_flag(capsys):
+    """'group' and 'optimizer' take objects: neither inspect nor check offers them (check's own --optimizer is a
+    choice of optimizer class)."""
+    for command in ("inspect", "check"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "--group" not in out and "--microbatches" in out, command
+        optimizer_lines = [line for line in out.splitlines() if "--optimizer" in line]
+        if command == "inspect":
+            assert not optimizer_lines, out
+        else:
+            assert optimizer_lines and all("{sgd,adam,adamw}" in line for line in optimizer_lines), out
+
+
+@pytest.mark.parametrize("flag, kind", [("--stages", "an int"), ("--microbatches", "an int"),
+                                        ("--timeout", "a number"), ("--max-grad-norm", "a number")])
+@pytest.mark.parametrize("command", ["inspect", "check"])
+def test_a_malformed_number_is_a_clean_error_before_the_model_is_built(monkeypatch, capsys, command, flag, kind):
+    monkeypatch.setattr("zb.cli.load_factory", lambda target: pytest.fail("the model was loaded"))
+    assert main([command, "tests.models:mlp", flag, "x"]) == 2
+    captured = capsys.readouterr()
+    name = flag[2:].replace("-", "_")
+    assert captured.err == f"zb: error: option {name!r} takes {kind}, got 'x'\n"
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_boolean_flags_take_the_usual_spellings_and_reject_the_rest(monkeypatch, capsys):
+    import zb.cli
+
+    class Parsed(Exception):
+        pass
+
+    parsed = []
+    real = zb.cli._options_from
+    monkeypatch.setattr(zb.cli, "_options_from", lambda args: parsed.append(real(args)) or parsed[-1])
+    monkeypatch.setattr(zb.cli, "load_factory", lambda target: (_ for _ in ()).throw(Parsed()))  # stop there
+    for text, value in [("true", True), ("True", True), ("1", True), ("YES", True), ("on", True), ("On", True),
+                        ("false", False), ("FALSE", False), ("0", False), ("No", False), ("off", False)]:
+        with pytest.raises(Parsed):
+            main(["inspect", "tests.models:mlp", "--profile", text])
+        assert parsed[-1] == {"profile": value}, text
+    with pytest.raises(Parsed):
+        main(["check", "tests.models:mlp", "--post-validation", "off", "--fuse-attention", "no"])
+    assert parsed[-1] == {"post_validation": False, "fuse_attention": False}
+    for flag in ("--profile", "--rebalance", "--fuse-attention", "--post-validation"):
+        assert main(["inspect", "tests.models:mlp", flag, "maybe"]) == 2
+        err = capsys.readouterr().err
+        name = flag[2:].replace("-", "_")
+        assert err.startswith(f"zb: error: option {name!r} takes a boolean: true/false, 1/0, yes/no or on/off"), err
+        assert "got 'maybe'" in err
+
+
+def test_a_wrong_option_value_fails_before_the_model_is_built(monkeypatch, capsys):
+    monkeypatch.setattr("zb.cli.load_factory", lambda target: pytest.fail("the model was loaded"))
+    assert main(["check", "tests.models:mlp", "--compiler", "gcc"]) == 2
+    assert "option 'compiler' must be one of 'inductor', 'eager'; got 'gcc'" in capsys.readouterr().err
+
+
+def test_help_and_schedule_import_neither_torch_nor_triton():
+    """`zb --help` and `zb schedule` need no torch: they start fast and run where torch is not installed."""
+    probe = ("import sys\n"
+             "from zb.cli import main\n"
+             "try:\n"
+             "    code = main(sys.argv[1:])\n"
+             "except SystemExit as e:\n"
+             "    code = e.code\n"
+             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton'))\n"
+             "print('HEAVY', code, heavy[:5])\n")
+    for argv in (["--help"], ["schedule", "--schedule", "zb-h1", "--stages", "4", "--microbatches", "8"]):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines()[-1] == "HEAVY 0 []", (argv, out.stdout[-2000:])

@@ -5,7 +5,7 @@ import torch
 
 import zb
 from tests import models
-from zb.runtime.runner import REPLAN_AFTER
+from zb.adapt import REPLAN_AFTER
 from zb.schedules import simulate
 
 

@@ -177,6 +177,20 @@ def test_dump_dir_writes_every_pass_and_the_final_pieces(tmp_path, monkeypatch):
     assert "# inputs: [" in text and "tangent:out:0" in text
 
 
+def test_dump_dir_writes_the_schedule_in_a_form_that_parses_back(tmp_path, monkeypatch):
+    from zb.schedules import Schedule, generate
+
+    monkeypatch.setenv("ZB_DUMP_DIR", str(tmp_path))
+    model, args = models.deep_mlp()
+    options = {"compiler": "eager", "stages": 2, "schedule": "zb-h1", "microbatches": 4}
+    torch.compile(model, backend="zb", options=options)(*args).backward()
+    text = (tmp_path / "schedule.txt").read_text()
+    assert text.startswith("# zb schedule zb-h1: 2 stages")
+    expected = generate("zb-h1", 2, 4)
+    assert Schedule.from_text(text, expected.placement, 4).actions == expected.actions
+    assert "0SEND_F0" in (tmp_path / "schedule_lowered.txt").read_text()
+
+
 def test_explain_returns_inspectable_plan():
     plan, _ = _plan("conv_norm_fused_backward")
     stage = plan.stages[0]

@@ -1,5 +1,6 @@
 """Tier (c): pipelines against a single-process eager reference, in one process and under torchrun."""
 
+import concurrent.futures
 import copy
 import os
 import pathlib
@@ -15,6 +16,7 @@ import zb
 from tests import models
 from tests.helpers import assert_close
 from zb.passes.partition_stages import _module_paths, split_points_for
+from zb.codegen import TensorSpec
 from zb.runtime.executor import _checked
 from zb.schedules import SCHEDULES
 
@@ -82,7 +84,7 @@ def test_impossible_pipelines_fail_before_running(options, message):
 
 
 def test_boundary_mismatch_names_the_stages():
-    spec = [("act:h", (2, 4), torch.float32)]
+    spec = [TensorSpec("act:h", (2, 4), torch.float32, torch.device("cpu"))]
     with pytest.raises(zb.ZbError, match=r"stage 1 sent act:h as torch.float32\[2, 3\] but stage 2 expects"):
         _checked({"act:h": torch.zeros(2, 3)}, spec, 1, 2)
 
@@ -134,7 +136,24 @@ def test_torchrun_bad_placement_fails_on_every_rank():
 
 def test_torchrun_dead_peer_is_an_error_not_a_hang():
     out = torchrun(2, "failure_check.py", "peer-dies", timeout=240)
-    assert "caught on rank 0: pipeline peer failed" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "caught on rank 0: pipeline peer rank 1 failed" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def test_torchrun_a_rank_raising_in_any_zb_exchange_fails_its_peer_within_the_timeout():
+    """For every method of the communication module (collectives, control messages, sends and receives), rank 1
+    raises inside it and then stays silent; rank 0 raises a ZbError naming rank 1 within the 'timeout' option
+    (3 s) plus the rest of its step, not after the process group's default timeout. Runs three at a time."""
+    from tests.distributed.failure_check import RAISE_IN, TIMEOUT
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        outs = dict(zip(RAISE_IN, pool.map(lambda m: torchrun(2, "failure_check.py", "raise-in", m, timeout=240),
+                                           RAISE_IN)))
+    for method, out in outs.items():
+        found = re.search(r"caught on rank 0 after ([0-9.]+) s: (.*)", out.stdout)
+        assert found, f"{method}: {out.stdout[-2000:]}{out.stderr[-4000:]}"
+        assert "rank 1" in found.group(2), f"{method}: {found.group(2)}"
+        assert float(found.group(1)) < TIMEOUT + 20, f"{method}: rank 0 took {found.group(1)} s"
+        assert f"raised on rank 1: injected failure in DistributedComm.{method}" in out.stdout, method
 
 
 def test_measured_stage_times_move_the_cuts():
@@ -154,12 +173,12 @@ def test_measured_stage_times_move_the_cuts():
 
 def _pretend_stage_0_is_slow(monkeypatch):
     """Once a step was measured, stage 0 reads as 3x each other stage (the re-cut then moves work off it)."""
-    import zb.backend
+    import zb.adapt
     from zb.runtime.runner import PipelineRunner
 
-    monkeypatch.setattr(zb.backend, "REBALANCE_ABOVE", 0.0)
+    monkeypatch.setattr(zb.adapt, "REBALANCE_ABOVE", 0.0)
     monkeypatch.setattr(PipelineRunner, "stage_times", lambda self: None if self.costs is None else tuple(
-        3.0 if s == 0 else 1.0 for s in range(self.plan.num_stages)))
+        3.0 if s == 0 else 1.0 for s in range(self.program.num_stages)))
 
 
 def test_rebalanced_pipeline_still_matches_eager(monkeypatch):
@@ -178,27 +197,27 @@ def test_rebalanced_pipeline_still_matches_eager(monkeypatch):
         reference(*batch).backward()
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             assert_close(p.grad, q.grad, f"step {i} grad of {name}")
-    (runner,) = backend.runners
-    assert runner.rebalanced and runner.plan.previous_cuts is not None
+    (graph,) = backend.graphs
+    assert graph.rebalanced and backend.plans[-1].previous_cuts is not None
 
 
 @pytest.mark.parametrize("rebalance", [True, False])
 def test_the_first_step_is_measured_for_rebalancing_unless_turned_off(monkeypatch, rebalance):
     _pretend_stage_0_is_slow(monkeypatch)
-    runner = _two_steps_of_a_two_stage_mlp(rebalance=rebalance)
-    assert (runner.plan.previous_cuts is not None) == rebalance  # the second step ran on re-cut stages
-    assert runner.rebalanced == rebalance
+    backend = _two_steps_of_a_two_stage_mlp(rebalance=rebalance)
+    assert (backend.plans[-1].previous_cuts is not None) == rebalance  # the second step ran on re-cut stages
+    assert bool(backend.graphs[0].rebalanced) == rebalance
 
 
 def test_no_re_cut_when_it_would_not_speed_up_the_slowest_stage(monkeypatch):
     """Stages within 2% of each other: any other cut only moves the imbalance, so the stages stay."""
-    import zb.backend
+    import zb.adapt
     from zb.runtime.runner import PipelineRunner
 
-    monkeypatch.setattr(zb.backend, "REBALANCE_ABOVE", 0.0)
+    monkeypatch.setattr(zb.adapt, "REBALANCE_ABOVE", 0.0)
     monkeypatch.setattr(PipelineRunner, "stage_times", lambda self: None if self.costs is None else (1.0, 1.02))
-    runner = _two_steps_of_a_two_stage_mlp(rebalance=True)
-    assert runner.rebalanced and runner.plan.previous_cuts is None
+    backend = _two_steps_of_a_two_stage_mlp(rebalance=True)
+    assert backend.graphs[0].rebalanced and backend.plans[-1].previous_cuts is None
 
 
 def _two_steps_of_a_two_stage_mlp(**options):
@@ -208,8 +227,7 @@ def _two_steps_of_a_two_stage_mlp(**options):
     step = torch.compile(model, backend=backend)
     for _ in range(2):
         step(*args).backward()
-    (runner,) = backend.runners
-    return runner
+    return backend
 
 
 def test_split_points_for_names_the_cut():
@@ -228,7 +246,7 @@ def test_pipeline_inference_runs_forwards_only(schedule):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_insert_communication_describes_each_boundary():
+def test_record_boundaries_describes_each_boundary():
     model, args = models.gpt()
     plan = zb.explain(model, *args, stages=3, schedule="zb-h1", microbatches=4)
     for before, after in zip(plan.stages, plan.stages[1:]):

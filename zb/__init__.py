@@ -4,34 +4,41 @@
     loss = step(x, y); loss.backward(); opt.step(); opt.zero_grad()
 
     plan = zb.explain(loss_fn, x, y, microbatches=4)   # the graphs zb built, without running them
+
+The package is lazy: `import zb`, `import zb.schedules` and the `zb` command line load torch only when a name
+that needs it is first used, so planning schedules and `zb --help` start instantly.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-import torch
+from zb.core.errors import ZbError, ZbOptionError, ZbUnsupportedError
 
-from zb.backend import ZbBackend, zb_backend
-from zb.errors import ZbError, ZbOptionError, ZbUnsupportedError
-from zb.options import Options
-from zb.passes.plan import Plan
-from zb.runtime.optimizer import history as step_history
-from zb.runtime.optimizer import synchronize
+# name -> (module, attribute): loaded on first use.
+_LAZY = {
+    "Options": ("zb.core.options", "Options"),
+    "Plan": ("zb.passes.plan", "Plan"),
+    "ZbBackend": ("zb.backend", "ZbBackend"),
+    "zb_backend": ("zb.backend", "zb_backend"),
+    "explain": ("zb.backend", "explain"),
+    "step_history": ("zb.runtime.optimizer", "history"),
+    "synchronize": ("zb.runtime.optimizer", "synchronize"),
+}
 
 __all__ = ["Options", "Plan", "ZbBackend", "ZbError", "ZbOptionError", "ZbUnsupportedError", "explain",
            "step_history", "synchronize", "zb_backend"]
 
 
-def explain(model: Any, *example_inputs: Any, **options: Any) -> Plan:
-    """Capture `model(*example_inputs)` and run every zb pass on it; returns the Plan (nothing is compiled).
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'zb' has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
 
-    The model runs once eagerly (as traced by Dynamo) to capture its graph; no gradients are left behind.
-    """
-    backend = ZbBackend(options, codegen=False)
-    compiled = torch.compile(model, backend=backend, dynamic=False)
-    compiled(*example_inputs)
-    plans = backend.plans
-    if not plans:
-        raise ZbError("Dynamo captured no graph: the model ran no tensor operations zb could compile")
-    return plans[0]
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

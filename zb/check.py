@@ -92,7 +92,7 @@ def _check_pieces(plan: Plan, compiled) -> list[Row]:
         piece = compiled.get((s, name))
         if piece is None:
             continue
-        gm = piece.graph
+        gm = plan.stages[s].pieces[name]
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         values = [_input_value(plan, key, node, shared, local[s]) for key, node in zip(piece.inputs, placeholders)]
         reference, label = _run_reference(gm, values)
@@ -195,7 +195,7 @@ def _compare(got, reference, placeholders) -> tuple[float, float, torch.dtype]:
 # ---- fused attention ------------------------------------------------------------------------------------------
 
 def _check_attention(plan: Plan) -> list[Row]:
-    from zb.codegen.attention import attention, reference
+    from zb.ops.attention import attention, reference
 
     rows = []
     for node in plan.graph.graph.nodes:
@@ -226,7 +226,7 @@ def _check_attention(plan: Plan) -> list[Row]:
 # ---- fused optimizer ------------------------------------------------------------------------------------------
 
 def _check_optimizer(model: torch.nn.Module, name: str) -> Row:
-    from zb.codegen.optimizer import update_kernel
+    from zb.ops.optimizer import update_kernel
 
     cls, hyper = OPTIMIZERS[name]
     params = [p.detach().clone() for p in model.parameters() if p.requires_grad]

@@ -24,12 +24,14 @@ import sys
 from typing import Any
 from collections.abc import Callable
 
-from zb.errors import ZbError
+from zb.core.errors import ZbError
 from zb.schedules.actions import ScheduleError
-from zb.options import Options
+from zb.core.options import Options
 
 
-NOT_ON_THE_COMMAND_LINE = ("group",)  # a process group exists only inside a program
+# Options that take an object (a process group, an optimizer) exist only inside a program: no flag for them
+# (`check` has its own --optimizer, a choice of optimizer class).
+NOT_ON_THE_COMMAND_LINE = ("group", "optimizer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("target", metavar="MODULE:FACTORY", help="FACTORY() returns (model, example_args)")
     check.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=None,
                        help="also check zb's fused update for this optimizer against torch.optim")
-    _add_option_flags(check, skip=("optimizer",))
+    _add_option_flags(check)
     check.set_defaults(run=_check)
     _add_schedule_command(commands)
     args = parser.parse_args(argv)
@@ -65,16 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _add_option_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("zb options (as in torch.compile(..., options={...}))")
     for name, default, doc in Options.describe():
-        if name in NOT_ON_THE_COMMAND_LINE or name in skip:
+        if name in NOT_ON_THE_COMMAND_LINE:
             continue
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"option_{name}", metavar="VALUE",
                            help=f"{doc} (default: {default!r})")
 
 
 def _options_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The zb options given as flags, converted and validated (ZbOptionError for a malformed or wrong value), so a
+    bad flag fails before the model is built."""
     options = {}
     for name, _, _ in Options.describe():
         if name in NOT_ON_THE_COMMAND_LINE:
@@ -82,6 +86,7 @@ def _options_from(args: argparse.Namespace) -> dict[str, Any]:
         text = getattr(args, f"option_{name}", None)
         if text is not None:
             options[name] = Options.parse_cli_value(name, text)
+    Options.from_dict(options)
     return options
 
 
@@ -89,9 +94,10 @@ def _inspect(args: argparse.Namespace) -> int:
     import zb
     from zb.passes import dump_plan
 
+    options = _options_from(args)
     factory = load_factory(args.target)
     model, example_args = factory()
-    plan = zb.explain(model, *example_args, **_options_from(args))
+    plan = zb.explain(model, *example_args, **options)
     print(plan.summary())
     written = dump_plan(plan, pathlib.Path(args.out))
     print(f"wrote {len(written)} graph files to {args.out}/: " + ", ".join(p.name for p in written))
@@ -107,9 +113,10 @@ def _inspect(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from zb.check import check, format_table
 
+    options = _options_from(args)
     factory = load_factory(args.target)
     model, example_args = factory()
-    rows = check(model, example_args, _options_from(args), optimizer=args.optimizer)
+    rows = check(model, example_args, options, optimizer=args.optimizer)
     print(format_table(rows))
     return 0 if all(r.passed for r in rows) else 1
 

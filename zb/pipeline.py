@@ -3,7 +3,8 @@
 Without a process group (and outside torchrun) every stage runs in this process: `stages=1` is plain
 single-process training; `stages > 1` runs all ranks' action lists here with in-memory channels, a mode for
 debugging and testing that gives the same numbers as the distributed run. Under torchrun with no process group
-yet, zb creates one (gloo on CPU, NCCL on CUDA). Every check here runs identically on every rank, before any
+yet, zb creates one: gloo on CPU; NCCL when CUDA is present, after `torch.cuda.set_device(LOCAL_RANK)` so that
+each process drives its own GPU. Every check here runs identically on every rank, before any
 communication, so a bad option fails everywhere at once.
 """
 
@@ -11,9 +12,9 @@ from __future__ import annotations
 
 import os
 
-from zb.errors import ZbOptionError
-from zb.options import Options
-from zb.runtime import DistributedTransport, InProcessTransport, sequential_schedule
+from zb.core.errors import ZbOptionError
+from zb.core.options import Options
+from zb.runtime import DistributedComm, LocalComm, sequential_schedule
 from zb.schedules import Costs, Schedule, ScheduleError, default_chunks, generate
 
 
@@ -41,8 +42,11 @@ class Pipeline:
     def local_ranks(self) -> list[int]:
         return [self.rank] if self.distributed else list(range(max(1, self.num_ranks)))
 
-    def transport(self):
-        return DistributedTransport(self.group, self.options.timeout) if self.distributed else InProcessTransport()
+    def comm(self):
+        """The communication module for one runner: over the process group, or in this process."""
+        if not self.distributed:
+            return LocalComm()
+        return DistributedComm(self.group, self.options.timeout, _comm_device(self.group))
 
     def schedule_for(self, training: bool, costs: Costs | None = None) -> Schedule:
         """The compute-only schedule (validated); raises ScheduleError as a ZbOptionError for a bad request."""
@@ -71,8 +75,22 @@ def _distributed(options: Options) -> bool:
     if not dist.is_initialized() and _launched_by_torchrun() and (options.stages or 0) != 1:
         import torch
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
     return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device(group):
+    """Where collective and control buffers live: the current CUDA device for NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _launched_by_torchrun() -> bool:

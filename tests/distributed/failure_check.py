@@ -2,10 +2,15 @@
 
     torchrun --nproc-per-node 2 tests/distributed/failure_check.py bad-stages
     torchrun --nproc-per-node 2 tests/distributed/failure_check.py peer-dies
+    torchrun --nproc-per-node 2 tests/distributed/failure_check.py raise-in all_reduce
 
 bad-stages: an impossible placement fails on every rank with the same ZbOptionError, before any communication.
 peer-dies: rank 1 exits in the middle of a step; rank 0 raises ZbError naming the failure (within the
 'timeout' option) instead of hanging. Each surviving rank prints `caught: <message>`.
+raise-in METHOD: rank 1 raises the first time it enters that method of zb's communication module (a collective,
+a control message, a send or receive) and then stays alive without taking part; rank 0, waiting for it in the
+same exchange, must raise a ZbError naming rank 1 within the 'timeout' option (3 s here, not the process group's
+default of minutes). Rank 0 prints `caught on rank 0 after <seconds> s: <message>`.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -51,6 +57,54 @@ def main() -> None:
             print(f"caught on rank {rank}: {e}", flush=True)
             os._exit(0)  # the group is broken: skip its shutdown
         raise SystemExit("rank 0 finished a step without its peer")
+
+
+    if mode == "raise-in":
+        raise_in(sys.argv[2], model, args, rank)
+
+
+TIMEOUT = 3.0
+# The options under which each method of DistributedComm is called in the first steps of a 2-stage pipeline.
+RAISE_IN = {
+    "send": {},  # a boundary tensor
+    "recv": {},
+    "broadcast": {},  # the loss, from the last stage's rank
+    "all_reduce": {"optimizer": "sgd", "post_validation": False},  # the global gradient norm
+    "send_control": {"optimizer": "sgd"},  # post-validation's partial norm, from the last rank down
+    "all_gather_object": {"profile": True},  # every rank's timings
+    "broadcast_object": {"schedule": "zb-auto"},  # rank 0's re-planned schedule after step 2
+    "barrier": {"rebalance": True},  # before the measured first step
+}
+
+
+def raise_in(method: str, model, args, rank: int) -> None:
+    from zb.runtime.comm import DistributedComm
+
+    options = {"schedule": "1f1b", "compiler": "eager", "microbatches": 4, "timeout": TIMEOUT, **RAISE_IN[method]}
+    if options.get("optimizer") == "sgd":
+        options["optimizer"] = torch.optim.SGD(model.parameters(), lr=0.01)
+    if rank == 1:
+        def injected(*_, **__):
+            raise RuntimeError(f"injected failure in DistributedComm.{method}")
+
+        setattr(DistributedComm, method, injected)
+    step = torch.compile(model, backend="zb", options=options)
+    for _ in range(4):
+        start = time.perf_counter()
+        try:
+            loss = step(*args)
+            if "optimizer" not in options:
+                loss.backward()
+        except ZbError as e:
+            print(f"caught on rank {rank} after {time.perf_counter() - start:.1f} s: {e}", flush=True)
+            os._exit(0)  # the group is broken: skip its shutdown
+        except RuntimeError as e:
+            if rank != 1 or "injected failure" not in str(e):
+                raise
+            print(f"raised on rank 1: {e}", flush=True)
+            time.sleep(TIMEOUT + 6)  # alive but silent: rank 0 must give up by its own timeout
+            os._exit(0)
+    raise SystemExit(f"rank {rank} finished every step though rank 1 raised in {method}")
 
 
 if __name__ == "__main__":

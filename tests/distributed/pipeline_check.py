@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 import zb  # noqa: E402
 from tests import models  # noqa: E402
 from zb.pipeline import Pipeline  # noqa: E402
-from zb.runtime.migrate import moves, readers  # noqa: E402
+from zb.adapt import moves  # noqa: E402
+from zb.codegen import build_program  # noqa: E402
 from zb.schedules import SCHEDULES  # noqa: E402
 
 FACTORIES = {"gpt": models.gpt, "mlp": models.deep_mlp}
@@ -70,7 +71,8 @@ def check(schedule: str, factory, microbatches: int, compiler: str, rank: int, r
         after = backend.plans[-1]
         if after.cuts == before.cuts:
             raise AssertionError(f"{schedule}: the stages were not re-cut (cuts {after.cuts})")
-        moved = moves(before, backend.runners[0].schedule.placement, after, backend.runners[0].schedule.placement)
+        placement = backend.runners[0].schedule.placement
+        moved = moves(build_program(before, {}), placement, build_program(after, {}), placement)
         if not moved:
             raise AssertionError(f"{schedule}: the re-cut {before.cuts} -> {after.cuts} moved no parameter")
     # Parameters of other ranks' stages get no gradient here, so this rank's optimizer leaves them alone.
@@ -85,7 +87,7 @@ def scramble_unread_parameters(model, args, options: dict, rank: int):
     stage part must then get the values from the rank that had it, or training goes wrong. Returns the plan."""
     plan = zb.explain(model, *args, **{**options, "compiler": "eager"})
     placement = Pipeline(plan.options).schedule_for(True).placement
-    read = readers(plan, placement)
+    read = build_program(plan, {}).readers(placement)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for index, spec in enumerate(plan.inputs):
@@ -97,13 +99,13 @@ def scramble_unread_parameters(model, args, options: dict, rank: int):
 def force_recut() -> None:
     """Re-cut after the first step whatever it measured, as if stage 0 took three times as long as each other
     stage: stage 0 gives operations (and parameters) to stage 1, on the other rank."""
-    import zb.backend
+    import zb.adapt
     from zb.runtime.runner import PipelineRunner
 
-    zb.backend.REBALANCE_ABOVE = 0.0
-    zb.backend.RECUT_GAIN = -1.0
+    zb.adapt.REBALANCE_ABOVE = 0.0
+    zb.adapt.RECUT_GAIN = -1.0
     PipelineRunner.stage_times = lambda self: None if self.costs is None else tuple(
-        3.0 if s == 0 else 1.0 for s in range(self.plan.num_stages))
+        3.0 if s == 0 else 1.0 for s in range(self.program.num_stages))
 
 
 def main() -> None:

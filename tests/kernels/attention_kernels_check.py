@@ -14,8 +14,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from zb.codegen import attention_kernels as kernels
-from zb.codegen.attention import reference
+from zb.ops import attention_kernels as kernels
+from zb.ops.attention import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 

@@ -1,10 +1,24 @@
-"""Re-capture the compiled frame at microbatch size.
+"""Everything zb takes from Dynamo's internals, in one place.
 
-Dynamo traces the user's function at the full batch and bakes shapes into the graph (a `view(8, 16, ...)` means
-"batch 8"), so that graph cannot run one microbatch. Dynamo's translator holds the real frame it traced: its
-code, globals, closure and arguments. `FrameCapture` keeps those (minus the batch tensors, which it does not
-hold on to) and, for a concrete call, traces the same function again on the first microbatch with a capturing
-backend (fullgraph, static shapes). The resulting graph has the same inputs as Dynamo's, matched by source.
+The private APIs used here, and why:
+  * `torch._dynamo.symbolic_convert.InstructionTranslator.current_tx()`: the translator of the frame being
+    compiled, seen from inside the backend: its `output.compile_subgraph_reason` says whether Dynamo broke the
+    graph (zb needs the whole step in one graph), and its `f_code`, `f_globals`, `closure` and `f_locals` are the
+    frame itself, which zb re-traces at microbatch size.
+  * `node.meta["grapharg"].source` on the placeholders of Dynamo's graph, and the source classes
+    `torch._dynamo.source.LocalSource` / `GetItemSource`: where each graph input came from (a parameter of
+    `self`, an argument, an item of an argument), to classify the inputs and to match two traces' inputs.
+  * `node.meta["example_value"]` with `torch.SymInt` sizes: whether Dynamo made the graph dynamic.
+  * `torch.compile(..., isolate_recompiles=True)` and `torch._dynamo.exc.Unsupported`: re-tracing a frame
+    without touching the caller's compile cache, and the error Dynamo raises for what it cannot trace.
+Everything else in zb uses Dynamo only through `torch.compile` and the backend interface.
+
+Re-capturing the frame at microbatch size: Dynamo traces the user's function at the full batch and bakes shapes
+into the graph (a `view(8, 16, ...)` means "batch 8"), so that graph cannot run one microbatch. Dynamo's translator
+holds the real frame it traced: its code, globals, closure and arguments. `FrameCapture` keeps those (minus the
+batch tensors, which it does not hold on to) and, for a concrete call, traces the same function again on the first
+microbatch with a capturing backend (fullgraph, static shapes). The resulting graph has the same inputs as
+Dynamo's, matched by source.
 """
 
 from __future__ import annotations
@@ -19,7 +33,7 @@ import torch
 from torch import fx
 from torch._dynamo.source import GetItemSource, LocalSource
 
-from zb.errors import ZbUnsupportedError
+from zb.core.errors import ZbUnsupportedError
 from zb.passes.plan import InputSpec
 
 
@@ -146,3 +160,36 @@ def _source_path(source) -> str:
     parts = re.findall(r"\['([^']*)'\]", source.name)
     keep = [p for p in parts[1:]] if len(parts) > 1 else parts
     return ".".join(keep) or source.name
+
+
+def input_source(gm: fx.GraphModule, index: int):
+    """Dynamo's source of graph input `index` (L['x'], L['self']._modules['fc']._parameters['weight'], ...)."""
+    return placeholders(gm)[index].meta["grapharg"].source
+
+
+def has_symbolic_shape(node: fx.Node) -> bool:
+    value = node.meta.get("example_value")
+    return isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape)
+
+
+def reject_graph_break(gm: fx.GraphModule):
+    """Raise if Dynamo split the frame into several graphs; returns Dynamo's translator (None outside Dynamo)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    if tx is None:  # called outside Dynamo (a test handing us a graph directly)
+        return None
+    reason = getattr(tx.output, "compile_subgraph_reason", None)
+    resumed = tx.f_code.co_name.startswith("torch_dynamo_resume_in_")
+    if (reason is not None and reason.graph_break) or resumed:
+        where = ""
+        if reason is not None and reason.user_stack:
+            frame = reason.user_stack[-1]
+            where = f" at {frame.filename}:{frame.lineno} ({frame.line})"
+        why = reason.reason.strip().splitlines()[0] if reason is not None and not resumed else "code after a break"
+        raise ZbUnsupportedError(
+            f"zb needs the whole model in one graph, but Dynamo broke the graph{where}: {why}\n"
+            "Remove what Dynamo cannot trace there (prints, .item(), data-dependent Python control flow), and "
+            "use torch.compile(..., fullgraph=True) to see every break."
+        )
+    return tx

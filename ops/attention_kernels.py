@@ -7,7 +7,7 @@ query block), both recomputing the probabilities from the log-sum-exp; no atomic
 fp32 products use IEEE precision (not TF32); bf16/fp16 inputs accumulate in fp32.
 
 This module holds nothing but the kernels, so that a test can load a second copy of it under TRITON_INTERPRET=1
-and run the same kernels on CPU tensors (`tests/test_attention.py`); `zb.codegen.attention` registers them as
+and run the same kernels on CPU tensors (`tests/test_attention.py`); `zb.ops.attention` registers them as
 PyTorch operators.
 """
 

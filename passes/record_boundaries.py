@@ -1,4 +1,4 @@
-"""insert_communication: what crosses each stage boundary, with the shapes and dtypes known statically.
+"""record_boundaries: what crosses each stage boundary, with the shapes and dtypes known statically.
 
 Contract
   input:  every stage's pieces as split_backward leaves them (forward reads act:<name> from the stage before;
@@ -18,7 +18,7 @@ from __future__ import annotations
 from zb.passes.plan import Plan, output_keys
 
 
-def insert_communication(plan: Plan) -> Plan:
+def record_boundaries(plan: Plan) -> Plan:
     for stage in plan.stages:
         forward = stage.forward
         stage.receives_forward = [
@@ -31,5 +31,5 @@ def insert_communication(plan: Plan) -> Plan:
                 if n.meta["zb_key"].startswith("tangent:act:"):
                     tangents[n.meta["zb_key"][len("tangent:"):]] = (tuple(n.meta["val"].shape), n.meta["val"].dtype)
         stage.receives_backward = [(k, *tangents[k]) for k in output_keys(forward) if k in tangents]
-        plan.counters["insert_communication.transfers"] += len(stage.receives_forward) + len(stage.receives_backward)
+        plan.counters["record_boundaries.transfers"] += len(stage.receives_forward) + len(stage.receives_backward)
     return plan

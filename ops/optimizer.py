@@ -1,4 +1,4 @@
-"""Codegen for the parameter update: one fused kernel over all of a stage's parameters.
+"""The fused parameter update: one fused kernel over all of a stage's parameters.
 
 The update reads the hyper-parameters of the user's param group (lr, betas, weight decay, ... at the moment it
 runs, so learning-rate schedulers work) and the user's optimizer state, and writes the state back in the layout
@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+from zb.core.options import FUSED_OPTIMIZERS
+
+SUPPORTED = tuple(getattr(torch.optim, name) for name in FUSED_OPTIMIZERS)
 
 # One fused update: (params, grads, the user's state dict of each parameter, its param group) -> None.
 UpdateKernel = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[dict], dict], None]

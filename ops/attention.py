@@ -26,7 +26,7 @@ import math
 import torch
 from torch.library import triton_op, wrap_triton
 
-from zb.codegen.attention_kernels import lse_dtype, triton_backward, triton_forward
+from zb.ops.attention_kernels import lse_dtype, triton_backward, triton_forward
 
 HEAD_DIM_MAX = 128
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from zb.errors import ZbOptionError
+from zb.core.errors import ZbOptionError
 from zb.schedules import SCHEDULES
 
 
@@ -84,13 +84,11 @@ def _optimizer(name: str, value: Any) -> Any:
         return None
     import torch
 
-    from zb.codegen.optimizer import SUPPORTED
-
     if not isinstance(value, torch.optim.Optimizer):
         raise ZbOptionError(f"option {name!r} takes a torch.optim optimizer over the model's parameters, got "
                             f"{type(value).__name__}")
-    if type(value) not in SUPPORTED:
-        raise ZbOptionError(f"option {name!r}: zb fuses {', '.join(t.__name__ for t in SUPPORTED)} updates, not "
+    if type(value) not in (getattr(torch.optim, n) for n in FUSED_OPTIMIZERS):
+        raise ZbOptionError(f"option {name!r}: zb fuses {', '.join(FUSED_OPTIMIZERS)} updates, not "
                             f"{type(value).__name__}; leave 'optimizer' out and call your optimizer after "
                             "loss.backward()")
     return value
@@ -108,7 +106,8 @@ def _optional_boolean(name: str, value: Any) -> bool | None:
     return None if value is None else _boolean(name, value)
 
 
-REBALANCE_ABOVE = 1.15  # re-cut when the slowest measured stage is this much over the mean
+# The torch.optim classes whose update zb.ops.optimizer fuses (named here so that checking an option needs no kernel).
+FUSED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
 
 def _option(default: Any, doc: str, check: Callable[[str, Any], Any]) -> Any:
@@ -143,7 +142,7 @@ class Options:
                          _process_group)
     rebalance: bool = _option(
         False, "re-cut the stages once, after the first training step, when its measured stage times are "
-        f"uneven (slowest over {REBALANCE_ABOVE:g}x the mean); across ranks this moves parameters to their new "
+        "clearly uneven (slowest over 1.15x the mean, zb/adapt.py); across ranks this moves parameters to their new "
         "rank. Not with 'split_points' or 'optimizer' across ranks", _boolean,
     )
     profile: bool = _option(False, "time every action and transfer; zb-auto re-plans with the measured costs",
@@ -197,24 +196,31 @@ class Options:
 
     @classmethod
     def parse_cli_value(cls, name: str, text: str) -> Any:
-        """Turn a command-line string into the field's type (validation happens in from_dict)."""
+        """Turn a command-line string into the field's type (validation happens in from_dict). A string that is
+        not of that type raises ZbOptionError naming the option, never a bare ValueError."""
+        if name in ("group", "optimizer"):
+            raise ZbOptionError(f"option {name!r} takes an object; it cannot be given on the command line")
         default = {f.name: f.default for f in dataclasses.fields(cls)}[name]
         if isinstance(default, bool) or name == "post_validation":
-            return text.lower() in ("1", "true", "yes", "on")
+            word = text.strip().lower()
+            if word in ("true", "1", "yes", "on"):
+                return True
+            if word in ("false", "0", "no", "off"):
+                return False
+            raise ZbOptionError(f"option {name!r} takes a boolean: true/false, 1/0, yes/no or on/off (any case); "
+                                f"got {text!r}")
         if name == "split_points":
             return [p for p in text.split(",") if p]
         if name in ("timeout", "max_grad_norm"):
-            return float(text)
-        if name == "optimizer":
-            raise ZbOptionError("option 'optimizer' takes an optimizer object; it cannot be given on the command line")
-        if name == "stages":
-            return int(text)
-        if isinstance(default, int):
-            try:
-                return int(text)
-            except ValueError:
-                raise ZbOptionError(f"option {name!r} takes an int, got {text!r}") from None
-        return text
+            kind, convert = "a number", float
+        elif name == "stages" or isinstance(default, int):
+            kind, convert = "an int", int
+        else:
+            return text
+        try:
+            return convert(text)
+        except ValueError:
+            raise ZbOptionError(f"option {name!r} takes {kind}, got {text!r}") from None
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:

@@ -1,0 +1,235 @@
+"""The executable program codegen hands the runtime: everything a step needs, as data, and no FX graph.
+
+    compiled = compile_plan(plan, stages={0})          # the pieces this process runs
+    program = build_program(plan, compiled)            # what the runtime reads, with the schedule
+
+A `Program` holds, per stage, each piece's calling convention (the keys it reads, where each output goes, what
+is freed after it, what counts as activation memory) and its compiled callable where this process runs it; the
+boundary tensors each stage receives (key, shape, dtype, device); the activation bytes one microbatch leaves
+for B and for W (the simulator's M_B and M_W); and for the whole model one table of which stages produce the
+gradient of each input, which parameters several ranks share, and which parameters each stage's fused update
+covers. Everything here is worked out once from the plan's graphs, so the runtime never walks a graph and no
+two runtime modules derive the same fact twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from zb.codegen.inductor import CompiledPiece
+from zb.core.options import Options
+from zb.passes.plan import PIECES, InputSpec, Plan, Stage, input_keys, nbytes, output_keys, output_values
+
+# Where a piece's output goes.
+DISCARD = "discard"  # an output nobody reads
+ENV = "env"  # kept for a later piece of the same stage and microbatch (saved:, stash:, ...)
+OUT = "out"  # a model output (out:<j>)
+ACT = "act"  # an activation sent to the next stage
+GRAD_ACT = "grad_act"  # the gradient of an activation, sent to the stage before
+GRAD_SLICE = "grad_slice"  # the gradient of one microbatch of a batched input (concatenated after the step)
+GRAD_SUM = "grad_sum"  # the gradient of an unbatched input (a parameter): summed over microbatches
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor known before the step runs: the key it travels under, its shape, dtype and device."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def empty(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device)
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one output of a piece goes: `kind` (ENV, OUT, ...), its key, the output or input index it is for
+    (-1 if none), and whether its bytes count as activation memory."""
+
+    kind: str
+    key: str
+    index: int
+    counted: bool
+
+
+@dataclass
+class Piece:
+    """One F, B or W of a stage: its calling convention, and `run` where this process runs it (else None)."""
+
+    name: str
+    stage: int
+    inputs: list[str]
+    routes: list[Route]
+    drops: list[tuple[str, bool]]  # (key, counted) of the values no later piece of the microbatch reads
+    run: CompiledPiece | None = None
+
+
+@dataclass
+class StageProgram:
+    index: int
+    device: torch.device  # where its parameters, inputs and boundary tensors live
+    pieces: dict[str, Piece]
+    receives_forward: list[TensorSpec]  # the activations F receives from the stage before, in sending order
+    receives_backward: list[TensorSpec]  # the activations whose gradients B receives from the stage after
+    reads: frozenset[int]  # plan inputs (parameters, buffers, user inputs) this stage's pieces read
+    memory_b: float  # bytes F leaves for the backward, per microbatch (the simulator's M_B)
+    memory_w: float  # bytes B leaves for W, per microbatch (M_W)
+
+
+@dataclass
+class Program:
+    training: bool
+    options: Options
+    inputs: list[InputSpec]
+    input_specs: list[TensorSpec | None]  # one microbatch of each input (a parameter whole); None: not a tensor
+    outputs: list[TensorSpec | None]  # one microbatch of each model output, as the last stage produces it
+    stages: list[StageProgram]
+    grad_producers: dict[int, frozenset[int]]  # input index -> the stages whose backward produces its gradient
+    updates: dict[int, list[int]] = field(default_factory=dict)  # stage -> parameters its fused update covers
+    shared_updates: list[int] = field(default_factory=list)  # parameters updated once their gradient is summed
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.outputs)
+
+    @property
+    def microbatches(self) -> int:
+        return self.options.microbatches
+
+    def producer_ranks(self, index: int, placement: Sequence[int]) -> list[int]:
+        """The ranks whose stages produce input `index`'s gradient, in order."""
+        return sorted({placement[s] for s in self.grad_producers.get(index, ())})
+
+    def shared_parameters(self, placement: Sequence[int]) -> dict[int, list[int]]:
+        """Parameter index -> the ranks producing its gradient, for parameters on more than one rank (tied)."""
+        shared = {}
+        for index in sorted(self.grad_producers):
+            ranks = self.producer_ranks(index, placement)
+            if self.inputs[index].kind == "parameter" and len(ranks) > 1:
+                shared[index] = ranks
+        return shared
+
+    def readers(self, placement: Sequence[int]) -> dict[int, set[int]]:
+        """Plan input index -> the ranks whose stages read it."""
+        found: dict[int, set[int]] = {}
+        for stage in self.stages:
+            for index in stage.reads:
+                found.setdefault(index, set()).add(placement[stage.index])
+        return found
+
+
+def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece]) -> Program:
+    """The runtime's view of `plan`, with the compiled pieces of the stages this process runs."""
+    stages = [_stage_program(plan, stage, compiled) for stage in plan.stages]
+    producers: dict[int, set[int]] = {}
+    for stage in plan.stages:
+        for gm in (stage.backward_input, stage.backward_weight) if plan.training else ():
+            for key in output_keys(gm) if gm is not None else ():
+                if key and key.startswith("grad:in:"):
+                    producers.setdefault(int(key[len("grad:in:"):]), set()).add(stage.index)
+    last = plan.stages[-1].forward
+    outs = {key: value for key, value in zip(output_keys(last), _output_meta(last)) if key and key.startswith("out:")}
+    return Program(
+        training=plan.training,
+        options=plan.options,
+        inputs=list(plan.inputs),
+        input_specs=[_spec(f"in:{i}", value) for i, value in enumerate(plan.example_inputs)],
+        outputs=[_spec(f"out:{j}", outs.get(f"out:{j}")) for j in range(plan.num_outputs)],
+        stages=stages,
+        grad_producers={i: frozenset(s) for i, s in sorted(producers.items())},
+        updates={s: list(v) for s, v in plan.updates.items()},
+        shared_updates=list(plan.shared_updates),
+    )
+
+
+def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], CompiledPiece]) -> StageProgram:
+    graphs = [(name, stage.pieces[name]) for name in PIECES if stage.pieces.get(name) is not None]
+    held = _held_keys([gm for _, gm in graphs])
+    pieces = {}
+    for position, (name, gm) in enumerate(graphs):
+        later = {k for _, other in graphs[position + 1:] for k in input_keys(other)}
+        keys = output_keys(gm)
+        drops = sorted(k for k in set(input_keys(gm)) | {k for k in keys if k} if k not in later)
+        pieces[name] = Piece(name, stage.index, input_keys(gm), [_route(k, plan, held) for k in keys],
+                             [(k, k in held) for k in drops], compiled.get((stage.index, name)))
+    forward = stage.forward
+    memory_b = sum(nbytes(v) for k, v in zip(output_keys(forward), _output_meta(forward)) if k in held)
+    weight = stage.backward_weight
+    memory_w = sum(nbytes(n.meta.get("val")) for n in (weight.graph.find_nodes(op="placeholder") if weight else [])
+                   if n.meta["zb_key"] in held)
+    keys = [k for gm in ([stage.graph] if stage.graph is not None else []) + [gm for _, gm in graphs]
+            for k in input_keys(gm)]
+    reads = {int(k[3:]) for k in keys if k.startswith("in:")}
+    return StageProgram(
+        index=stage.index,
+        device=_device(forward),
+        pieces=pieces,
+        receives_forward=[_boundary(k, shape, dtype, forward) for k, shape, dtype in stage.receives_forward],
+        receives_backward=[_boundary(k, shape, dtype, forward) for k, shape, dtype in stage.receives_backward],
+        reads=frozenset(reads),
+        memory_b=float(memory_b),
+        memory_w=float(min(memory_w, memory_b)),
+    )
+
+
+def _route(key: str | None, plan: Plan, held: set[str]) -> Route:
+    if key is None:
+        return Route(DISCARD, "", -1, False)
+    if key.startswith("out:"):
+        return Route(OUT, key, int(key[4:]), key in held)
+    if key.startswith("act:"):
+        return Route(ACT, key, -1, key in held)
+    if key.startswith("grad:act:"):
+        return Route(GRAD_ACT, key, -1, key in held)
+    if key.startswith("grad:in:"):
+        index = int(key[len("grad:in:"):])
+        return Route(GRAD_SLICE if plan.inputs[index].batched else GRAD_SUM, key, index, key in held)
+    return Route(ENV, key, -1, key in held)
+
+
+def _held_keys(pieces: list[fx.GraphModule]) -> set[str]:
+    """The saved:/stash: keys whose bytes are activation memory (not a parameter or input passed along)."""
+    aliases = set()
+    for gm in pieces:
+        for key, node in zip(output_keys(gm), output_values(gm)):
+            if key and isinstance(node, fx.Node) and node.op == "placeholder" and node.meta["zb_key"].startswith("in:"):
+                aliases.add(key)
+    keys = {k for gm in pieces for k in output_keys(gm) if k and k.startswith(("saved:", "stash:"))}
+    return keys - aliases
+
+
+def _boundary(key: str, shape: tuple, dtype: torch.dtype, forward: fx.GraphModule) -> TensorSpec:
+    return TensorSpec(key, tuple(shape), dtype, _device(forward))
+
+
+def _device(gm: fx.GraphModule) -> torch.device:
+    """The device a stage runs on: that of its parameters and inputs (the first tensor placeholder's)."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def _output_meta(gm: fx.GraphModule) -> list[Any]:
+    return [node.meta.get("val") if isinstance(node, fx.Node) else node for node in output_values(gm)]
+
+
+def _spec(key: str, value: Any) -> TensorSpec | None:
+    if not isinstance(value, torch.Tensor):
+        return None
+    return TensorSpec(key, tuple(value.shape), value.dtype, value.device)
