@@ -65,7 +65,6 @@ class StepExecutor:
         self.outs: list[list[Any]] = [[] for _ in range(program.num_outputs)]
         self.grads: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.owned: set[int] = set()  # unbatched inputs whose gradient sum this step allocated
-        self.trace = []
         self.quickest = {}
         self.comm.prepare([self._receive(a) for r in self.ranks for a in self.schedule.actions[r]
                            if a.kind in (RECV_F, RECV_B)])
