@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from zb.codegen.inductor import CompiledPiece
+from zb.codegen.inductor import CompiledPiece, compile_piece
 from zb.core.options import Options
 from zb.passes.plan import PIECES, InputSpec, Plan, Stage, input_keys, nbytes, output_keys, output_values
 
@@ -84,6 +84,23 @@ class StageProgram:
     reads: frozenset[int]  # plan inputs (parameters, buffers, user inputs) this stage's pieces read
     memory_b: float  # bytes F leaves for the backward, per microbatch (the simulator's M_B)
     memory_w: float  # bytes B leaves for W, per microbatch (M_W)
+    random: bool = False  # its forward draws random numbers (dropout): each microbatch gets its own seed
+
+
+@dataclass
+class LossProgram:
+    """How microbatch losses make the step's loss (passes/normalize_loss.py has the rules):
+    `mode` "mean" (seed 1/m, average), "sum" (seed 1, add) or "weighted" (the weights below are inputs of the
+    last stage; seed 1, add). `weights`: (plan input index, kind, denominator index) of each weight: MEAN 1/m,
+    SUM 1, RATIO 1 / (that denominator summed over the microbatches). `outputs`: how each model output combines
+    ("loss", "mean", "sum", ("ratio", d), "concat", "first"). `denominator`: one microbatch's inputs -> every
+    denominator (None when there is none)."""
+
+    mode: str
+    weights: list[tuple[int, str, int]]
+    outputs: list[Any]
+    learned: list[bool]  # per output: it depends on a parameter, so eager would let it require grad
+    denominator: CompiledPiece | None = None
 
 
 @dataclass
@@ -97,6 +114,7 @@ class Program:
     grad_producers: dict[int, frozenset[int]]  # input index -> the stages whose backward produces its gradient
     updates: dict[int, list[int]] = field(default_factory=dict)  # stage -> parameters its fused update covers
     shared_updates: list[int] = field(default_factory=list)  # parameters updated once their gradient is summed
+    loss: LossProgram | None = None  # training: how microbatch losses make the step's loss
 
     @property
     def num_stages(self) -> int:
@@ -114,14 +132,11 @@ class Program:
         """The ranks whose stages produce input `index`'s gradient, in order."""
         return sorted({placement[s] for s in self.grad_producers.get(index, ())})
 
-    def shared_parameters(self, placement: Sequence[int]) -> dict[int, list[int]]:
-        """Parameter index -> the ranks producing its gradient, for parameters on more than one rank (tied)."""
-        shared = {}
-        for index in sorted(self.grad_producers):
-            ranks = self.producer_ranks(index, placement)
-            if self.inputs[index].kind == "parameter" and len(ranks) > 1:
-                shared[index] = ranks
-        return shared
+    def shared_gradients(self, placement: Sequence[int]) -> dict[int, list[int]]:
+        """Input index -> the ranks producing its gradient, for inputs whose gradient more than one rank produces
+        (tied parameters, an input several stages read)."""
+        ranks = {index: self.producer_ranks(index, placement) for index in sorted(self.grad_producers)}
+        return {index: r for index, r in ranks.items() if len(r) > 1}
 
     def readers(self, placement: Sequence[int]) -> dict[int, set[int]]:
         """Plan input index -> the ranks whose stages read it."""
@@ -153,7 +168,17 @@ def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece]) ->
         grad_producers={i: frozenset(s) for i, s in sorted(producers.items())},
         updates={s: list(v) for s, v in plan.updates.items()},
         shared_updates=list(plan.shared_updates),
+        loss=_loss_program(plan),
     )
+
+
+def _loss_program(plan: Plan) -> LossProgram | None:
+    loss = plan.loss
+    if loss is None:
+        return None
+    # The denominator graph is a few operations on the targets, once per microbatch: it runs as it is.
+    denominator = compile_piece(loss.denominator, "denominator", -1, "eager") if loss.denominator else None
+    return LossProgram(loss.mode, list(loss.weights), list(loss.outputs), list(loss.learned), denominator)
 
 
 def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], CompiledPiece]) -> StageProgram:
@@ -183,7 +208,13 @@ def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], Com
         reads=frozenset(reads),
         memory_b=float(memory_b),
         memory_w=float(min(memory_w, memory_b)),
+        random=any(_draws_random(n) for n in forward.graph.nodes),
     )
+
+
+def _draws_random(node: fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
 def _route(key: str | None, plan: Plan, held: set[str]) -> Route:

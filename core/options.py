@@ -57,6 +57,14 @@ def _split_points(name: str, value: Any) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _names(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+        raise ZbOptionError(f"option {name!r} takes a list of argument names such as ['position_ids'], got {value!r}")
+    return tuple(value)
+
+
 def _positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ZbOptionError(f"option {name!r} must be a positive number of seconds, got {value!r}")
@@ -160,6 +168,16 @@ class Options:
         None, "update at once and check the global norm and NaN/Inf afterwards, rolling back a step that had to "
         "be clipped or skipped (default: True with 'optimizer')", _optional_boolean,
     )
+    unbatched: tuple[str, ...] | None = _option(
+        None, "tensor arguments passed whole to every microbatch instead of split along dim 0 (by name, e.g. "
+        "['position_ids']); default: those whose dim 0 differs from the batch size", _names,
+    )
+    loss_reduction: str = _option(
+        "auto", "how the losses of the microbatches make the step's loss: 'auto' (read the loss's normalisation "
+        "from the graph - mean, sum, token-mean cross entropy, a sum over an input-only count - and weigh each "
+        "microbatch so that the loss and every gradient equal eager's on the whole batch; an error if it cannot "
+        "tell), 'mean' (average them) or 'sum' (add them)", _choice("auto", "mean", "sum"),
+    )
     fuse_attention: bool = _option(
         True, "replace attention (F.scaled_dot_product_attention and hand-written softmax(q @ k^T) @ v) with zb's "
         "flash-attention operator", _boolean,
@@ -209,7 +227,7 @@ class Options:
                 return False
             raise ZbOptionError(f"option {name!r} takes a boolean: true/false, 1/0, yes/no or on/off (any case); "
                                 f"got {text!r}")
-        if name == "split_points":
+        if name in ("split_points", "unbatched"):
             return [p for p in text.split(",") if p]
         if name in ("timeout", "max_grad_norm"):
             kind, convert = "a number", float

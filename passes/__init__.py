@@ -2,6 +2,7 @@
 
 from zb.passes.capture_joint import capture_joint
 from zb.passes.fuse_attention import fuse_attention
+from zb.passes.normalize_loss import normalize_loss
 from zb.passes.assign_updates import assign_updates
 from zb.passes.record_boundaries import record_boundaries
 from zb.passes.partition_fw_bw import partition_fw_bw
@@ -13,6 +14,7 @@ from zb.passes.split_backward import split_backward
 # Each pass takes the Plan and returns it; see each file's docstring for its contract.
 PASSES = [
     fuse_attention,
+    normalize_loss,
     partition_stages,
     capture_joint,
     partition_fw_bw,
@@ -31,6 +33,7 @@ __all__ = [
     "capture_joint",
     "dump_plan",
     "fuse_attention",
+    "normalize_loss",
     "assign_updates",
     "partition_fw_bw",
     "run_passes",

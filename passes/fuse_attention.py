@@ -38,6 +38,7 @@ from zb.passes.plan import Plan
 # (functions, Tensor method names) for each step of the pattern, as Dynamo records them.
 SDPA = ((torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention), ())
 SOFTMAX = ((F.softmax, torch.softmax), ("softmax",))
+CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 MATMUL = ((operator.matmul, torch.matmul, torch.bmm), ("matmul", "bmm"))
 DROPOUT = ((F.dropout, torch.dropout), ())
 MASKED_FILL = ((torch.masked_fill,), ("masked_fill",))
@@ -84,22 +85,23 @@ def fuse_attention(plan: Plan) -> Plan:
     gm = _copy(plan.graph)
     plan.graph = gm
     plan.attention = []
-    candidates = [n for n in gm.graph.nodes if _is_call(n, SDPA) or _is_call(n, SOFTMAX)]
-    for node in candidates:
-        if not plan.options.fuse_attention:
-            plan.attention.append(AttentionSite(node.name, False, "option fuse_attention=False"))
-            continue
-        try:
-            match = _match_sdpa(node) if _is_call(node, SDPA) else _match_manual(node)
-            _check_tensors(match)
-        except _LeftAlone as reason:
-            plan.attention.append(AttentionSite(node.name, False, str(reason)))
-            continue
-        _rewrite(gm, match)
-        plan.attention.append(AttentionSite(match.end.name, True, match.note))
-        plan.counters["fused_attention"] += 1
-    gm.graph.lint()
-    gm.recompile()
+    for graph_module in [gm, *_checkpointed_bodies(gm)]:
+        candidates = [n for n in graph_module.graph.nodes if _is_call(n, SDPA) or _is_call(n, SOFTMAX)]
+        for node in candidates:
+            if not plan.options.fuse_attention:
+                plan.attention.append(AttentionSite(node.name, False, "option fuse_attention=False"))
+                continue
+            try:
+                match = _match_sdpa(node) if _is_call(node, SDPA) else _match_manual(node)
+                _check_tensors(match)
+            except _LeftAlone as reason:
+                plan.attention.append(AttentionSite(node.name, False, str(reason)))
+                continue
+            _rewrite(graph_module, match)
+            plan.attention.append(AttentionSite(match.end.name, True, match.note))
+            plan.counters["fused_attention"] += 1
+        graph_module.graph.lint()
+        graph_module.recompile()
     if plan.options.fuse_attention:
         plan.counters["fused_attention"] += 0  # present (possibly 0) whenever the pass looked
     return plan
@@ -128,6 +130,8 @@ def _match_sdpa(node: fx.Node) -> _Match:
         if value is not None and value.dtype == torch.bool:
             match.mask, match.mask_value, match.mask_keeps = mask, float("-inf"), True
             match.note += ", boolean mask as a bias"
+        elif value is not None and value.requires_grad:
+            raise _LeftAlone("the additive mask needs a gradient (a learned bias); the fused kernel computes none")
         else:
             match.bias = mask
             match.note += ", additive mask"
@@ -312,6 +316,19 @@ class _nothing:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
+
+def _checkpointed_bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """The bodies of activation-checkpointed regions (torch.utils.checkpoint under Dynamo is a higher-order op
+    whose first argument is a subgraph), each replaced by a copy that the pass may rewrite."""
+    bodies = []
+    for node in gm.graph.find_nodes(op="get_attr"):
+        body = getattr(gm, node.target, None)
+        if isinstance(body, fx.GraphModule) and any(u.target is CHECKPOINT for u in node.users):
+            body = _copy(body)
+            setattr(gm, node.target, body)
+            bodies.append(body)
+    return bodies
+
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule over a copy of the graph (node names and meta kept), so the caller's graph stays as is."""

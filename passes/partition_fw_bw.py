@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from torch import fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._guards import TracingContext, detect_fake_mode, tracing
+
 from zb.passes.plan import Plan, output_keys
 
 
@@ -26,8 +28,12 @@ def partition_fw_bw(plan: Plan) -> Plan:
             continue
         keys = output_keys(stage.joint)
         num_fwd = sum(1 for k in keys if k is not None and k.startswith(("out:", "act:")))
-        # The partitioner recognises primals and tangents by placeholder name, which the export guarantees.
-        forward, backward = min_cut_rematerialization_partition(stage.joint, None, num_fwd_outputs=num_fwd)
+        # The partitioner recognises primals and tangents by placeholder name, which the export guarantees. It
+        # makes fake RNG states when a recomputed region (activation checkpointing) draws random numbers, from
+        # the fake mode of the tracing context: the one the joint's values were traced in.
+        fake_mode = detect_fake_mode([n.meta.get("val") for n in stage.joint.graph.find_nodes(op="placeholder")])
+        with tracing(TracingContext(fake_mode)):
+            forward, backward = min_cut_rematerialization_partition(stage.joint, None, num_fwd_outputs=num_fwd)
         _label(forward, backward, stage, keys[:num_fwd], keys[num_fwd:])
         stage.pieces["forward"] = forward
         stage.backward = backward
@@ -42,10 +48,18 @@ def _label(forward: fx.GraphModule, backward: fx.GraphModule, stage, fwd_keys, g
     (fw_out,) = forward.graph.find_nodes(op="output")
     saved = fw_out.args[0][len(fwd_keys):]
     forward.meta["zb_output_keys"] = list(fwd_keys) + [f"saved:{n.name}" for n in saved]
-    # The backward's placeholders are named after the forward outputs they receive (or tangents_<k>).
-    saved_names = {n.name for n in saved}
-    for node in backward.graph.find_nodes(op="placeholder"):
-        node.meta["zb_key"] = f"saved:{node.name}" if node.name in saved_names else by_name[node.name]
+    # The backward takes the saved values in the order the forward returns them, then the tangents. A saved
+    # value's placeholder is usually named after it, but not always (the RNG state of a recomputed random op
+    # arrives as rng_state_output_<k>), so they are matched by position.
+    inputs = backward.graph.find_nodes(op="placeholder")
+    received = [n for n in inputs if not by_name.get(n.name, "").startswith("tangent:")]
+    if len(received) != len(saved):
+        raise AssertionError(f"stage {stage.index}: the backward takes {len(received)} saved values, the forward "
+                             f"returns {len(saved)}")
+    for node, value in zip(received, saved):
+        node.meta["zb_key"] = f"saved:{value.name}"
+    for node in inputs:
+        node.meta.setdefault("zb_key", by_name.get(node.name))
     backward.meta["zb_output_keys"] = list(grad_keys)
     for gm in (forward, backward):
         for node in gm.graph.nodes:

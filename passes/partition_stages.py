@@ -112,16 +112,31 @@ def _balanced_cuts(plan: Plan, compute: list[fx.Node], n: int, costs: list[float
     for c in costs:
         running += c
         prefix.append(running)  # prefix[i]: cost of compute[0..i]
+    blocked = _uncuttable(compute)
     cuts: list[int] = []
     for j in range(1, n):
         target = j * total / n
         lo = (cuts[-1] + 1) if cuts else 1
         hi = len(compute) - (n - j)
-        window = [i for i in range(lo, hi + 1) if abs(prefix[i - 1] - target) <= slack * total]
+        allowed = [i for i in range(lo, hi + 1) if i not in blocked] or list(range(lo, hi + 1))
+        window = [i for i in allowed if abs(prefix[i - 1] - target) <= slack * total]
         if not window:
-            window = [min(range(lo, hi + 1), key=lambda i: abs(prefix[i - 1] - target))]
+            window = [min(allowed, key=lambda i: abs(prefix[i - 1] - target))]
         cuts.append(min(window, key=lambda i: (crossing[i], abs(prefix[i - 1] - target))))
     return cuts
+
+
+def _uncuttable(compute: list[fx.Node]) -> set[int]:
+    """Cut positions that would send something other than a tensor to the next stage: between a tuple-valued node
+    (a checkpointed region, a split) and its getitems, or a subgraph (get_attr) and the higher-order op using it."""
+    position = {node: i for i, node in enumerate(compute)}
+    blocked: set[int] = set()
+    for node in compute:
+        if node.op != "get_attr" and isinstance(node.meta.get("example_value"), torch.Tensor):
+            continue
+        last = max((position.get(u, position[node]) for u in node.users), default=position[node])
+        blocked.update(range(position[node] + 1, last + 1))
+    return blocked
 
 
 def costs_measured(plan: Plan) -> bool:
@@ -143,6 +158,12 @@ def _refined(costs: list[float], measured, previous_cuts) -> list[float]:
     return refined
 
 
+def _attribute(module: torch.nn.Module, path: str):
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
 def _estimate_costs(plan: Plan, compute: list[fx.Node]) -> list[float]:
     """FLOPs of each node, run on the fake tensors Dynamo recorded; nodes without FLOPs cost a little memory."""
     from torch._guards import detect_fake_mode
@@ -152,6 +173,8 @@ def _estimate_costs(plan: Plan, compute: list[fx.Node]) -> list[float]:
     env: dict[fx.Node, object] = {}
     for node in plan.graph.graph.find_nodes(op="placeholder"):
         env[node] = node.meta.get("example_value")
+    for node in plan.graph.graph.find_nodes(op="get_attr"):  # the body of a higher-order op (a checkpoint)
+        env[node] = _attribute(plan.graph, node.target)
     costs = []
     for node in compute:
         flops = 0.0
@@ -167,7 +190,8 @@ def _estimate_costs(plan: Plan, compute: list[fx.Node]) -> list[float]:
                 flops = float(counter.get_total_flops())
             except Exception:  # an op fake tensors cannot run: fall back to its size  # noqa: BLE001
                 flops = 0.0
-        env[node] = node.meta.get("example_value")
+        if node.op != "get_attr":
+            env[node] = node.meta.get("example_value")
         value = node.meta.get("example_value")
         size = value.numel() if isinstance(value, torch.Tensor) else 0
         costs.append(flops + size)

@@ -31,7 +31,7 @@ from zb.core.options import Options
 
 PIECES = ("forward", "backward_input", "backward_weight")
 
-InputKind = Literal["parameter", "buffer", "input", "constant"]
+InputKind = Literal["parameter", "buffer", "input", "constant", "loss_weight"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,10 @@ class Plan:
     # Measured F+B+W seconds per stage of an earlier plan with these cuts: partition_stages re-balances with them.
     measured_stage_times: tuple[float, ...] | None = None
     previous_cuts: tuple[int, ...] | None = None
+    # Dynamo's graph at the full batch, when `graph` was re-traced at microbatch size (normalize_loss compares them).
+    batch_graph: fx.GraphModule | None = None
+    # normalize_loss: how microbatch losses make the step's loss (a LossSpec).
+    loss: Any = None
     # The fraction of the total cost a cut may move from the even split to cross fewer bytes (None: the pass's
     # default); a re-cut on measured times passes a smaller one (zb/adapt.py).
     balance_window: float | None = None
@@ -164,6 +168,8 @@ class Plan:
         if self.shared_updates:
             lines.append(f"  shared update (gradients summed over stages): "
                          f"{', '.join(self.inputs[i].name for i in self.shared_updates)}")
+        if self.loss is not None and self.training:
+            lines.append(self.loss.describe())
         fused = [a for a in self.attention if a.fused]
         left = [a for a in self.attention if not a.fused]
         if self.attention:

@@ -78,6 +78,9 @@ class LocalComm:
     def broadcast(self, tensor: torch.Tensor, src: int, what: str) -> torch.Tensor:
         return tensor
 
+    def all_gather(self, tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
+        return [tensor]
+
     def all_gather_object(self, value: Any, what: str) -> list[Any]:
         return [value]
 
@@ -178,6 +181,14 @@ class DistributedComm:
         work = self.dist.broadcast(buffer, src=self._peer(src), group=self.group, async_op=True)
         self._wait(work, what, [src] if src != self.rank else self._others())
         return buffer
+
+    def all_gather(self, tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
+        """Every rank's `tensor` (the same shape and dtype on each), in rank order."""
+        buffer = tensor.to(self.device).contiguous()
+        gathered = [torch.empty_like(buffer) for _ in range(self.world)]
+        work = self.dist.all_gather(gathered, buffer, group=self.group, async_op=True)
+        self._wait(work, what, self._others())
+        return gathered
 
     def all_gather_object(self, value: Any, what: str) -> list[Any]:
         """Every rank's `value` (picklable), in rank order: sizes first, then the padded bytes."""

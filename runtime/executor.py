@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from zb.codegen.program import ACT, DISCARD, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, OUT, Program, TensorSpec, nbytes
-from zb.core.errors import ZbError, ZbUnsupportedError
+from zb.core.errors import ZbError
 from zb.runtime.comm import message_id
 from zb.runtime.microbatch import combine_outputs, split_microbatches
 from zb.runtime.profile import ActionClock, timed_runs
@@ -59,12 +59,20 @@ class StepExecutor:
                 if a.kind in (F, B, W, BW):
                     last[a.stage] = a
         self.inputs = split_microbatches(program.inputs, args, program.microbatches)
+        self.denominators = self._denominators()
+        # Random ops (dropout): one seed per step from the user's generator (so every rank, seeded alike, draws
+        # the same), and from it one per (stage, microbatch), so no two microbatches or stages share a mask.
+        self.seed = int(torch.randint(0, 2**62, (1,))) if any(s.random for s in program.stages) else None
+        if program.loss is not None and program.loss.mode == "weighted":
+            self._add_loss_weights()
         self.env: dict[tuple[int, int], dict[str, Any]] = defaultdict(dict)
         self.forward_box: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.backward_box: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.outs: list[list[Any]] = [[] for _ in range(program.num_outputs)]
         self.grads: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.owned: set[int] = set()  # unbatched inputs whose gradient sum this step allocated
+        # Batched inputs: the gradient of each microbatch's slice, summed over the stages that read the input.
+        self.slices: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)
         self.quickest = {}
         self.comm.prepare([self._receive(a) for r in self.ranks for a in self.schedule.actions[r]
                            if a.kind in (RECV_F, RECV_B)])
@@ -96,6 +104,30 @@ class StepExecutor:
         self.comm.finish()
         self.trace = self.clock.records()
         return self.outs, self.grads
+
+    def _denominators(self) -> list[list[torch.Tensor]] | None:
+        """Each microbatch's loss denominators (token counts and the like), computed from its inputs before the
+        step's first action."""
+        loss = self.program.loss
+        if loss is None or loss.denominator is None:
+            return None
+        piece = loss.denominator
+        return [list(piece([inputs[int(k[3:])] for k in piece.inputs])) for inputs in self.inputs]
+
+    def _add_loss_weights(self) -> None:
+        """The inputs normalize_loss added: per microbatch, the weight of each class of loss terms."""
+        program = self.program
+        m = program.microbatches
+        spec = program.outputs[0]
+        for index, kind, denominator in program.loss.weights:
+            if kind == "ratio":
+                total = torch.stack([d[denominator] for d in self.denominators]).sum()
+                weight = (1.0 / total.to(spec.device, torch.float64)).to(spec.dtype)
+            else:
+                weight = torch.tensor(1.0 / m if kind == "mean" else 1.0, dtype=spec.dtype, device=spec.device)
+            for inputs in self.inputs:
+                assert len(inputs) == index, (len(inputs), index)
+                inputs.append(weight)
 
     def _receive(self, action: Action) -> tuple[int, list[TensorSpec], int]:
         """(message, the tensors' specs, source rank) of a RECV action."""
@@ -156,10 +188,19 @@ class StepExecutor:
                 env[key] = self.inputs[mb][int(key[3:])]
             else:
                 env[key] = incoming[key]
-        self._run(s, mb, "forward")
+        if self.seed is None or not self.program.stages[s].random:
+            self._run(s, mb, "forward")
+        else:
+            device = self.program.stages[s].device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed((self.seed + 1_000_003 * s + 7_919 * mb) % 2**63)
+                self._run(s, mb, "forward")
         if self.program.training and s == self.program.num_stages - 1:
-            # The loss is the mean over microbatches, so each microbatch's loss gets 1/m.
-            env["tangent:out:0"] = torch.full_like(self.outs[0][-1], 1.0 / self.program.microbatches)
+            # The step's loss is the mean of the microbatches' losses (each seeded with 1/m), or their sum when
+            # they are weighted or meant to be added (seed 1): passes/normalize_loss.py.
+            loss = self.program.loss
+            seed = 1.0 / self.program.microbatches if loss is None or loss.mode == "mean" else 1.0
+            env["tangent:out:0"] = torch.full_like(self.outs[0][-1], seed)
 
     def _backward_input(self, s: int, mb: int) -> None:
         env = self.env[(s, mb)]
@@ -193,7 +234,8 @@ class StepExecutor:
             elif kind == GRAD_ACT:
                 self.backward_box.setdefault((s, mb), {})[route.key] = value
             elif kind == GRAD_SLICE:
-                self.grads[route.index].append(value)
+                slices = self.slices[route.index]
+                slices[mb] = value if mb not in slices else slices[mb] + value
             elif kind == GRAD_SUM:
                 summed.append((route.index, value))
             else:
@@ -243,19 +285,22 @@ def _checked(values: dict, specs: Sequence[TensorSpec], src: int, dst: int) -> d
     return values
 
 
-def combine(outs: list[list[Any]], grads: dict[int, list[torch.Tensor]], program: Program):
-    """Per-microbatch results -> outputs (mean of scalars, concatenation otherwise) and one gradient per input."""
+def combine(outs: list[list[Any]], grads: dict[int, list[torch.Tensor]], slices: dict[int, dict[int, torch.Tensor]],
+            program: Program, denominators: list[list[torch.Tensor]] | None = None):
+    """Per-microbatch results -> the step's outputs (passes/normalize_loss.py says how each combines) and one
+    gradient per input: a parameter's summed over microbatches as the pieces ran, a batched input's slices put
+    back in microbatch order."""
     microbatches = program.microbatches
     combined: list[torch.Tensor | None] = [None] * len(program.inputs)
     for index, values in grads.items():
-        if program.inputs[index].batched:
-            if len(values) != microbatches:  # one slice per microbatch, or the slices cannot be put back in order
-                raise ZbUnsupportedError(
-                    f"input {program.inputs[index].name!r} needs a gradient and is read by several pipeline stages; "
-                    "zb returns input gradients only for inputs one stage reads"
-                )
-            combined[index] = torch.cat(values) if len(values) > 1 else values[0]
-        else:  # summed over microbatches as the pieces ran
-            (combined[index],) = values
-    return combine_outputs(outs, microbatches), combined
+        (combined[index],) = values
+    for index, by_microbatch in slices.items():
+        if len(by_microbatch) != microbatches:
+            raise ZbError(f"input {program.inputs[index].name!r} got gradients for {len(by_microbatch)} of "
+                          f"{microbatches} microbatches; the schedule ran a backward twice or not at all")
+        combined[index] = torch.cat([by_microbatch[mb] for mb in range(microbatches)])
+    loss = program.loss
+    if loss is None:
+        return combine_outputs(outs, microbatches), combined
+    return combine_outputs(outs, microbatches, loss.outputs, loss.mode, denominators), combined
 

@@ -20,6 +20,7 @@ import torch
 from zb.codegen.program import Program
 from zb.core.errors import ZbError
 from zb.runtime.executor import StepExecutor, combine
+from zb.runtime.microbatch import fingerprint
 from zb.runtime.optimizer import OptimizerStep, synchronize
 from zb.runtime.profile import measured_costs, measured_timeline, modelled_costs
 from zb.schedules import Action, Costs, F, Schedule, Timeline, lower
@@ -108,13 +109,15 @@ class PipelineRunner:
         profiled = program.training and (program.options.profile or number in self.profile_steps)
         repeat = self.repeat.get(number, 1) if program.training else 1
         with torch.no_grad():
+            if self.distributed:
+                self._check_one_batch(args)
             if repeat > 1 and self.distributed:
                 self.comm.barrier("waiting for every rank to finish compiling")  # no peer compiling while timed
             self.executor.timed, self.executor.repeat = profiled, repeat
             outs, grads = self.executor.run(
                 args, on_stage_done=self.optimizer.stage_done if self.optimizer is not None else None)
             self.executor.repeat = 1
-            outputs, combined = combine(outs, grads, program)
+            outputs, combined = combine(outs, grads, self.executor.slices, program, self.executor.denominators)
             if self.distributed:
                 outputs = self._broadcast_outputs(outputs)
                 self._sum_shared_gradients(combined)
@@ -123,6 +126,24 @@ class PipelineRunner:
                 self._profile()
             self.last_grads = combined
         return outputs, combined
+
+    def _check_one_batch(self, args: Sequence[Any]) -> None:
+        """Every rank of the pipeline must run the same batch: compare the batched arguments' checksums (one small
+        all-gather per step), before any piece runs, so a mismatch fails on every rank alike."""
+        mine = fingerprint(self.program.inputs, args).view(torch.int64)  # compared bit for bit (NaN equals NaN)
+        if mine.numel() == 0:
+            return
+        everyone = self.comm.all_gather(mine, "comparing the ranks' batches")
+        batched = [s.name for s in self.program.inputs if s.batched]
+        for rank, theirs in enumerate(everyone):
+            differs = [name for name, a, b in zip(batched, everyone[0].tolist(), theirs.tolist()) if a != b]
+            if differs:
+                raise ZbError(
+                    f"pipeline ranks were handed different batches: argument {differs[0]!r} differs between rank 0 "
+                    f"and rank {rank}. A zb pipeline runs one batch per step, split into microbatches across its "
+                    "stages, so every rank of the pipeline must call the compiled function with the same tensors "
+                    "(do not shard the data loader by pipeline rank; every rank reads the same samples)"
+                )
 
     def _profile(self) -> None:
         trace, quickest = self.executor.trace, self.executor.quickest
@@ -163,18 +184,24 @@ class PipelineRunner:
     def _broadcast_outputs(self, outputs: list[Any]) -> list[Any]:
         m = self.program.microbatches
         result = []
+        rules = self.program.loss.outputs if self.program.loss is not None else None
         for j, spec in enumerate(self.program.outputs):
-            shape = spec.shape if len(spec.shape) == 0 else (spec.shape[0] * m, *spec.shape[1:])
+            concat = len(spec.shape) > 0 and (rules is None or rules[j] == "concat")
+            shape = (spec.shape[0] * m, *spec.shape[1:]) if concat else spec.shape
             tensor = outputs[j] if outputs[j] is not None else torch.empty(shape, dtype=spec.dtype,
                                                                            device=spec.device)
             result.append(self.comm.broadcast(tensor, self.last_rank, f"broadcasting output {j} of the step"))
         return result
 
     def _sum_shared_gradients(self, grads: list[torch.Tensor | None]) -> None:
-        """Parameters read by stages on several ranks (tied weights): every such rank gets the summed gradient."""
-        for index, ranks in self.program.shared_parameters(self.schedule.placement).items():
+        """Inputs whose gradient stages on several ranks produce (tied weights, an input several stages read):
+        every such rank gets the summed gradient."""
+        for index, ranks in self.program.shared_gradients(self.schedule.placement).items():
             value = grads[index]
-            buffer = value.clone() if value is not None else self.program.input_specs[index].zeros()
+            spec = self.program.input_specs[index]
+            shape = (spec.shape[0] * self.program.microbatches, *spec.shape[1:]) if self.program.inputs[index].batched \
+                else spec.shape
+            buffer = value.clone() if value is not None else torch.zeros(shape, dtype=spec.dtype, device=spec.device)
             buffer = self.comm.all_reduce(buffer, f"summing the gradient of {self.program.inputs[index].name}")
             if self.ranks[0] in ranks:
                 grads[index] = buffer
@@ -199,17 +226,29 @@ class _TrainingStep(torch.autograd.Function):
     def forward(ctx, runner: PipelineRunner, *args: Any):
         outputs, grads = runner.run(args)
         ctx.grads = grads
-        ctx.mark_non_differentiable(*(o for o in outputs[1:] if isinstance(o, torch.Tensor)))
+        # An extra output that depends on parameters requires grad, as in eager, so that differentiating it is
+        # an error in backward below rather than a gradient silently missing.
+        loss = runner.program.loss
+        learned = loss.learned if loss is not None else [False] * len(outputs)
+        ctx.mark_non_differentiable(*(o for j, o in enumerate(outputs) if j > 0 and isinstance(o, torch.Tensor)
+                                      and not (learned[j] and o.is_floating_point())))
         return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, *unused: Any):
+    def backward(ctx, grad_loss: torch.Tensor, *extra: Any):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise ZbError(
                 "backward through a zb training step ran twice; each call of the compiled function computes "
                 "gradients for one backward"
             )
+        for j, grad in enumerate(extra, start=1):
+            if grad is not None and bool((grad != 0).any()):
+                raise ZbError(
+                    f"output {j} of the compiled function was differentiated, but zb runs the backward of the loss "
+                    "(output 0) only, inside the step; add the term into the loss inside the compiled function, "
+                    f"for example `return loss + 0.01 * aux, aux.detach()`"
+                )
         exact_one = bool((grad_loss == 1).all())
         return (None, *[g if g is None or exact_one else g * grad_loss for g in grads])
 

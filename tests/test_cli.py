@@ -69,7 +69,29 @@ def test_check_passes_on_gpt_with_attention_and_optimizer_rows(capsys):
                   "attention y (masked, fwd+3 grads)", "attention y_1 (masked, fwd+3 grads)",
                   "optimizer AdamW (fused update, 2 steps)"):
         assert piece in rows, (piece, out)
-    assert "FAIL" not in out and "8 of 8 pieces within tolerance" in out
+    assert "whole step (loss, " in out
+    assert "FAIL" not in out and "9 of 9 pieces within tolerance" in out
+
+
+def test_check_fails_on_a_wrong_pass_through_the_whole_step_row(monkeypatch, capsys):
+    """A pass that gets the semantics wrong while every piece matches its own graph (here normalize_loss adding
+    the microbatches' losses of a mean loss) fails the whole-step row against eager."""
+    import zb.passes
+    from zb.passes.normalize_loss import normalize_loss
+
+    def wrong(plan):
+        plan = normalize_loss(plan)
+        plan.loss.mode = "sum"
+        return plan
+
+    wrong.__name__ = "normalize_loss"
+    passes = [wrong if fn is normalize_loss else fn for fn in zb.passes.PASSES]
+    monkeypatch.setattr(zb.passes, "PASSES", passes)
+    monkeypatch.setattr("zb.backend.PASSES", passes)
+    assert main(["check", "tests.models:mlp", "--microbatches", "2", "--compiler", "eager"]) == 1
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("whole step") and line.rstrip().endswith("FAIL")]
+    assert all(line.rstrip().endswith("pass") for line in out.splitlines() if line.startswith("stage")), out
 
 
 def test_check_fails_and_names_a_miscompiled_piece(monkeypatch, capsys):

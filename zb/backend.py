@@ -7,6 +7,7 @@ graph, the plan it built for each input signature, so tests and `zb.explain` can
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -16,7 +17,7 @@ from torch import fx
 
 from zb import adapt
 from zb.codegen import build_program, compile_plan
-from zb.core.errors import ZbError, ZbUnsupportedError
+from zb.core.errors import ZbError, ZbOptionError, ZbUnsupportedError
 from zb.core.options import Options
 from zb.dynamo import FrameCapture, describe_inputs, has_symbolic_shape, input_source, reject_graph_break
 from zb.passes import PASSES, InputSpec, Plan, run_passes
@@ -121,7 +122,9 @@ class CompiledGraph:
                    balance_window: float | None = None) -> tuple[Plan, list[int]]:
         """The plan for one call's inputs, and for each of the plan graph's inputs its position in `args`."""
         self.pipeline.schedule_for(training)  # impossible placements fail here, on every rank, before any work
-        outer = [_with_requires_grad(s, a) for s, a in zip(self.inputs, args)]
+        _reject_autocast(self.gm)
+        outer = _split_axes([_with_requires_grad(s, a) for s, a in zip(self.inputs, args)], args,
+                            self.options.unbatched)
         first = split_microbatches(outer, args, self.options.microbatches)[0]
         if self.static and self.options.microbatches == 1:
             gm, specs, example, arg_map = self.gm, outer, first, list(range(len(args)))
@@ -134,7 +137,8 @@ class CompiledGraph:
             if missing:
                 raise ZbUnsupportedError(f"re-tracing at microbatch size read inputs Dynamo did not: {missing}")
             arg_map = [position[s.source] for s in inner]
-            specs = [_with_requires_grad(s, args[i]) for s, i in zip(inner, arg_map)]
+            specs = [replace(s, requires_grad=outer[i].requires_grad, batched=outer[i].batched)
+                     for s, i in zip(inner, arg_map)]
         plan = Plan(
             graph=gm,
             inputs=specs,
@@ -146,6 +150,7 @@ class CompiledGraph:
             measured_stage_times=measured,
             previous_cuts=previous,
             balance_window=balance_window,
+            batch_graph=None if gm is self.gm else self.gm,
         )
         return run_passes(plan, PASSES), arg_map
 
@@ -163,8 +168,43 @@ class CompiledGraph:
         return adapt.configure(runner, measure_first=measure_first)
 
 
+def _reject_autocast(gm: fx.GraphModule) -> None:
+    """torch.autocast around (or inside) the compiled function: zb traces each stage's joint graph on its own,
+    outside any autocast region, so the casts would be lost or split across stages. Say what works instead."""
+    inside = any(getattr(n.target, "__name__", "") == "_enter_autocast" for n in gm.graph.nodes)
+    around = any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+    if inside or around:
+        raise ZbUnsupportedError(
+            f"zb does not support torch.autocast {'inside' if inside else 'around'} the compiled function yet: "
+            "its stages are traced and compiled separately, outside the autocast region. Train in bfloat16 by "
+            "casting the model instead (model.to(torch.bfloat16))"
+        )
+
+
 def _with_requires_grad(spec: InputSpec, value: Any) -> InputSpec:
     return replace(spec, requires_grad=isinstance(value, torch.Tensor) and value.requires_grad)
+
+
+def _split_axes(specs: list[InputSpec], args: Sequence[Any], unbatched: tuple[str, ...] | None) -> list[InputSpec]:
+    """Which user inputs are split into microbatches along dim 0: those whose dim 0 is the batch size (the size
+    most tensor arguments share), unless named in option 'unbatched'. Inputs with another dim 0 (a [1, L]
+    position tensor, a shared [L, L] mask) and scalars are passed whole to every microbatch."""
+    named = set(unbatched or ())
+    known = {s.name for s in specs if s.kind == "input"}
+    if named - known:
+        raise ZbOptionError(f"option 'unbatched' names {sorted(named - known)}, which the compiled function does not "
+                            f"take as tensor arguments; its tensor arguments are {sorted(known)}")
+    sizes = [args[s.index].shape[0] for s in specs if s.batched and s.name not in named]
+    counts = collections.Counter(sizes).most_common()
+    if len(counts) > 1 and counts[0][1] == counts[1][1]:
+        tied = [s.name for s in specs if s.batched and s.name not in named]
+        raise ZbOptionError(
+            f"zb cannot tell the batch size: the tensor arguments {tied} have dim 0 of sizes {sizes}, no size "
+            "more common than the others; name the arguments that are not split into microbatches with "
+            "options={'unbatched': [...]}")
+    batch = counts[0][0] if counts else None
+    return [replace(s, batched=s.batched and s.name not in named and args[s.index].shape[0] == batch)
+            for s in specs]
 
 
 def _signature(value: Any) -> Any:

@@ -60,9 +60,41 @@ def check(model: torch.nn.Module, example_args: tuple, options: dict[str, Any] |
     compiled = compile_plan(plan)
     rows = _check_pieces(plan, compiled)
     rows += _check_attention(plan)
+    if plan.training:
+        rows.append(_check_step(model, example_args, options))
     if optimizer is not None:
         rows.append(_check_optimizer(model, optimizer))
     return rows
+
+
+# ---- the whole step --------------------------------------------------------------------------------------------
+
+def _check_step(model: torch.nn.Module, example_args: tuple, options: dict[str, Any]) -> Row:
+    """One whole zb training step (every pass, the schedule, microbatching, the loss's normalisation) against the
+    model run eagerly in float64 on the whole batch: the loss and every parameter's gradient."""
+    import copy
+
+    compiled_model, reference = copy.deepcopy(model), copy.deepcopy(model).double()
+    torch._dynamo.reset()
+    loss = torch.compile(compiled_model, backend="zb", options=options)(*example_args)
+    loss = loss[0] if isinstance(loss, tuple) else loss
+    loss.backward()
+    expected = reference(*[_up(a) for a in example_args])
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    expected.backward()
+    got = [loss.detach()] + [p.grad for p in compiled_model.parameters()]
+    want = [expected.detach()] + [p.grad for p in reference.parameters()]
+    max_abs, relative = 0.0, 0.0
+    for g, w in zip(got, want):
+        if g is None or w is None:
+            if (g is None) != (w is None):
+                return Row("whole step: a gradient zb did not produce", loss.dtype, "eager fp64", math.inf, math.inf)
+            continue
+        error = (g.double() - w).abs().max().item()
+        max_abs = max(max_abs, error)
+        relative = max(relative, error / max(w.abs().max().item(), 1e-12))
+    return Row(f"whole step (loss, {len(got) - 1} gradients)", loss.dtype, "eager fp64, whole batch", max_abs,
+               relative)
 
 
 def format_table(rows: list[Row]) -> str:

@@ -187,9 +187,16 @@ def reject_graph_break(gm: fx.GraphModule):
             frame = reason.user_stack[-1]
             where = f" at {frame.filename}:{frame.lineno} ({frame.line})"
         why = reason.reason.strip().splitlines()[0] if reason is not None and not resumed else "code after a break"
+        in_loss = reason is not None and any("loss" in (frame.name or "").lower() for frame in reason.user_stack)
+        hint = (
+            "\nThe break is inside a loss function (a library's, such as a Hugging Face model's loss_function, "
+            "often breaks). Compute the loss in the compiled function from the logits instead:\n"
+            "    logits = model(input_ids=input_ids).logits\n"
+            "    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)"
+        ) if in_loss else ""
         raise ZbUnsupportedError(
             f"zb needs the whole model in one graph, but Dynamo broke the graph{where}: {why}\n"
             "Remove what Dynamo cannot trace there (prints, .item(), data-dependent Python control flow), and "
-            "use torch.compile(..., fullgraph=True) to see every break."
+            "use torch.compile(..., fullgraph=True) to see every break." + hint
         )
     return tx

@@ -34,6 +34,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    torch.manual_seed(0)  # the same model and batch on every rank: a pipeline runs one batch
     model, args = models.deep_mlp()
     if mode == "bad-stages":
         step = torch.compile(model, backend="zb", options={"stages": 3, "compiler": "eager", "microbatches": 4})
