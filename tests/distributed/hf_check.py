@@ -42,7 +42,7 @@ def main() -> None:
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             if p.grad is not None:
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6,
-                                           msg=lambda m, n=name: f"step {i}: grad of {n} on rank {rank}: {m}")
+                                           msg=lambda m, n=name, i=i: f"step {i}: grad of {n} on rank {rank}: {m}")
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
