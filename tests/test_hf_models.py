@@ -37,3 +37,16 @@ def test_torchrun_llama_on_two_ranks_equals_eager():
     out = torchrun(2, "hf_check.py", timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     assert "ok llama" in out.stdout
+
+
+def test_gpt2_s_own_loss_breaks_the_graph_and_the_error_says_what_to_write():
+    """GPT-2 with labels computes its loss in `self.loss_function`, which Dynamo cannot trace in one graph."""
+    import transformers as T
+
+    config = T.GPT2Config(vocab_size=hf_models.VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    model = T.GPT2LMHeadModel(config).train()
+    input_ids, labels = hf_models.batch()
+    step = torch.compile(lambda x, y: model(input_ids=x, labels=y).loss, backend="zb",
+                         options={"stages": 2, "microbatches": 4, "compiler": "eager"})
+    with pytest.raises(Exception, match=r"(?s)inside a loss function.*logits = model\(input_ids=input_ids\).logits"):
+        step(input_ids, labels)

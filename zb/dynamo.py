@@ -187,7 +187,8 @@ def reject_graph_break(gm: fx.GraphModule):
             frame = reason.user_stack[-1]
             where = f" at {frame.filename}:{frame.lineno} ({frame.line})"
         why = reason.reason.strip().splitlines()[0] if reason is not None and not resumed else "code after a break"
-        in_loss = reason is not None and any("loss" in (frame.name or "").lower() for frame in reason.user_stack)
+        in_loss = reason is not None and any("loss" in (frame.name or "").lower() for frame in reason.user_stack) \
+            or "loss" in where.lower()  # the breaking line calls one (Hugging Face: `self.loss_function(...)`)
         hint = (
             "\nThe break is inside a loss function (a library's, such as a Hugging Face model's loss_function, "
             "often breaks). Compute the loss in the compiled function from the logits instead:\n"
