@@ -113,8 +113,9 @@ def test_check_fails_and_names_a_miscompiled_piece(monkeypatch, capsys):
                  "--compiler", "eager"]) == 1
     out = capsys.readouterr().out
     failed = [line for line in out.splitlines() if line.rstrip().endswith("FAIL")]
-    assert len(failed) == 1 and failed[0].startswith("stage 1 B"), out
-    assert "1 FAILED" in out
+    # The piece is named; the whole step that runs it is wrong too.
+    assert len(failed) == 2 and failed[0].startswith("stage 1 B") and failed[1].startswith("whole step"), out
+    assert "2 FAILED" in out
 
 
 def test_check_reports_a_wrong_attention_kernel(monkeypatch, capsys):
