@@ -49,20 +49,16 @@ def _memory_limit(name: str, value: Any) -> str | float | None:
     )
 
 
-def _split_points(name: str, value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
-        raise ZbOptionError(f"option {name!r} takes a list of module paths such as ['blocks.2'], got {value!r}")
-    return tuple(value)
+def _strings(what: str) -> Callable[[str, Any], tuple[str, ...] | None]:
+    """A check for a list of names: `what` describes them in the error, e.g. "module paths such as ['blocks.2']"."""
+    def check(name: str, value: Any) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+            raise ZbOptionError(f"option {name!r} takes a list of {what}, got {value!r}")
+        return tuple(value)
 
-
-def _names(name: str, value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
-        raise ZbOptionError(f"option {name!r} takes a list of argument names such as ['position_ids'], got {value!r}")
-    return tuple(value)
+    return check
 
 
 def _positive_float(name: str, value: Any) -> float:
@@ -144,7 +140,7 @@ class Options:
     )
     split_points: tuple[str, ...] | None = _option(
         None, "module paths where a new stage begins, e.g. ['blocks.2']; default: balance the estimated cost",
-        _split_points,
+        _strings("module paths such as ['blocks.2']"),
     )
     group: Any = _option(None, "torch.distributed process group of the pipeline ranks (default: WORLD)",
                          _process_group)
@@ -170,7 +166,8 @@ class Options:
     )
     unbatched: tuple[str, ...] | None = _option(
         None, "tensor arguments passed whole to every microbatch instead of split along dim 0 (by name, e.g. "
-        "['position_ids']); default: those whose dim 0 differs from the batch size", _names,
+        "['position_ids']); default: those whose dim 0 differs from the batch size",
+        _strings("argument names such as ['position_ids']"),
     )
     loss_reduction: str = _option(
         "auto", "how the losses of the microbatches make the step's loss: 'auto' (read the loss's normalisation "

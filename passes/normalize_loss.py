@@ -48,7 +48,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zb.core.errors import ZbUnsupportedError
-from zb.passes.plan import InputSpec, Plan
+from zb.passes.plan import InputSpec, Plan, ancestors
 
 # F.*_loss functions whose `reduction` says how they normalise: (mean of elements) or (sum).
 ELEMENTWISE_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy,
@@ -304,7 +304,7 @@ class _Analysis:
                                                         if isinstance(a, fx.Node)]
         new = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
-        needed = _ancestors(roots)
+        needed = ancestors(roots)
         for node in self.graph.nodes:
             if node not in needed:
                 continue
@@ -389,17 +389,6 @@ def _uncast(node: fx.Node) -> fx.Node:
             and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
-
-
-def _ancestors(roots: list[Any]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [r for r in roots if isinstance(r, fx.Node)]
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return seen
 
 
 def _bind(node: fx.Node) -> dict[str, Any]:

@@ -197,6 +197,18 @@ def output_values(gm: fx.GraphModule) -> list[Any]:
     return list(values) if isinstance(values, (tuple, list)) else [values]
 
 
+def ancestors(roots: list[Any]) -> set[fx.Node]:
+    """The nodes among `roots` and every node they depend on."""
+    seen: set[fx.Node] = set()
+    todo = [r for r in roots if isinstance(r, fx.Node)]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(node.all_input_nodes)
+    return seen
+
+
 def nbytes(value: Any) -> int:
     """Bytes of a tensor (real or fake), or of a tuple or list of them; 0 for anything else."""
     if isinstance(value, torch.Tensor):

@@ -28,7 +28,7 @@ import operator
 
 import torch
 from torch import fx
-from zb.passes.plan import Plan, grad_key, output_keys, output_values
+from zb.passes.plan import Plan, ancestors, grad_key, output_keys, output_values
 
 
 def split_backward(plan: Plan) -> Plan:
@@ -42,8 +42,8 @@ def split_backward(plan: Plan) -> Plan:
         w_results = [(k, v) for k, v in results if k in param_grads]
         b_roots = [v for _, v in b_results]
         plan.counters["split_backward.fused_nodes_split"] += _split_fused_nodes(bw.graph, b_roots)
-        b_nodes = _ancestors(b_roots)
-        w_nodes = _ancestors([v for _, v in w_results]) - b_nodes
+        b_nodes = ancestors(b_roots)
+        w_nodes = ancestors([v for _, v in w_results]) - b_nodes
         _keep_getitems_with_their_tuple(w_nodes, b_nodes)
 
         stash = [n for n in bw.graph.nodes if n in b_nodes and n.op != "placeholder"
@@ -60,17 +60,6 @@ def split_backward(plan: Plan) -> Plan:
     return plan
 
 
-def _ancestors(roots: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    todo = [r for r in roots if isinstance(r, fx.Node)]
-    while todo:
-        node = todo.pop()
-        if node not in seen:
-            seen.add(node)
-            todo.extend(node.all_input_nodes)
-    return seen
-
-
 def _output_mask_index(node: fx.Node) -> int | None:
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
@@ -80,7 +69,7 @@ def _output_mask_index(node: fx.Node) -> int | None:
 
 def _split_fused_nodes(graph: fx.Graph, b_roots: list[fx.Node]) -> int:
     """Clone each fused backward node whose outputs B and W both read; return how many were split."""
-    b_nodes = _ancestors(b_roots)
+    b_nodes = ancestors(b_roots)
     count = 0
     for node in list(graph.nodes):
         position = _output_mask_index(node)
