@@ -93,7 +93,7 @@ class LossProgram:
     `mode` "mean" (seed 1/m, average), "sum" (seed 1, add) or "weighted" (the weights below are inputs of the
     last stage; seed 1, add). `weights`: (plan input index, kind, denominator index) of each weight: MEAN 1/m,
     SUM 1, RATIO 1 / (that denominator summed over the microbatches). `outputs`: how each model output combines
-    ("loss", "mean", "sum", ("ratio", d), "concat", "first"). `denominator`: one microbatch's inputs -> every
+    ("loss", "mean", "sum", ("ratio", d), ("concat", dim), "first"). `denominator`: one microbatch's inputs -> every
     denominator (None when there is none)."""
 
     mode: str

@@ -166,7 +166,7 @@ class Options:
     )
     unbatched: tuple[str, ...] | None = _option(
         None, "tensor arguments passed whole to every microbatch instead of split along dim 0 (by name, e.g. "
-        "['position_ids']); default: those whose dim 0 differs from the batch size",
+        "['position_ids']); default: those whose dim 0 is 1; every other tensor argument must share one dim 0",
         _strings("argument names such as ['position_ids']"),
     )
     loss_reduction: str = _option(

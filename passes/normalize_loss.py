@@ -63,10 +63,11 @@ MEAN, SUM, RATIO = "mean", "sum", "ratio"
 
 @dataclass(frozen=True)
 class LossTerm:
-    node: str  # the term's node in plan.graph
+    node: str  # the term's node in plan.graph (for a constant: the addition that adds it)
     parent: str  # the node of the loss expression that reads it ("output" for the loss itself)
     kind: str  # MEAN, SUM or RATIO
     denominator: int = -1  # RATIO: index into the denominator graph's outputs
+    constant: bool = False  # a number added to the loss (node is the addition)
 
 
 @dataclass
@@ -78,7 +79,8 @@ class LossSpec:
     # a MEAN weight is 1/m, a SUM weight 1, a RATIO weight 1 / (that denominator summed over the microbatches)
     weights: list[tuple[int, str, int]] = field(default_factory=list)
     terms: list[LossTerm] = field(default_factory=list)
-    # For each model output: how its microbatches combine: "loss", MEAN, SUM, (RATIO, index), "concat", "first".
+    # For each model output: how its microbatches combine: "loss", MEAN, SUM, (RATIO, index), ("concat", dim),
+    # "first".
     outputs: list[Any] = field(default_factory=list)
     denominator: fx.GraphModule | None = None  # one microbatch's inputs (in:<i>) -> every RATIO denominator
     learned: list[bool] = field(default_factory=list)  # per output: depends on a parameter (eager's requires_grad)
@@ -97,8 +99,9 @@ def normalize_loss(plan: Plan) -> Plan:
     outputs = analysis.outputs
     learned = [isinstance(n, fx.Node) and analysis.learned(n) for n in outputs]
     if not plan.training:  # every output is combined as eager would compute it on the whole batch
-        plan.loss = LossSpec("mean", outputs=[analysis.output_rule(j, n) for j, n in enumerate(outputs)],
-                             denominator=analysis.denominator_graph(), learned=learned)
+        rules = [analysis.output_rule(j, n) for j, n in enumerate(outputs)]
+        analysis.check_per_sample()
+        plan.loss = LossSpec("mean", outputs=rules, denominator=analysis.denominator_graph(), learned=learned)
         return plan
     rules: list[Any] = ["loss"]
     for j, node in enumerate(outputs[1:], start=1):
@@ -108,6 +111,7 @@ def normalize_loss(plan: Plan) -> Plan:
         mode = "mean"
     else:
         mode = "sum" if reduction == "sum" else "weighted"
+    analysis.check_per_sample(explicit=reduction != "auto")
     plan.loss = LossSpec(mode, terms=terms, outputs=rules, denominator=analysis.denominator_graph(), learned=learned)
     if mode == "weighted":
         _weigh_terms(plan, analysis, terms)
@@ -128,7 +132,9 @@ class _Analysis:
         self.placeholders = {n: i for i, n in enumerate(self.graph.find_nodes(op="placeholder"))}
         self.batch_nodes = {n.name: n for n in plan.batch_graph.graph.nodes} if plan.batch_graph is not None else None
         self.denominators: list[tuple[str, Any]] = []  # (kind, data) per RATIO denominator
+        self.verified: set[fx.Node] = set()  # reductions over the batch the analysis understood
         self._reads: dict[fx.Node, frozenset[int]] = {}
+        self._batched: dict[fx.Node, bool] = {}
 
     # What a node depends on ----------------------------------------------------------------------------------
     def reads(self, node: fx.Node) -> frozenset[int]:
@@ -142,12 +148,69 @@ class _Analysis:
         return self._reads[node]
 
     def batched(self, node: fx.Node) -> bool:
-        return any(self.plan.inputs[i].batched for i in self.reads(node))
+        """Its value depends on the batch: it reads a batched input, or the full-batch graph computes it with
+        other numbers or sizes (a `torch.ones(x.shape[0])`, a `float(x.shape[0])`), or it reads such a value."""
+        if node not in self._batched:
+            twin = self.twin(node)
+            self._batched[node] = (
+                any(self.plan.inputs[i].batched for i in self.reads(node))
+                or (twin is not None and (_numbers(twin) != _numbers(node) or self.ratio(node) not in (None, 1)))
+                or any(self.batched(a) for a in node.all_input_nodes)
+            )
+        return self._batched[node]
 
-    def learned(self, node: fx.Node) -> bool:
-        """Depends on a parameter or an input that requires grad (an activation, not data)."""
+    def learned(self, node: Any) -> bool:
+        """Eager would let it require grad (it depends on a parameter or an input that requires grad)."""
+        value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+        return isinstance(value, torch.Tensor) and value.requires_grad
+
+    def computed(self, node: fx.Node) -> bool:
+        """Depends on a parameter or an input that requires grad: an activation (detached or not), not data."""
         return any(self.plan.inputs[i].kind == "parameter" or self.plan.inputs[i].requires_grad
                    for i in self.reads(node))
+
+    def twin(self, node: fx.Node) -> fx.Node | None:
+        """The same node in the full-batch graph (None without one, or for a node zb inserted)."""
+        return self.batch_nodes.get(node.name) if self.batch_nodes is not None else None
+
+    def ratio(self, node: fx.Node) -> float | None:
+        """How many times more elements the full batch's value has than a microbatch's (m for a per-sample
+        value, 1 for a reduction over the batch), or None when unknown."""
+        twin = self.twin(node)
+        mine = node.meta.get("example_value")
+        theirs = twin.meta.get("example_value") if twin is not None else None
+        if not isinstance(mine, torch.Tensor) or not isinstance(theirs, torch.Tensor) or mine.numel() == 0:
+            return None
+        return theirs.numel() / mine.numel()
+
+    def check_per_sample(self, explicit: bool = False) -> None:
+        """Every value computed from the batch is per sample (m times more elements in the full batch), except the
+        reductions the analysis understood: anything else mixes samples across the batch (batch statistics,
+        comparisons between samples, one sample picked out), which microbatches cannot reproduce. With an explicit
+        `loss_reduction` the user says how the loss combines, so a reduction to the loss's size whose result never
+        flows back into per-sample values is the user's to answer for."""
+        if self.batch_nodes is None:
+            return
+        for node in self.graph.nodes:
+            if node.op not in ("call_function", "call_method") or node in self.verified:
+                continue
+            if node.target is F.batch_norm and _bind(node).get("training") and self.batched(node):
+                raise ZbUnsupportedError(
+                    f"{node.name} is batch normalisation in training mode: it normalises with the statistics of the "
+                    f"batch, which {self.m} microbatches would each compute over their own samples; use "
+                    "LayerNorm/GroupNorm, put the module in eval mode, or use microbatches=1")
+            ratio = self.ratio(node)
+            if ratio is None or ratio == self.m:
+                continue
+            if any(self.ratio(a) == self.m for a in node.all_input_nodes if self.batched(a)):
+                if explicit and ratio == 1 and not any(self.ratio(d) == self.m for d in _descendants(node)):
+                    continue
+                raise ZbUnsupportedError(
+                    f"{node.name} ({_describe(node)}) mixes samples across the batch: the full batch's value has "
+                    f"{ratio:g}x the elements of a microbatch's, not {self.m}x. Split into {self.m} microbatches it "
+                    "would be computed over each microbatch's samples only (batch statistics such as BatchNorm in "
+                    "training, a normalisation over dim 0, comparisons between samples), so zb cannot give eager's "
+                    "result; compute it per sample, or use microbatches=1")
 
     # The loss as terms ---------------------------------------------------------------------------------------
     def terms(self, node: Any, parent: str) -> list[LossTerm]:
@@ -157,8 +220,13 @@ class _Analysis:
         if not self.batched(node):
             return [LossTerm(node.name, parent, MEAN)]  # the same in every microbatch: eager counts it once
         target, args = self._call(node)
+        if target in (torch.mean, "mean", torch.sum, "sum") and len(args) == 1 and not node.kwargs \
+                and isinstance(args[0], fx.Node) and _is_scalar(args[0]):
+            return self.terms(args[0], node.name)  # the mean or sum of one number is that number
         if target in ADD and len(args) == 2 and not node.kwargs:
-            return [t for a in args if isinstance(a, fx.Node) for t in self.terms(a, node.name)]
+            # A number added to the loss counts once over the batch: a term weighted like a mean.
+            return [t for a in args for t in (self.terms(a, node.name) if isinstance(a, fx.Node)
+                                              else [LossTerm(node.name, node.name, MEAN, constant=True)])]
         if target in NEG or _uncast(node) is not node or target in ("detach", "clone", torch.clone, "contiguous"):
             return self.terms(args[0], node.name)
         if target in MUL and len(args) == 2 and any(isinstance(a, (int, float)) for a in args):
@@ -202,7 +270,7 @@ class _Analysis:
         return value
 
     def _ratio(self, node: fx.Node, parent: str, numerator: fx.Node, divisor: fx.Node) -> LossTerm:
-        if self.learned(divisor):
+        if self.computed(divisor):
             raise ZbUnsupportedError(
                 f"the loss divides by {divisor.name}, which depends on the model's activations, so zb cannot "
                 "compute the whole batch's denominator before the backward starts; normalise by a count computed "
@@ -213,12 +281,20 @@ class _Analysis:
             raise self._unknown(node, "a division whose numerator is not a sum")
         if not self.batched(divisor):
             return LossTerm(node.name, parent, SUM)  # a fixed divisor: a scaled sum
-        if self._leaf_kind(_uncast(divisor)) != SUM:
+        count = _uncast(divisor)
+        if self._leaf_kind(count) != SUM:
             raise self._unknown(node, f"a division by {divisor.name}, which is not a sum over the batch")
+        self._leaf(count, node.name)  # checks it sums one value per sample
         return LossTerm(node.name, parent, RATIO, self._denominator(("value", divisor)))
 
     def _leaf(self, node: fx.Node, parent: str) -> LossTerm:
         kind = self._leaf_kind(node)
+        if kind is not None:
+            reduced = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+            if isinstance(reduced, fx.Node) and self.ratio(reduced) not in (None, self.m):
+                raise self._unknown(node, f"a reduction of {reduced.name}, which is not one value per sample (its "
+                                          "full-batch value is not m times a microbatch's)")
+            self.verified.add(node)
         if kind == RATIO:
             return LossTerm(node.name, parent, RATIO, self._denominator(("targets", _bind(node))))
         if kind is None:
@@ -278,10 +354,10 @@ class _Analysis:
             return "first"  # a constant: the same for every microbatch
         if not self.batched(node):
             return "first"  # reads no batched input: the same value in every microbatch
-        if value.dim() > 0:
-            return "concat"
         if self.m == 1:
-            return MEAN
+            return ("concat", 0) if value.dim() > 0 else MEAN
+        if value.dim() > 0:
+            return ("concat", self._batch_dim(j, node))
         try:
             terms = self.terms(node, "output")
         except ZbUnsupportedError as e:
@@ -293,6 +369,20 @@ class _Analysis:
                 f"microbatches ({', '.join(sorted(t.kind for t in terms))}); return them as separate outputs")
         kind, denominator = kinds.pop()
         return (RATIO, denominator) if kind == RATIO else kind
+
+    def _batch_dim(self, j: int, node: fx.Node) -> int:
+        """The dimension along which the microbatches' values of an output make the full batch's."""
+        twin = self.twin(node)
+        mine = node.meta["example_value"].shape
+        theirs = twin.meta.get("example_value").shape if twin is not None else None
+        if theirs is not None and len(theirs) == len(mine):
+            grown = [d for d, (a, b) in enumerate(zip(mine, theirs)) if a != b]
+            if len(grown) == 1 and theirs[grown[0]] == self.m * mine[grown[0]]:
+                return grown[0]
+        raise ZbUnsupportedError(
+            f"output {j} of the compiled function ({node.name}, shape {list(mine)} per microbatch) is not one row "
+            f"per sample along a dimension (the whole batch's is {list(theirs) if theirs else 'unknown'}), so zb "
+            "cannot put the microbatches' values together; return per-sample values or scalars")
 
     # The denominators as one graph ---------------------------------------------------------------------------
     def denominator_graph(self) -> fx.GraphModule | None:
@@ -334,7 +424,7 @@ def target_weight(target: torch.Tensor, ignore_index: int, weight: torch.Tensor 
     valid = target != ignore_index
     if weight is None:
         return valid.sum()
-    return torch.where(valid, weight[target.clamp(min=0)], 0).sum()
+    return torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()
 
 
 def _weigh_terms(plan: Plan, analysis: _Analysis, terms: list[LossTerm]) -> None:
@@ -361,6 +451,13 @@ def _weigh_terms(plan: Plan, analysis: _Analysis, terms: list[LossTerm]) -> None
             plan.loss.weights.append((index, term.kind, term.denominator))
             weight_of[key] = weight
         node = value = nodes[term.node]
+        if term.constant:  # a number added to the loss: that number times the weight
+            index = next(i for i, a in enumerate(node.args) if not isinstance(a, fx.Node))
+            with graph.inserting_before(node):
+                scaled = graph.call_function(operator.mul, (node.args[index], weight_of[key]))
+            scaled.meta = dict(node.meta)
+            node.update_arg(index, scaled)
+            continue
         if term.kind == RATIO and node.target in (F.cross_entropy, F.nll_loss):
             # The loss's own sum (a microbatch of padding only would make its mean 0 / 0), over the batch's total;
             # a new node, since other outputs may read the mean.
@@ -381,6 +478,35 @@ def _weigh_terms(plan: Plan, analysis: _Analysis, terms: list[LossTerm]) -> None
     graph.eliminate_dead_code()  # the divisions whose numerators now carry the weight
     graph.lint()
     plan.graph.recompile()
+
+
+def _numbers(node: fx.Node) -> list[Any]:
+    """The node's arguments that are not other nodes (the numbers a trace baked in)."""
+    found: list[Any] = []
+    fx.node.map_aggregate([*node.args, *node.kwargs.values()],
+                          lambda x: None if isinstance(x, fx.Node) else found.append(x))
+    return found
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(node.users)
+    while todo:
+        user = todo.pop()
+        if user not in seen:
+            seen.add(user)
+            todo.extend(user.users)
+    return seen
+
+
+def _is_scalar(node: fx.Node) -> bool:
+    value = node.meta.get("example_value")
+    return isinstance(value, torch.Tensor) and value.dim() == 0
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 def _uncast(node: fx.Node) -> fx.Node:

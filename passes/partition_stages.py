@@ -128,11 +128,21 @@ def _balanced_cuts(plan: Plan, compute: list[fx.Node], n: int, costs: list[float
 
 def _uncuttable(compute: list[fx.Node]) -> set[int]:
     """Cut positions that would send something other than a tensor to the next stage: between a tuple-valued node
-    (a checkpointed region, a split) and its getitems, or a subgraph (get_attr) and the higher-order op using it."""
+    (a checkpointed region, a split) and its getitems, or a subgraph (get_attr) and the higher-order op using it;
+    and positions inside a no_grad region, whose grad mode a stage boundary would lose."""
     position = {node: i for i, node in enumerate(compute)}
     blocked: set[int] = set()
+    disabled_at = None  # inside `with torch.no_grad():` (each stage's graph is traced with grad enabled)
+    for i, node in enumerate(compute):
+        if node.target is torch._C._set_grad_enabled:
+            if not node.args[0] and disabled_at is None:
+                disabled_at = i
+            elif node.args[0] and disabled_at is not None:
+                blocked.update(range(disabled_at + 1, i + 1))
+                disabled_at = None
     for node in compute:
-        if node.op != "get_attr" and isinstance(node.meta.get("example_value"), torch.Tensor):
+        if node.target is torch._C._set_grad_enabled or (
+                node.op != "get_attr" and isinstance(node.meta.get("example_value"), torch.Tensor)):
             continue
         last = max((position.get(u, position[node]) for u in node.users), default=position[node])
         blocked.update(range(position[node] + 1, last + 1))

@@ -40,7 +40,8 @@ def verify_graph(gm: fx.GraphModule, stage_index: int) -> None:
         raise InvariantError(f"{len(outs)} output keys for {len(output_values(gm))} outputs")
     for node in gm.graph.nodes:
         # Aten-level graphs carry meta["val"]; a stage's torch-level graph carries Dynamo's meta["example_value"].
-        if node.op in ("placeholder", "call_function") and "val" not in node.meta and "example_value" not in node.meta:
+        if node.op in ("placeholder", "call_function") and "val" not in node.meta and "example_value" not in node.meta \
+                and node.target is not torch._C._set_grad_enabled:  # a grad-mode switch (torch.no_grad()) has none
             raise InvariantError(f"node {node.name} has no meta['val']")
         if node.op == "call_function":
             if node.meta.get("zb_stage") != stage_index:

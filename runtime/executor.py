@@ -161,7 +161,7 @@ class StepExecutor:
             self.comm.send(self._message(action), [box[spec.key] for spec in self.forward_spec[s + 1]],
                            self.placement[s + 1])
         elif kind == SEND_B:
-            box = self.backward_box.pop((s, mb))
+            box = self.backward_box.pop((s, mb), {})  # no gradient flowed back (a frozen part): zeros are sent
             self.comm.send(self._message(action), [_grad_or_zeros(box, spec) for spec in self.backward_spec[s - 1]],
                            self.placement[s - 1])
         elif kind == RECV_F:
@@ -205,7 +205,7 @@ class StepExecutor:
     def _backward_input(self, s: int, mb: int) -> None:
         env = self.env[(s, mb)]
         if s < self.program.num_stages - 1:
-            box = self.backward_box.pop((s + 1, mb))
+            box = self.backward_box.pop((s + 1, mb), {})
             for spec in self.backward_spec[s]:
                 env[f"tangent:{spec.key}"] = _grad_or_zeros(box, spec)
         self._run(s, mb, "backward_input")

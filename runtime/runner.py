@@ -186,9 +186,11 @@ class PipelineRunner:
         result = []
         rules = self.program.loss.outputs if self.program.loss is not None else None
         for j, spec in enumerate(self.program.outputs):
-            concat = len(spec.shape) > 0 and (rules is None or rules[j] == "concat")
-            shape = (spec.shape[0] * m, *spec.shape[1:]) if concat else spec.shape
-            tensor = outputs[j] if outputs[j] is not None else torch.empty(shape, dtype=spec.dtype,
+            rule = rules[j] if rules is not None else (("concat", 0) if spec.shape else "mean")
+            shape = list(spec.shape)
+            if isinstance(rule, tuple) and rule[0] == "concat":
+                shape[rule[1]] *= m
+            tensor = outputs[j] if outputs[j] is not None else torch.empty(tuple(shape), dtype=spec.dtype,
                                                                            device=spec.device)
             result.append(self.comm.broadcast(tensor, self.last_rank, f"broadcasting output {j} of the step"))
         return result

@@ -7,7 +7,6 @@ graph, the plan it built for each input signature, so tests and `zb.explain` can
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -150,9 +149,19 @@ class CompiledGraph:
             measured_stage_times=measured,
             previous_cuts=previous,
             balance_window=balance_window,
-            batch_graph=None if gm is self.gm else self.gm,
+            batch_graph=self._batch_graph(gm, args, outer),
         )
         return run_passes(plan, PASSES), arg_map
+
+    def _batch_graph(self, gm: fx.GraphModule, args: Sequence[Any], outer: list[InputSpec]) -> fx.GraphModule | None:
+        """The graph of this call's whole batch at static shapes (normalize_loss compares it with the microbatch
+        graph): Dynamo's own when it is static, else the frame traced again at the full batch."""
+        if gm is self.gm:
+            return None  # one microbatch: nothing to compare
+        if self.static:
+            return self.gm
+        full, _, _ = self.frame.capture({s.index: args[s.index] for s in outer if s.kind == "input"})
+        return full
 
     def _runner(self, plan: Plan, measure_first: bool | None = None) -> PipelineRunner:
         """Compile this process's stages of `plan` and build what runs them."""
@@ -194,17 +203,13 @@ def _split_axes(specs: list[InputSpec], args: Sequence[Any], unbatched: tuple[st
     if named - known:
         raise ZbOptionError(f"option 'unbatched' names {sorted(named - known)}, which the compiled function does not "
                             f"take as tensor arguments; its tensor arguments are {sorted(known)}")
-    sizes = [args[s.index].shape[0] for s in specs if s.batched and s.name not in named]
-    counts = collections.Counter(sizes).most_common()
-    if len(counts) > 1 and counts[0][1] == counts[1][1]:
-        tied = [s.name for s in specs if s.batched and s.name not in named]
+    candidates = [s for s in specs if s.batched and s.name not in named and args[s.index].shape[0] != 1]
+    sizes = {s.name: args[s.index].shape[0] for s in candidates}
+    if len(set(sizes.values())) > 1:
         raise ZbOptionError(
-            f"zb cannot tell the batch size: the tensor arguments {tied} have dim 0 of sizes {sizes}, no size "
-            "more common than the others; name the arguments that are not split into microbatches with "
-            "options={'unbatched': [...]}")
-    batch = counts[0][0] if counts else None
-    return [replace(s, batched=s.batched and s.name not in named and args[s.index].shape[0] == batch)
-            for s in specs]
+            f"zb cannot tell the batch size: the tensor arguments have dim 0 of sizes {sizes}; name the arguments "
+            "that are not split into microbatches (passed whole to each) with options={'unbatched': [...]}")
+    return [replace(s, batched=s in candidates) for s in specs]
 
 
 def _signature(value: Any) -> Any:
