@@ -59,6 +59,8 @@ MUL = (operator.mul, torch.mul)
 DIV = (operator.truediv, torch.div, torch.true_divide)
 NEG = (operator.neg, torch.neg)
 MEAN, SUM, RATIO = "mean", "sum", "ratio"
+# Methods that read only the dtype and device of the tensor they are called on (a mask built with x.new_ones).
+SHAPE_ONLY = ("new_ones", "new_zeros", "new_empty", "new_full", "new_tensor")
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ class _Analysis:
         if self.batch_nodes is None:
             return
         for node in self.graph.nodes:
-            if node.op not in ("call_function", "call_method") or node in self.verified:
+            if node.op not in ("call_function", "call_method") or node in self.verified or node.target in SHAPE_ONLY:
                 continue
             if node.target is F.batch_norm and _bind(node).get("training") and self.batched(node):
                 raise ZbUnsupportedError(
