@@ -26,8 +26,13 @@ The loss is split into additive terms through +, -, negation and scaling by a nu
                 the weight of the targets that are not ignore_index), or s / d with s a sum and d a sum over
                 inputs only (a token count the user computed): the term becomes its numerator (the loss with
                 reduction "sum", or s) times 1 / (d summed over every microbatch)
+A number added to the loss counts once (weighted like a mean); the mean or sum of a scalar is that scalar.
 A division by a number that is the batch size in Dynamo's full-batch graph and the microbatch size here (a
-`/ x.shape[0]`) makes a mean; a number that is the same in both is a fixed scale. Anything else is an error
+`/ x.shape[0]`) makes a mean; a number that is the same in both is a fixed scale. The full-batch graph (Dynamo's,
+or the frame traced again at static shapes) also checks that every reduction reduces one value per sample and
+that every other value computed from the batch is per sample (m times the elements of its microbatch twin):
+a model that mixes samples across the batch (BatchNorm in training, `x - x.mean(0)`, `e @ e.T`) cannot be split
+into microbatches and is refused. Anything else is an error
 naming the operation, with the option `loss_reduction` ("mean": average the microbatches' losses, as exact as
 the microbatches are equal in normalisation; "sum": add them) as the explicit way out.
 
