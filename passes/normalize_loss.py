@@ -53,7 +53,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zb.core.errors import ZbUnsupportedError
-from zb.passes.plan import InputSpec, Plan, ancestors
+from zb.passes.plan import InputSpec, Plan, ancestors, descendants
 
 # F.*_loss functions whose `reduction` says how they normalise: (mean of elements) or (sum).
 ELEMENTWISE_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy,
@@ -210,7 +210,7 @@ class _Analysis:
             if ratio is None or ratio == self.m:
                 continue
             if any(self.ratio(a) == self.m for a in node.all_input_nodes if self.batched(a)):
-                if explicit and ratio == 1 and not any(self.ratio(d) == self.m for d in _descendants(node)):
+                if explicit and ratio == 1 and not any(self.ratio(d) == self.m for d in descendants(node)):
                     continue
                 raise ZbUnsupportedError(
                     f"{node.name} ({_describe(node)}) mixes samples across the batch: the full batch's value has "
@@ -291,22 +291,25 @@ class _Analysis:
         count = _uncast(divisor)
         if self._leaf_kind(count) != SUM:
             raise self._unknown(node, f"a division by {divisor.name}, which is not a sum over the batch")
-        self._leaf(count, node.name)  # checks it sums one value per sample
+        self._verify_reduction(count)
         return LossTerm(node.name, parent, RATIO, self._denominator(("value", divisor)))
 
     def _leaf(self, node: fx.Node, parent: str) -> LossTerm:
         kind = self._leaf_kind(node)
-        if kind is not None:
-            reduced = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
-            if isinstance(reduced, fx.Node) and self.ratio(reduced) not in (None, self.m):
-                raise self._unknown(node, f"a reduction of {reduced.name}, which is not one value per sample (its "
-                                          "full-batch value is not m times a microbatch's)")
-            self.verified.add(node)
-        if kind == RATIO:
-            return LossTerm(node.name, parent, RATIO, self._denominator(("targets", _bind(node))))
         if kind is None:
             raise self._unknown(node, "an operation zb does not know the normalisation of")
+        self._verify_reduction(node)
+        if kind == RATIO:
+            return LossTerm(node.name, parent, RATIO, self._denominator(("targets", _bind(node))))
         return LossTerm(node.name, parent, kind)
+
+    def _verify_reduction(self, node: fx.Node) -> None:
+        """A reduction the analysis understood must reduce one value per sample; check_per_sample then lets it be."""
+        reduced = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        if isinstance(reduced, fx.Node) and self.ratio(reduced) not in (None, self.m):
+            raise self._unknown(node, f"a reduction of {reduced.name}, which is not one value per sample (its "
+                                      "full-batch value is not m times a microbatch's)")
+        self.verified.add(node)
 
     def _leaf_kind(self, node: fx.Node) -> str | None:
         target, args = self._call(node)
@@ -493,17 +496,6 @@ def _numbers(node: fx.Node) -> list[Any]:
     fx.node.map_aggregate([*node.args, *node.kwargs.values()],
                           lambda x: None if isinstance(x, fx.Node) else found.append(x))
     return found
-
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    todo = list(node.users)
-    while todo:
-        user = todo.pop()
-        if user not in seen:
-            seen.add(user)
-            todo.extend(user.users)
-    return seen
 
 
 def _is_scalar(node: fx.Node) -> bool:

@@ -199,13 +199,22 @@ def output_values(gm: fx.GraphModule) -> list[Any]:
 
 def ancestors(roots: list[Any]) -> set[fx.Node]:
     """The nodes among `roots` and every node they depend on."""
+    return _reachable([r for r in roots if isinstance(r, fx.Node)], lambda node: node.all_input_nodes)
+
+
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """Every node that depends on `node` (not `node` itself)."""
+    return _reachable(list(node.users), lambda n: n.users)
+
+
+def _reachable(start: list[fx.Node], step) -> set[fx.Node]:
     seen: set[fx.Node] = set()
-    todo = [r for r in roots if isinstance(r, fx.Node)]
+    todo = list(start)
     while todo:
         node = todo.pop()
         if node not in seen:
             seen.add(node)
-            todo.extend(node.all_input_nodes)
+            todo.extend(step(node))
     return seen
 
 
