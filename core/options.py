@@ -98,6 +98,21 @@ def _optimizer(name: str, value: Any) -> Any:
     return value
 
 
+def _device_mesh(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(value, DeviceMesh):
+        raise ZbOptionError(f"option {name!r} takes a torch.distributed DeviceMesh, got {type(value).__name__}")
+    names = tuple(value.mesh_dim_names or ())
+    if sorted(names) != ["dp", "pp"]:
+        raise ZbOptionError(f"option {name!r} needs a 2-D DeviceMesh with dimensions named 'dp' (replicas) and 'pp' "
+                            f"(pipeline ranks), e.g. init_device_mesh('cpu', (2, 2), mesh_dim_names=('dp', 'pp')); "
+                            f"got dimensions {names or 'without names'}")
+    return value
+
+
 def _optional_positive_float(name: str, value: Any) -> float | None:
     if value is None:
         return None
@@ -144,6 +159,21 @@ class Options:
     )
     group: Any = _option(None, "torch.distributed process group of the pipeline ranks (default: WORLD)",
                          _process_group)
+    data_parallel: int = _option(
+        1, "pipeline replicas (data parallelism): under torchrun with W processes, D replicas of a W/D-rank "
+        "pipeline, each fed its own batch; gradients are summed over replicas inside the schedule, right after each "
+        "stage's last W. Without a process group, the D replicas run in this process on D parts of the batch",
+        _positive_int,
+    )
+    mesh: Any = _option(
+        None, "a 2-D torch.distributed DeviceMesh with dimensions 'dp' (replicas) and 'pp' (pipeline ranks), "
+        "instead of 'data_parallel' and 'group'", _device_mesh,
+    )
+    shard_optimizer: bool = _option(
+        False, "shard the optimizer state over the replicas (ZeRO-1/2 by parameter, needs 'optimizer' and "
+        "replicas): each parameter's gradient is reduced to the one replica that owns it, which updates it and "
+        "broadcasts the new value", _boolean,
+    )
     rebalance: bool = _option(
         False, "re-cut the stages once, after the first training step, when its measured stage times are "
         "clearly uneven (slowest over 1.15x the mean, zb/adapt.py); across ranks this moves parameters to their new "
@@ -187,6 +217,22 @@ class Options:
                     raise ZbOptionError(f"option {name!r} needs option 'optimizer' (the optimizer zb runs)")
         elif self.post_validation is None:
             object.__setattr__(self, "post_validation", True)
+        if self.mesh is not None:
+            if self.group is not None:
+                raise ZbOptionError("give either option 'mesh' or option 'group', not both: the mesh's 'pp' "
+                                    "dimension is the pipeline's group")
+            replicas = self.mesh["dp"].size()
+            if self.data_parallel not in (1, replicas):
+                raise ZbOptionError(f"option 'data_parallel'={self.data_parallel} disagrees with the mesh's 'dp' "
+                                    f"dimension of size {replicas}; leave 'data_parallel' out with a mesh")
+            object.__setattr__(self, "data_parallel", replicas)
+        if self.shard_optimizer:
+            if self.optimizer is None:
+                raise ZbOptionError("option 'shard_optimizer' needs option 'optimizer' (the optimizer whose state "
+                                    "zb shards over the replicas)")
+            if self.data_parallel == 1:
+                raise ZbOptionError("option 'shard_optimizer' shards the optimizer state over replicas; set "
+                                    "'data_parallel' (or a 'mesh') with more than one replica")
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> Options:
@@ -213,7 +259,7 @@ class Options:
     def parse_cli_value(cls, name: str, text: str) -> Any:
         """Turn a command-line string into the field's type (validation happens in from_dict). A string that is
         not of that type raises ZbOptionError naming the option, never a bare ValueError."""
-        if name in ("group", "optimizer"):
+        if name in ("group", "optimizer", "mesh"):
             raise ZbOptionError(f"option {name!r} takes an object; it cannot be given on the command line")
         default = {f.name: f.default for f in dataclasses.fields(cls)}[name]
         if isinstance(default, bool) or name == "post_validation":
@@ -250,7 +296,7 @@ class Options:
     def as_dict(self) -> dict[str, Any]:
         """The options as a dict (the process group by its name only)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("group", "optimizer"):
+        for name in ("group", "optimizer", "mesh"):
             if values[name] is not None:
                 values[name] = type(values[name]).__name__ if name == "optimizer" else str(values[name])
         return values

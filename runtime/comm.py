@@ -176,6 +176,26 @@ class DistributedComm:
         self._wait(work, what, self._others())
         return buffer
 
+    def start_all_reduce(self, tensor: torch.Tensor, what: str):
+        """Start summing `tensor` over every rank in place (it must live on the comm's device); returns the handle
+        for `completed` and `wait`, whose [1] is the tensor."""
+        work = self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=self.group, async_op=True)
+        return work, tensor, self._others()
+
+    def start_reduce(self, tensor: torch.Tensor, dst: int, what: str):
+        """Start summing `tensor` over every rank into rank `dst`'s (in place; the others' become undefined)."""
+        work = self.dist.reduce(tensor, self._peer(dst), op=self.dist.ReduceOp.SUM, group=self.group, async_op=True)
+        return work, tensor, self._others()
+
+    def start_broadcast(self, tensor: torch.Tensor, src: int, what: str):
+        """Start sending rank `src`'s `tensor` into every other rank's (in place)."""
+        work = self.dist.broadcast(tensor, src=self._peer(src), group=self.group, async_op=True)
+        return work, tensor, [src] if src != self.rank else self._others()
+
+    def completed(self, handle) -> bool:
+        """Whether a started collective has finished (never waits)."""
+        return handle[0].is_completed()
+
     def broadcast(self, tensor: torch.Tensor, src: int, what: str) -> torch.Tensor:
         buffer = tensor.to(self.device).contiguous()
         work = self.dist.broadcast(buffer, src=self._peer(src), group=self.group, async_op=True)

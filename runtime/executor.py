@@ -22,7 +22,7 @@ from zb.core.errors import ZbError
 from zb.runtime.comm import message_id
 from zb.runtime.microbatch import combine_outputs, split_microbatches
 from zb.runtime.profile import ActionClock, timed_runs
-from zb.schedules import BW, RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, Schedule, W
+from zb.schedules import BW, RECV_B, RECV_F, REDUCE, SEND_B, SEND_F, Action, B, F, Schedule, W
 
 
 class StepExecutor:
@@ -44,27 +44,52 @@ class StepExecutor:
         self.repeat = 1
         self.quickest: dict[tuple[int, str], list[float]] = {}
         self.peak_memory: dict[int, int] = {}  # activation bytes each local rank held at most in the last step
+        # Data parallelism: how many replicas run this program and which one this is (seeds differ per replica;
+        # the loss weights and seed divide by the replicas' total), and the loss denominators summed over all
+        # replicas' batches (`totals`, set between prepare and run; None: this batch's own).
+        self.replicas, self.replica = 1, 0
+        self.totals: torch.Tensor | None = None
+        self.on_reduce = None
 
     # One step ---------------------------------------------------------------------------------------------
-    def run(self, args: Sequence[Any], on_stage_done=None) -> tuple[list[list[Any]], dict[int, list[torch.Tensor]]]:
+    def prepare(self, args: Sequence[Any]) -> torch.Tensor | None:
+        """Split this step's batch into microbatches and count each microbatch's loss denominators; returns their
+        totals over the batch (float64, one per denominator) or None. Data-parallel replicas sum these totals
+        (runtime/data_parallel.py) and hand the sum back as `totals` before `run`."""
+        self.inputs = split_microbatches(self.program.inputs, args, self.program.microbatches)
+        self.denominators = self._denominators()
+        self.totals = None
+        if not self.denominators or not self.denominators[0]:
+            return None
+        return torch.stack([torch.stack([d[k] for d in self.denominators]).sum().double().cpu()
+                            for k in range(len(self.denominators[0]))])
+
+    def run(self, args: Sequence[Any] | None, on_stage_done=None, on_reduce=None,
+            poll=None) -> tuple[list[list[Any]], dict[int, list[torch.Tensor]]]:
         """Runs every action of the local ranks; returns (per-output lists over microbatches, grads by input).
 
-        The gradients map an input's index to one slice per microbatch for a batched input, and to [the sum
-        over microbatches] for any other (parameters, buffers). `on_stage_done(stage, grads)` is called right
-        after a stage's last compute action (its last W), with the gradients produced so far."""
+        `args` is the step's batch (None: already given to `prepare`). The gradients map an input's index to one
+        slice per microbatch for a batched input, and to [the sum over microbatches] for any other (parameters,
+        buffers). `on_stage_done(stage, grads)` is called right after a stage's last compute action (its last W),
+        with the gradients produced so far; `on_reduce(stage, grads)` at the stage's R action (data parallelism);
+        `poll(grads)` after every action."""
         program = self.program
         last = {}
         for r in self.ranks:
             for a in self.schedule.actions[r]:
                 if a.kind in (F, B, W, BW):
                     last[a.stage] = a
-        self.inputs = split_microbatches(program.inputs, args, program.microbatches)
-        self.denominators = self._denominators()
+        if args is not None:
+            self.prepare(args)
         # Random ops (dropout): one seed per step from the user's generator (so every rank, seeded alike, draws
-        # the same), and from it one per (stage, microbatch), so no two microbatches or stages share a mask.
+        # the same), and from it one per (replica, stage, microbatch), so no two microbatches, stages or
+        # replicas share a mask.
         self.seed = int(torch.randint(0, 2**62, (1,))) if any(s.random for s in program.stages) else None
+        if self.seed is not None:
+            self.seed += 1_000_000_007 * self.replica
         if program.loss is not None and program.loss.mode == "weighted":
             self._add_loss_weights()
+        self.on_reduce = on_reduce
         self.env: dict[tuple[int, int], dict[str, Any]] = defaultdict(dict)
         self.forward_box: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.backward_box: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
@@ -95,6 +120,8 @@ class StepExecutor:
                         self.quickest.setdefault((action.stage, action.kind), []).append(self._seconds)
                     if on_stage_done is not None and program.training and last.get(action.stage) == action:
                         on_stage_done(action.stage, self.grads)
+                    if poll is not None:
+                        poll(self.grads)
                     position[rank] += 1
                     progressed = True
             if not progressed:
@@ -121,10 +148,12 @@ class StepExecutor:
         spec = program.outputs[0]
         for index, kind, denominator in program.loss.weights:
             if kind == "ratio":
-                total = torch.stack([d[denominator] for d in self.denominators]).sum()
+                total = self.totals[denominator] if self.totals is not None else \
+                    torch.stack([d[denominator] for d in self.denominators]).sum()
                 weight = (1.0 / total.to(spec.device, torch.float64)).to(spec.dtype)
             else:
-                weight = torch.tensor(1.0 / m if kind == "mean" else 1.0, dtype=spec.dtype, device=spec.device)
+                weight = torch.tensor(1.0 / (m * self.replicas) if kind == "mean" else 1.0, dtype=spec.dtype,
+                                      device=spec.device)
             for inputs in self.inputs:
                 assert len(inputs) == index, (len(inputs), index)
                 inputs.append(weight)
@@ -156,6 +185,9 @@ class StepExecutor:
         elif kind == BW:
             self._backward_input(s, mb)
             self._run(s, mb, "backward_weight")
+        elif kind == REDUCE:
+            if self.on_reduce is not None:
+                self.on_reduce(s, self.grads)
         elif kind == SEND_F:
             box = self.forward_box.pop((s, mb))
             self.comm.send(self._message(action), [box[spec.key] for spec in self.forward_spec[s + 1]],
@@ -199,7 +231,8 @@ class StepExecutor:
             # The step's loss is the mean of the microbatches' losses (each seeded with 1/m), or their sum when
             # they are weighted or meant to be added (seed 1): passes/normalize_loss.py.
             loss = self.program.loss
-            seed = 1.0 / self.program.microbatches if loss is None or loss.mode == "mean" else 1.0
+            m = self.program.microbatches * self.replicas
+            seed = 1.0 / m if loss is None or loss.mode == "mean" else 1.0
             env["tangent:out:0"] = torch.full_like(self.outs[0][-1], seed)
 
     def _backward_input(self, s: int, mb: int) -> None:

@@ -20,6 +20,12 @@ its first forward of the next step (or when `zb.synchronize(optimizer)` or `opti
 Validating a step that had to be skipped restores the backup taken before the update (parameters and optimizer
 state, bit for bit); one that had to be clipped is restored and redone with the clipped gradients; a held-back
 update runs clipped, or not at all.
+
+Data parallelism: every replica updates with the same summed gradients, so each pipeline reaches the same
+verdict on its own. With `shard_optimizer` a replica updates only the parameters it owns (`owner`), so its
+contribution counts only those and is summed over the replica group before it joins the pipeline's sum; once a
+step is validated each owner broadcasts the parameters it updated, and the other replicas wait for them before
+their next step (or `zb.synchronize`).
 """
 
 from __future__ import annotations
@@ -72,8 +78,11 @@ class _Pending:
 
 
 class OptimizerStep:
-    def __init__(self, program: Program, schedule: Schedule, ranks: Sequence[int], comm):
+    def __init__(self, program: Program, schedule: Schedule, ranks: Sequence[int], comm, replica_comm=None,
+                 owner: dict[int, int] | None = None, replica: int = 0):
         options = program.options
+        self.replica_comm, self.owner, self.replica = replica_comm, owner, replica
+        self.broadcasts: list = []  # owners' parameter broadcasts in flight (shard_optimizer)
         self.program = program
         self.optimizer = options.optimizer
         self.kernel = update_kernel(self.optimizer)
@@ -115,6 +124,7 @@ class OptimizerStep:
         e.g. before a re-partition), this step's parameters looked up."""
         synchronize(self.optimizer)
         self.params = list(args)
+        self.wait_broadcasts()
         if self.steps == 0:
             missing = [self.program.inputs[i].name for i in self._all_updated() if self.params[i] not in self.group_of]
             if missing and len(missing) == len(self._all_updated()):
@@ -150,12 +160,16 @@ class OptimizerStep:
             last[rank] = self._update(indices, {i: grads[i] for i in indices if grads[i] is not None})
             if last[rank] is not None:
                 self._count(rank, last[rank], shared_on=rank)
+        if self.owner is not None:  # each replica counted the parameters it owns: their sum is the pipeline's
+            for rank in self.ranks:
+                self.contribution[rank] = self._replica_sum(self.contribution[rank])
         if not self.post_validation:
             total = self._all_reduce()
             for rank in self.ranks:
                 for update in self.updates[rank] + ([last[rank]] if last[rank] else []):
                     self._final(update, total)
             self._record(number, total, rolled_back=0)
+            self._publish()
             return
         carry = [0.0, 0.0]
         top = self.num_ranks - 1
@@ -177,6 +191,8 @@ class OptimizerStep:
             rolled = sum(self._final(u, total) for u in self.updates[0])
             self._record(number, total, rolled)
             pending.total = total
+            if not pending.updates:
+                self._publish()
             if pending.updates:  # other ranks of this process validate in the next step's warm-up, as across
                 self.pending.append(pending)  # processes
         else:
@@ -204,13 +220,15 @@ class OptimizerStep:
                 for record in self.history:
                     if record.step == item.step:
                         record.rolled_back += rolled
+            self._publish()
 
     # Updates ----------------------------------------------------------------------------------------------
     def _all_updated(self) -> list[int]:
         return [i for v in self.program.updates.values() for i in v] + list(self.program.shared_updates)
 
     def _update(self, indices: list[int], grads: dict[int, torch.Tensor]) -> _Update | None:
-        chosen = [i for i in indices if i in grads and self.params[i] in self.group_of]
+        chosen = [i for i in indices if i in grads and self.params[i] in self.group_of
+                  and (self.owner is None or self.owner.get(i, self.replica) == self.replica)]
         if not chosen:
             return None
         params = [self.params[i] for i in chosen]
@@ -297,6 +315,32 @@ class OptimizerStep:
         self.history.append(StepRecord(step, math.sqrt(total[0]) if math.isfinite(total[0]) else math.inf,
                                        verdict == "clip", verdict == "skip", rolled_back))
 
+    # Sharded state (shard_optimizer) -------------------------------------------------------------------------
+    def _replica_sum(self, contribution: list[float]) -> list[float]:
+        total = self.replica_comm.all_reduce(torch.tensor(contribution, dtype=torch.float64),
+                                             "summing the replicas' gradient norms")
+        flag = self.replica_comm.all_reduce(torch.tensor([contribution[1]], dtype=torch.float64),
+                                            "checking the replicas' gradients for NaN/Inf", op="max")
+        return [float(total[0]), float(flag[0])]
+
+    def _publish(self) -> None:
+        """A validated step: each owner starts broadcasting the parameters it updated to the other replicas."""
+        if self.owner is None:
+            return
+        local = {i for s, indices in self.program.updates.items() if self.placement[s] in self.ranks
+                 for i in indices}
+        local |= {i for r in self.ranks for i in self.shared_on.get(r, [])}
+        for i in sorted(local):
+            if i in self.owner and self.params[i] in self.group_of:
+                tensor = self.params[i].detach()
+                self.broadcasts.append(self.replica_comm.start_broadcast(
+                    tensor, self.owner[i], f"broadcasting {self.program.inputs[i].name} from its owner"))
+
+    def wait_broadcasts(self) -> None:
+        broadcasts, self.broadcasts = self.broadcasts, []
+        for handle in broadcasts:
+            self.replica_comm.wait(handle, "receiving updated parameters from their owning replicas")
+
     # Messages ---------------------------------------------------------------------------------------------
     def _all_reduce(self) -> tuple[float, bool]:
         mine = [sum(self.contribution[r][0] for r in self.ranks), max(self.contribution[r][1] for r in self.ranks)]
@@ -370,3 +414,4 @@ def synchronize(optimizer: torch.optim.Optimizer) -> None:
     steps = set(_STEPS.get(optimizer, ())) | {s for s in _UNVALIDATED if s.optimizer is optimizer}
     for step in steps:
         step.validate_pending()
+        step.wait_broadcasts()

@@ -19,8 +19,9 @@ import torch
 
 from zb.codegen.program import Program
 from zb.core.errors import ZbError
+from zb.runtime.data_parallel import GradientReduction, LocalReduction, check_same_weights, combine_replicas, owners
 from zb.runtime.executor import StepExecutor, combine
-from zb.runtime.microbatch import fingerprint
+from zb.runtime.microbatch import fingerprint, split_microbatches
 from zb.runtime.optimizer import OptimizerStep, synchronize
 from zb.runtime.profile import measured_costs, measured_timeline, modelled_costs
 from zb.schedules import Action, Costs, F, Schedule, Timeline, lower
@@ -39,13 +40,18 @@ def forward_only(schedule: Schedule) -> Schedule:
 
 
 class PipelineRunner:
-    def __init__(self, program: Program, schedule: Schedule, ranks: Sequence[int], comm):
+    def __init__(self, program: Program, schedule: Schedule, ranks: Sequence[int], comm, replicas: int = 1,
+                 replica_comm=None, replica: int = 0):
+        """`replicas` > 1: data parallelism, over `replica_comm` (this rank's replica group; this process is
+        replica number `replica`), or, without it, all replicas in this process (runtime/data_parallel.py)."""
         self.program = program
         self.schedule = schedule if program.training else forward_only(schedule)
         self.comm = comm
         self.distributed = comm.distributed
         self.ranks = list(ranks)
-        self.executor = StepExecutor(program, lower(self.schedule), ranks, comm)
+        self.replicas, self.replica_comm, self.replica = replicas, replica_comm, replica
+        self.executor = StepExecutor(program, self._lower(self.schedule), ranks, comm)
+        self.executor.replicas, self.executor.replica = replicas, replica
         self.steps = 0
         # Set by the caller (zb/adapt.py) before a step: the step numbers (counted from 1) whose actions are
         # traced and gathered from every rank, and, per step number, how often each piece runs back to back
@@ -57,9 +63,20 @@ class PipelineRunner:
         self.costs = None  # costs measured in the last profiled step
         self.quickest: dict = {}  # (stage, kind) -> quickest of repeated runs per action, in a measured step
         self.optimizer = None  # the fused update and its validation, with options["optimizer"]
+        owner = None
+        if program.training and program.options.shard_optimizer and replica_comm is not None:
+            updated = [i for indices in program.updates.values() for i in indices] + list(program.shared_updates)
+            owner = owners(program, updated, replicas)
         if program.training and program.options.optimizer is not None:
-            self.optimizer = OptimizerStep(program, self.schedule, ranks, comm)
+            self.optimizer = OptimizerStep(program, self.schedule, ranks, comm, replica_comm, owner, replica)
+        self.reduction = None  # sums gradients over the replicas, at the schedule's R actions
+        if program.training and replicas > 1:
+            self.reduction = (GradientReduction(program, replica_comm, replica, owner) if replica_comm is not None
+                              else LocalReduction(program, replicas))
         self._dump_schedule()
+
+    def _lower(self, schedule: Schedule) -> Schedule:
+        return lower(schedule, reduce=self.program.training and self.replicas > 1)
 
     def stage_times(self) -> tuple[float, ...] | None:
         """Measured F+B+W seconds per stage (from the last profiled step), or None: the quickest of each piece
@@ -111,21 +128,135 @@ class PipelineRunner:
         with torch.no_grad():
             if self.distributed:
                 self._check_one_batch(args)
+            if self.replica_comm is not None and number == 1:
+                check_same_weights(self.replica_comm, program, args, self.replica)
             if repeat > 1 and self.distributed:
                 self.comm.barrier("waiting for every rank to finish compiling")  # no peer compiling while timed
             self.executor.timed, self.executor.repeat = profiled, repeat
-            outs, grads = self.executor.run(
-                args, on_stage_done=self.optimizer.stage_done if self.optimizer is not None else None)
+            if self.replicas > 1 and self.replica_comm is None:
+                outputs, combined = self._run_replicas(args)
+            else:
+                outputs, combined = self._run_replica(args)
             self.executor.repeat = 1
-            outputs, combined = combine(outs, grads, self.executor.slices, program, self.executor.denominators)
-            if self.distributed:
-                outputs = self._broadcast_outputs(outputs)
-                self._sum_shared_gradients(combined)
             self.steps = number
             if profiled:
                 self._profile()
             self.last_grads = combined
         return outputs, combined
+
+    def _run_replica(self, args: Sequence[Any]) -> tuple[list[Any], list[torch.Tensor | None]]:
+        """This process's part of the step: its ranks' actions on its batch (its replica's, with replicas)."""
+        program, executor = self.program, self.executor
+        totals = executor.prepare(args)
+        counts = None
+        if self.replica_comm is not None:
+            counts = self._exchange_counts(args, totals)
+            executor.totals = torch.tensor([sum(c[k] for c in counts) for k in range(len(counts[0]))],
+                                           dtype=torch.float64) if totals is not None else None
+        outs, grads = executor.run(None, **self._hooks())
+        self._land_reductions(grads)
+        outputs, combined = combine(outs, grads, executor.slices, program, executor.denominators)
+        if self.distributed:
+            outputs = self._broadcast_outputs(outputs)
+            self._sum_shared_gradients(combined)
+        if self.reduction is not None:
+            self.reduction.reduce_shared(combined)
+        if self.replica_comm is not None:
+            outputs = self._replica_outputs(outputs, counts)
+        return outputs, combined
+
+    def _run_replicas(self, args: Sequence[Any]) -> tuple[list[Any], list[torch.Tensor | None]]:
+        """Data parallelism in one process: the batch split into `replicas` parts, each run in turn as its own
+        replica; the last one completes the gradient sums (and runs the updates)."""
+        program, executor = self.program, self.executor
+        parts = split_microbatches(program.inputs, args, self.replicas)
+        local = [executor.prepare(part) for part in parts]
+        totals = torch.stack(local).sum(0) if local[0] is not None else None
+        per_replica, slices = [], {}
+        for r, part in enumerate(parts):
+            executor.prepare(part)
+            executor.totals, executor.replica = totals, r
+            if self.reduction is not None:
+                self.reduction.begin(r)
+            last = r == self.replicas - 1
+            outs, grads = executor.run(None, **(self._hooks() if last else self._hooks(optimizer=False)))
+            if last:
+                self._land_reductions(grads)
+            outputs, combined = combine(outs, grads, executor.slices, program, executor.denominators)
+            if self.reduction is not None:
+                self.reduction.reduce_shared(combined)
+            per_replica.append(outputs)
+            for i, spec in enumerate(program.inputs):
+                if spec.batched and combined[i] is not None:
+                    slices.setdefault(i, []).append(combined[i])
+        for i, values in slices.items():
+            combined[i] = torch.cat(values)
+        counts = [t.tolist() for t in local] if totals is not None else None
+        return combine_replicas(per_replica, self._rules(), self._loss_mode(), counts), combined
+
+    def _hooks(self, optimizer: bool = True) -> dict:
+        """What the executor calls back: the stage updates right after the stage's last W, or, with replicas,
+        the R action starting the stage's gradient sum and the updates once each sum has landed."""
+        update = self.optimizer.stage_done if self.optimizer is not None and optimizer else None
+        if self.reduction is None:
+            return {"on_stage_done": update}
+
+        def poll(grads):
+            for stage in self.reduction.poll(grads):
+                if update is not None:
+                    update(stage, grads)
+
+        return {"on_reduce": self.reduction.launch, "poll": poll}
+
+    def _land_reductions(self, grads: dict) -> None:
+        """After the last action: wait for every gradient sum still in flight, then run the updates it held."""
+        if self.reduction is None:
+            return
+        for stage in self.reduction.poll(grads, block=True):
+            if self.optimizer is not None:
+                self.optimizer.stage_done(stage, grads)
+
+    def _rules(self) -> list[Any]:
+        loss = self.program.loss
+        if loss is not None:
+            return list(loss.outputs)
+        return ["mean" if spec is not None and not spec.shape else ("concat", 0) for spec in self.program.outputs]
+
+    def _loss_mode(self) -> str:
+        return self.program.loss.mode if self.program.loss is not None else "mean"
+
+    def _exchange_counts(self, args: Sequence[Any], totals: torch.Tensor | None) -> list[list[float]]:
+        """Every replica's batch size and loss denominators (one small all-gather per step): the loss is
+        normalised by the global batch, which needs replicas of one batch size."""
+        sizes = {args[s.index].shape[0] for s in self.program.inputs if s.batched}
+        mine = torch.tensor([float(max(sizes, default=0)), *(totals.tolist() if totals is not None else [])],
+                            dtype=torch.float64)
+        everyone = [t.tolist() for t in self.replica_comm.all_gather(mine, "comparing the replicas' batches")]
+        if len({row[0] for row in everyone}) > 1:
+            raise ZbError(
+                f"data-parallel replicas were handed batches of different sizes "
+                f"({', '.join(f'replica {r}: {int(row[0])}' for r, row in enumerate(everyone))}); every replica's "
+                "batch must have the same size, so that the step equals eager on their concatenation (drop the "
+                "last incomplete batch, e.g. DataLoader(..., drop_last=True))"
+            )
+        return [row[1:] for row in everyone]
+
+    def _replica_outputs(self, outputs: list[Any], counts: list[list[float]] | None) -> list[Any]:
+        """The loss and every scalar output over all replicas (one all-gather); other outputs stay this
+        replica's (they describe its own samples)."""
+        scalars = [j for j, o in enumerate(outputs) if isinstance(o, torch.Tensor) and o.dim() == 0]
+        if not scalars:
+            return outputs
+        mine = torch.stack([outputs[j].detach().double().cpu() for j in scalars])
+        everyone = self.replica_comm.all_gather(mine, "combining the replicas' losses")
+        rules = self._rules()
+        per_replica = [[values[k].to(outputs[j].dtype).to(outputs[j].device) for k, j in enumerate(scalars)]
+                       for values in everyone]
+        merged = combine_replicas(per_replica, [rules[j] for j in scalars], self._loss_mode(), counts)
+        result = list(outputs)
+        for k, j in enumerate(scalars):
+            result[j] = merged[k]
+        return result
 
     def _check_one_batch(self, args: Sequence[Any]) -> None:
         """Every rank of the pipeline must run the same batch: compare the batched arguments' checksums (one small
@@ -157,7 +288,7 @@ class PipelineRunner:
     def install(self, schedule: Schedule) -> None:
         """Run `schedule` from the next step on (the same stages and placement, another order)."""
         self.schedule = schedule
-        self.executor.schedule = lower(schedule)
+        self.executor.schedule = self._lower(schedule)
         if self.optimizer is not None:
             self.optimizer.set_schedule(schedule)
         self._dump_schedule()

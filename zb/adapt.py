@@ -94,7 +94,16 @@ def _replanned(runner: PipelineRunner):
     schedule = None
     if runner.ranks[0] == 0:
         schedule = generate("zb-auto", program.num_stages, options.microbatches, runner.costs, options.memory_limit)
-    return runner.comm.broadcast_object(schedule, 0, "sharing rank 0's re-planned schedule")
+    return _agree(runner, schedule, "sharing rank 0's re-planned schedule")
+
+
+def _agree(runner: PipelineRunner, value: Any, what: str) -> Any:
+    """Pipeline rank 0's `value` on every rank; with data-parallel replicas, replica 0's, so that every replica
+    runs the same schedule (their gradient sums must come in the same order)."""
+    value = runner.comm.broadcast_object(value, 0, what)
+    if runner.replica_comm is not None:
+        value = runner.replica_comm.broadcast_object(value, 0, what + " across the replicas")
+    return value
 
 
 def _recut(graph: CompiledGraph, key: tuple, runner: PipelineRunner, args: Sequence[Any]):
@@ -116,7 +125,7 @@ def _recut(graph: CompiledGraph, key: tuple, runner: PipelineRunner, args: Seque
                      "predicted)", times, split_points_for(old) or list(old.cuts),
                      split_points_for(plan) or list(plan.cuts), max(measured) * 1e3, predicted * 1e3)
             decision = (measured, plan.cuts)
-    decision = runner.comm.broadcast_object(decision, 0, "sharing rank 0's re-cut decision")
+    decision = _agree(runner, decision, "sharing rank 0's re-cut decision")
     if decision is None:
         return None
     if runner.ranks[0] != 0:

@@ -124,8 +124,11 @@ class CompiledGraph:
         _reject_autocast(self.gm)
         outer = _split_axes([_with_requires_grad(s, a) for s, a in zip(self.inputs, args)], args,
                             self.options.unbatched)
+        replicas = self.pipeline.local_replicas
+        if replicas > 1:  # data parallelism in this process: the plan is one replica's
+            args = _replica_part(outer, args, replicas, self.options.microbatches)
         first = split_microbatches(outer, args, self.options.microbatches)[0]
-        if self.static and self.options.microbatches == 1:
+        if self.static and self.options.microbatches == 1 and replicas == 1:
             gm, specs, example, arg_map = self.gm, outer, first, list(range(len(args)))
         else:
             if self.frame is None:
@@ -158,7 +161,7 @@ class CompiledGraph:
         graph): Dynamo's own when it is static, else the frame traced again at the full batch."""
         if gm is self.gm:
             return None  # one microbatch: nothing to compare
-        if self.static:
+        if self.static and self.pipeline.local_replicas == 1:
             return self.gm
         full, _, _ = self.frame.capture({s.index: args[s.index] for s in outer if s.kind == "input"})
         return full
@@ -173,7 +176,8 @@ class CompiledGraph:
         if measure_first is None:
             options = plan.options
             measure_first = plan.training and plan.num_stages > 1 and options.rebalance and not options.split_points
-        runner = PipelineRunner(program, schedule, local, pipeline.comm())
+        runner = PipelineRunner(program, schedule, local, pipeline.comm(), pipeline.replicas, pipeline.replica_comm(),
+                                pipeline.replica)
         return adapt.configure(runner, measure_first=measure_first)
 
 
@@ -188,6 +192,18 @@ def _reject_autocast(gm: fx.GraphModule) -> None:
             "its stages are traced and compiled separately, outside the autocast region. Train in bfloat16 by "
             "casting the model instead (model.to(torch.bfloat16))"
         )
+
+
+def _replica_part(specs: list[InputSpec], args: Sequence[Any], replicas: int, microbatches: int) -> list[Any]:
+    """The first replica's arguments, when `replicas` run in this process on parts of the batch."""
+    sizes = {specs[i].name: a.shape[0] for i, a in enumerate(args) if specs[i].batched}
+    for name, size in sizes.items():
+        if size % (replicas * microbatches):
+            raise ZbOptionError(
+                f"input {name!r} has batch size {size}, which data_parallel={replicas} replicas of "
+                f"microbatches={microbatches} do not divide; use a batch size that is a multiple of "
+                f"{replicas * microbatches}")
+    return split_microbatches(specs, args, replicas)[0]
 
 
 def _with_requires_grad(spec: InputSpec, value: Any) -> InputSpec:

@@ -6,6 +6,12 @@ debugging and testing that gives the same numbers as the distributed run. Under 
 yet, zb creates one: gloo on CPU; NCCL when CUDA is present, after `torch.cuda.set_device(LOCAL_RANK)` so that
 each process drives its own GPU. Every check here runs identically on every rank, before any
 communication, so a bad option fails everywhere at once.
+
+Data parallelism (`data_parallel=D`, or a `mesh`): the W processes form a (dp, pp) DeviceMesh of D replicas of
+a W/D-rank pipeline, built with `init_device_mesh(device, (D, W // D), mesh_dim_names=("dp", "pp"))`, so global
+rank g is pipeline rank g % (W // D) of replica g // (W // D): ranks [0, P) are replica 0's pipeline, [P, 2P)
+replica 1's, and pipeline rank r's replica group is {r, P + r, 2P + r, ...}. Without a process group, the D
+replicas run one after another in this process, each on its part of the batch.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ from zb.schedules import Costs, Schedule, ScheduleError, default_chunks, generat
 class Pipeline:
     def __init__(self, options: Options):
         self.options = options
-        self.group = options.group
+        self.replicas = options.data_parallel
         self.distributed = _distributed(options)
+        self.group, self.replica_group, self.replica = options.group, None, 0
+        if self.distributed:
+            self.group, self.replica_group, self.replica = _groups(options)
         world = _world_size(self.group) if self.distributed else 1
         self.rank = _rank(self.group) if self.distributed else 0
         self.chunks = default_chunks(options.schedule)
@@ -42,11 +51,22 @@ class Pipeline:
     def local_ranks(self) -> list[int]:
         return [self.rank] if self.distributed else list(range(max(1, self.num_ranks)))
 
+    @property
+    def local_replicas(self) -> int:
+        """How many replicas this process runs: all of them without a process group, else its own."""
+        return 1 if self.distributed else self.replicas
+
     def comm(self):
         """The communication module for one runner: over the process group, or in this process."""
         if not self.distributed:
             return LocalComm()
         return DistributedComm(self.group, self.options.timeout, _comm_device(self.group))
+
+    def replica_comm(self):
+        """The communication module over this rank's replica group (None without replicas across processes)."""
+        if self.replica_group is None:
+            return None
+        return DistributedComm(self.replica_group, self.options.timeout, _comm_device(self.replica_group))
 
     def schedule_for(self, training: bool, costs: Costs | None = None) -> Schedule:
         """The compute-only schedule (validated); raises ScheduleError as a ZbOptionError for a bad request."""
@@ -72,7 +92,10 @@ def _distributed(options: Options) -> bool:
         return True
     if not dist.is_available():
         return False
-    if not dist.is_initialized() and _launched_by_torchrun() and (options.stages or 0) != 1:
+    if options.mesh is not None:
+        return True
+    if not dist.is_initialized() and _launched_by_torchrun() and ((options.stages or 0) != 1
+                                                                   or options.data_parallel > 1):
         import torch
 
         if torch.cuda.is_available():
@@ -80,7 +103,38 @@ def _distributed(options: Options) -> bool:
             dist.init_process_group("nccl")
         else:
             dist.init_process_group("gloo")
-    return dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_initialized() and (dist.get_world_size() > 1 or options.data_parallel > 1)
+
+
+_MESHES: dict = {}  # (replicas, world size) -> the DeviceMesh zb built, shared by every compiled graph
+
+
+def _groups(options: Options):
+    """(pipeline group, replica group or None, this rank's replica index) from option 'mesh' or 'data_parallel'."""
+    import torch.distributed as dist
+
+    mesh = options.mesh
+    if mesh is None and options.data_parallel > 1:
+        if options.group is not None:
+            raise ZbOptionError("option 'data_parallel' builds the pipeline and replica groups itself; to choose "
+                                "them, pass a DeviceMesh with dimensions ('dp', 'pp') as option 'mesh' instead of "
+                                "'group'")
+        world, replicas = dist.get_world_size(), options.data_parallel
+        if world % replicas:
+            raise ZbOptionError(f"data_parallel={replicas} does not divide the world size {world}: each of the "
+                                f"replicas needs the same number of pipeline ranks; use a world size that is a "
+                                f"multiple of {replicas} or another 'data_parallel'")
+        if (replicas, world) not in _MESHES:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            _MESHES[(replicas, world)] = init_device_mesh(device, (replicas, world // replicas),
+                                                          mesh_dim_names=("dp", "pp"))
+        mesh = _MESHES[(replicas, world)]
+    if mesh is None:
+        return options.group, None, 0
+    replicas = mesh["dp"].size()
+    return mesh["pp"].get_group(), mesh["dp"].get_group() if replicas > 1 else None, mesh.get_local_rank("dp")
 
 
 def _comm_device(group):

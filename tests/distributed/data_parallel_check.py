@@ -1,0 +1,184 @@
+"""Run under torchrun: D data-parallel replicas of a pipeline against single-process eager on the global batch.
+
+    torchrun --nproc-per-node 4 tests/distributed/data_parallel_check.py --replicas 2 --cases gpt:zb-h1,mlp:1f1b
+
+Global rank g is pipeline rank g % P of replica g // P (P = world / D, zb/pipeline.py). Every step draws one
+global batch (the same on every rank); replica d is handed rows [d*B/D, (d+1)*B/D) of it, as a data loader
+sharded by replica would. Each rank computes the eager reference itself, on the whole global batch.
+
+Cases:
+  model:schedule                    3 steps of loss.backward() + SGD (momentum): the step's loss equals eager's
+                                    global loss, the gradient of every parameter this rank's stages produce equals
+                                    eager's, and after the steps so do those parameters (rtol 1e-5)
+  opt:kind:schedule:post:shard      options["optimizer"] + max_grad_norm (tests/optim_check.py's 20 steps, clipped
+                                    and skipped ones), post-validation on/off, sharded optimizer state on/off:
+                                    parameters and (on their owner) optimizer state equal synchronous training
+  errors                            replicas built from different weights fail on every rank before any step;
+                                    data_parallel not dividing the world size fails before any communication
+Prints `ok <case>` per case on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import pathlib
+import sys
+
+import torch
+import torch.distributed as dist
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import zb  # noqa: E402
+from tests import models  # noqa: E402
+from tests.optim_check import MAX_NORM, OPTIMIZERS, RTOL, ATOL, batches, reference  # noqa: E402
+from zb.runtime.optimizer import history  # noqa: E402
+
+FACTORIES = {"gpt": models.gpt, "mlp": models.deep_mlp}
+
+
+def part(tensor: torch.Tensor, replica: int, replicas: int) -> torch.Tensor:
+    return tensor.chunk(replicas)[replica]
+
+
+def check_gradients(model_name: str, schedule: str, replicas: int, compiler: str) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    replica = rank // (world // replicas)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, args = FACTORIES[model_name]()
+    args = [torch.cat([a] * replicas) for a in args]  # the global batch: BATCH rows per replica
+    reference_model = copy.deepcopy(model)
+    options = {"schedule": schedule, "microbatches": 2 * (world // replicas), "compiler": compiler,
+               "timeout": 120.0, "data_parallel": replicas}
+    step = torch.compile(model, backend="zb", options=options)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, reference_model)]
+    what = f"{model_name} {schedule} on rank {rank} (replica {replica})"
+    owned: set[str] = set()
+    for i in range(3):
+        torch.manual_seed(100 + i)
+        batch = [torch.randint_like(a, 0, 256) if not a.is_floating_point() else torch.randn_like(a) for a in args]
+        loss = step(*[part(a, replica, replicas) for a in batch])
+        loss.backward()
+        expected = reference_model(*batch)
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, i=i: f"{what}: loss of step {i}: {m}")
+        owned = {n for n, p in model.named_parameters() if p.grad is not None}
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, owned)
+        missing = {n for n, _ in model.named_parameters()} - set().union(*everyone)
+        assert not missing, f"{what}: no rank got a gradient for {sorted(missing)}"
+        for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+            if name in owned:
+                torch.testing.assert_close(p.grad, q.grad, rtol=RTOL, atol=ATOL,
+                                           msg=lambda m, n=name, i=i: f"{what}: grad of {n} in step {i}: {m}")
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        if name in owned:
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=name: f"{what}: {n} after 3 steps: {m}")
+
+
+def check_optimizer(kind: str, schedule: str, post_validation: bool, shard: bool, replicas: int) -> None:
+    """options["optimizer"] with replicas: tests/optim_check.py's 20 steps on a global batch of 8 rows per
+    replica (some clipped, one with an inf, one with a NaN) against synchronous single-process training."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    replica = rank // (world // replicas)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models.DeepMLP()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_model = copy.deepcopy(model)
+    data = batches(batch=8 * replicas)
+    ref_optimizer = OPTIMIZERS[kind](ref_model.parameters())
+    did = reference(ref_model, ref_optimizer, data, MAX_NORM)
+    optimizer = OPTIMIZERS[kind](model.parameters())
+    step = torch.compile(model, backend="zb", options={
+        "schedule": schedule, "microbatches": 2 * (world // replicas), "compiler": "eager", "timeout": 120.0,
+        "data_parallel": replicas, "optimizer": optimizer, "max_grad_norm": MAX_NORM,
+        "post_validation": post_validation, "shard_optimizer": shard})
+    for x, y in data:
+        step(part(x, replica, replicas), part(y, replica, replicas))
+    what = f"{kind} {schedule} post_validation={post_validation} shard={shard} on rank {rank} (replica {replica})"
+    state, ref_state = optimizer.state_dict()["state"], ref_optimizer.state_dict()["state"]  # validates
+    names = [n for n, _ in model.named_parameters()]
+    stepped = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), initial[n])}
+    for i, ((name, p), q) in enumerate(zip(model.named_parameters(), ref_model.parameters())):
+        if name in stepped:
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=name: f"{what}: parameter {n}: {m}")
+        for key, value in state.get(i, {}).items():
+            torch.testing.assert_close(value, ref_state[i][key], rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=name, k=key: f"{what}: optimizer state {k} of {n}: {m}")
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, (stepped, {names[i] for i in state}))
+    pipeline = range(replica * (world // replicas), (replica + 1) * (world // replicas))
+    assert set(names) == set().union(*(everyone[r][0] for r in pipeline)), f"{what}: a parameter never stepped"
+    holders = [sum(names[i] in everyone[r][1] for r in range(world)) for i in range(len(names))]
+    expected_holders = 1 if shard else replicas  # optimizer state of each parameter: on one rank per replica
+    assert holders == [expected_holders] * len(names), f"{what}: optimizer state held {holders} times"
+    records = history(optimizer)
+    assert [("skipped" if h.skipped else "clipped" if h.clipped else "plain") for h in records] == did, what
+    rolled: list = [None] * world
+    dist.all_gather_object(rolled, sum(h.rolled_back for h in records))
+    if post_validation:
+        assert sum(rolled) > 0, f"{what}: no early update was ever rolled back; the check tests nothing"
+
+
+def check_errors(replicas: int) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    replica = rank // (world // replicas)
+    torch._dynamo.reset()
+    torch.manual_seed(replica)  # each replica builds its own weights: the classic mistake
+    model, args = models.mlp()
+    step = torch.compile(model, backend="zb", options={"compiler": "eager", "data_parallel": replicas,
+                                                       "microbatches": 2, "timeout": 60.0})
+    try:
+        step(*args)
+    except zb.ZbError as e:
+        assert "replicas start from different weights" in str(e) and "manual_seed" in str(e), e
+    else:
+        raise AssertionError(f"rank {rank}: replicas with different weights trained")
+    torch._dynamo.reset()
+    step = torch.compile(model, backend="zb", options={"compiler": "eager", "data_parallel": world + 1})
+    try:
+        step(*args)
+    except Exception as e:  # torch.compile wraps the backend's ZbOptionError
+        assert f"data_parallel={world + 1} does not divide the world size {world}" in str(e), e
+    else:
+        raise AssertionError(f"rank {rank}: a data_parallel not dividing the world size ran")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--cases", default="mlp:1f1b")
+    parser.add_argument("--compiler", default="eager")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for case in args.cases.split(","):
+        fields = case.split(":")
+        if fields[0] == "errors":
+            check_errors(args.replicas)
+        elif fields[0] == "opt":
+            _, kind, schedule, post, shard = fields
+            check_optimizer(kind, schedule, post == "1", shard == "1", args.replicas)
+        else:
+            check_gradients(fields[0], fields[1], args.replicas, args.compiler)
+        dist.barrier()
+        if rank == 0:
+            print(f"ok {case} ({dist.get_world_size()} ranks, {args.replicas} replicas)", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("ZB_VERIFY", "1")
+    main()
