@@ -4,6 +4,9 @@
     schedule = generate("zb-h2", stages=4, microbatches=8)
     timeline = simulate(schedule, Costs.uniform(4))
     timeline.bubble_rate, timeline.peak_memory
+    lower(schedule, reduce=True)  # sends, receives, and each stage's gradient reduction `1R` for data parallelism
+    seconds = Costs.uniform(4, f=0.02, b=0.02, w=0.01).with_reduction(375e6, replicas=8, bandwidth=25e9)
+    simulate(schedule, seconds).exposed_reduction  # reduction time the pipeline does not hide
 
 Nothing here imports torch: schedules can be studied on any machine.
 """
@@ -11,8 +14,8 @@ Nothing here imports torch: schedules can be studied on any machine.
 from __future__ import annotations
 
 from zb.schedules.actions import (
-    BW, COMMUNICATION, COMPUTE, RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, Schedule, ScheduleError, W,
-    looped, one_per_rank, v_shape,
+    BW, COLLECTIVE, COMMUNICATION, COMPUTE, RECV_B, RECV_F, REDUCE, SEND_B, SEND_F, Action, B, F, Schedule,
+    ScheduleError, W, looped, one_per_rank, v_shape,
 )
 from zb.schedules.auto import zb_auto
 from zb.schedules.costs import Costs, parse_memory_limit
@@ -20,7 +23,7 @@ from zb.schedules.csv_io import from_csv, to_csv
 from zb.schedules.draw import draw, to_text
 from zb.schedules.generators import gpipe, interleaved_1f1b, one_f_one_b, zb_h1, zb_h2, zb_v
 from zb.schedules.lower import check_deadlock_free, lower, validate
-from zb.schedules.simulate import Timeline, simulate
+from zb.schedules.simulate import REDUCTIONS, Timeline, simulate
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "zb-auto")
 
@@ -70,9 +73,9 @@ def generate(name: str, stages: int, microbatches: int, costs: Costs | None = No
 
 
 __all__ = [
-    "Action", "B", "BW", "COMMUNICATION", "COMPUTE", "Costs", "F", "RECV_B", "RECV_F", "SCHEDULES", "SEND_B",
-    "SEND_F", "Schedule", "ScheduleError", "Timeline", "W", "check_deadlock_free", "default_chunks", "draw",
-    "from_csv", "generate", "gpipe", "interleaved_1f1b", "looped", "lower", "one_f_one_b", "one_per_rank",
-    "parse_memory_limit", "simulate", "to_csv", "to_text", "v_shape", "validate", "zb_auto", "zb_h1", "zb_h2",
-    "zb_v",
+    "Action", "B", "BW", "COLLECTIVE", "COMMUNICATION", "COMPUTE", "Costs", "F", "RECV_B", "RECV_F", "REDUCE",
+    "REDUCTIONS", "SCHEDULES", "SEND_B", "SEND_F", "Schedule", "ScheduleError", "Timeline", "W",
+    "check_deadlock_free", "default_chunks", "draw", "from_csv", "generate", "gpipe", "interleaved_1f1b", "looped",
+    "lower", "one_f_one_b", "one_per_rank", "parse_memory_limit", "simulate", "to_csv", "to_text", "v_shape",
+    "validate", "zb_auto", "zb_h1", "zb_h2", "zb_v",
 ]

@@ -3,7 +3,10 @@
 An action is (stage, kind, microbatch), printed `1F3` (stage 1, forward, microbatch 3) and parsed back.
 Compute kinds: F (forward), B (input gradient), W (weight gradient), BW (unsplit backward, for schedules that do
 not split). Communication kinds, added by lowering: SEND_F / RECV_F (activations), SEND_B / RECV_B (gradients);
-a SEND names the sending stage, a RECV the receiving stage, as torch.distributed.pipelining does.
+a SEND names the sending stage, a RECV the receiving stage, as torch.distributed.pipelining does. Collective
+kind, added by `lower(..., reduce=True)` for data parallelism: REDUCE, printed `1R` (stage 1, no microbatch), all-
+reduces the stage's parameter gradients over its replica group, asynchronously, once the rank has run the stage's
+last W (or BW).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ F, B, W, BW = "F", "B", "W", "BW"
 SEND_F, RECV_F, SEND_B, RECV_B = "SEND_F", "RECV_F", "SEND_B", "RECV_B"
 COMPUTE = (F, B, W, BW)
 COMMUNICATION = (SEND_F, RECV_F, SEND_B, RECV_B)
+REDUCE = "R"
+COLLECTIVE = (REDUCE,)
 
-_ACTION = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|BW|F|B|W)(\d+)$")
+_ACTION = re.compile(r"^(\d+)(?:(SEND_F|RECV_F|SEND_B|RECV_B|BW|F|B|W)(\d+)|(R))$")
 
 
 class ScheduleError(ValueError):
@@ -30,13 +35,18 @@ class Action(NamedTuple):
     microbatch: int
 
     def __str__(self) -> str:
+        if self.kind == REDUCE:  # one per stage and step: no microbatch
+            return f"{self.stage}{REDUCE}"
         return f"{self.stage}{self.kind}{self.microbatch}"
 
     @classmethod
     def parse(cls, text: str) -> Action:
         match = _ACTION.match(text.strip())
         if not match:
-            raise ScheduleError(f"cannot parse action {text!r}; expected e.g. '1F3', '0B2', '0W2', '2BW0', '1SEND_F3'")
+            raise ScheduleError(f"cannot parse action {text!r}; expected e.g. '1F3', '0B2', '0W2', '2BW0', '1SEND_F3', "
+                                "'1R'")
+        if match[4]:
+            return cls(int(match[1]), REDUCE, 0)
         return cls(int(match[1]), match[2], int(match[3]))
 
 

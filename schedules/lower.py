@@ -4,7 +4,15 @@
 that holds the stage, and that the per-rank orders respect the dependencies without deadlock. `lower` is a pure
 function from a compute-only schedule to one with SEND_F/RECV_F/SEND_B/RECV_B actions: a value is sent right
 after the action that produces it and received right before the action that reads it, when the two stages live
-on different ranks. `check_deadlock_free` runs a lowered schedule with non-blocking sends and blocking receives.
+on different ranks. With `reduce=True` it also adds one REDUCE per stage (`1R`), on the stage's rank right after
+the stage's last W (or BW) and the SEND_B that follows it, for data parallelism:
+
+    zb-h1, 2 ranks:  rank 1: ... 1F2 1B2 1SEND_B2 1W1 1W2     ->   ... 1F2 1B2 1SEND_B2 1W1 1W2 1R
+    1f1b, 2 ranks:   rank 1: ... 1F2 1BW2 1SEND_B2            ->   ... 1F2 1BW2 1SEND_B2 1R
+                     rank 0: ... 0RECV_B2 0BW2                ->   ... 0RECV_B2 0BW2 0R
+
+`check_deadlock_free` runs a lowered schedule with non-blocking sends, blocking receives and reductions that wait
+only for their stage's last compute action on the same rank.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 from collections import Counter
 
 from zb.schedules.actions import (
-    BW, COMPUTE, RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, Schedule, ScheduleError, W,
+    BW, COMPUTE, RECV_B, RECV_F, REDUCE, SEND_B, SEND_F, Action, B, F, Schedule, ScheduleError, W,
 )
 from zb.schedules.simulate import dependencies
 
@@ -67,13 +75,15 @@ def _check_order(schedule: Schedule) -> None:
             raise ScheduleError(f"the schedule deadlocks: every rank waits for another ({', '.join(blocked)})")
 
 
-def lower(schedule: Schedule) -> Schedule:
-    """Add communication actions to a compute-only schedule (which must validate)."""
+def lower(schedule: Schedule, reduce: bool = False) -> Schedule:
+    """Add communication actions to a compute-only schedule (which must validate); with `reduce`, also each stage's
+    gradient reduction after its last W or BW (a stage with no backward, as in a forward-only schedule, gets none)."""
     n, placement = schedule.num_stages, schedule.placement
     lowered = []
     for rank, actions in enumerate(schedule.actions):
         out: list[Action] = []
-        for a in actions:
+        last = _last_gradient_actions(actions) if reduce else {}
+        for i, a in enumerate(actions):
             s, kind, mb = a
             if kind == F and s > 0 and placement[s - 1] != rank:
                 out.append(Action(s, RECV_F, mb))
@@ -84,8 +94,15 @@ def lower(schedule: Schedule) -> Schedule:
                 out.append(Action(s, SEND_F, mb))
             if kind in (B, BW) and s > 0 and placement[s - 1] != rank:
                 out.append(Action(s, SEND_B, mb))
+            if last.get(s) == i:
+                out.append(Action(s, REDUCE, 0))
         lowered.append(tuple(out))
     return Schedule(schedule.name, schedule.num_microbatches, placement, tuple(lowered))
+
+
+def _last_gradient_actions(actions) -> dict[int, int]:
+    """Stage -> index of its last W or BW in one rank's list: after it the stage's parameter gradients are final."""
+    return {a.stage: i for i, a in enumerate(actions) if a.kind in (W, BW)}
 
 
 def check_deadlock_free(lowered: Schedule) -> None:
@@ -93,8 +110,11 @@ def check_deadlock_free(lowered: Schedule) -> None:
     n, split = lowered.num_stages, lowered.split_backward
     done: set[Action] = set()
     position = [0] * lowered.num_ranks
+    last_compute = [{a.stage: a for a in acts if a.kind in COMPUTE} for acts in lowered.actions]
 
     def can_run(rank: int, a: Action) -> bool:
+        if a.kind == REDUCE:  # a collective over the replicas of this stage: only this rank's own work precedes it
+            return last_compute[rank].get(a.stage) in done
         if a.kind == RECV_F:
             return Action(a.stage - 1, SEND_F, a.microbatch) in done
         if a.kind == RECV_B:

@@ -4,6 +4,16 @@ An action waits for the rank to be free and for its dependencies (F after the pr
 next stage's B and its own F, W after its B); a dependency on another rank adds one transfer (`costs.comm`).
 The result has every action's start and end, the makespan, the bubble rate as the paper defines it (from the
 span of the busiest rank, see `Timeline.bubble_rate`) and each rank's peak activation memory.
+
+With data parallelism each stage's parameter gradients are all-reduced over its replicas (`costs.reduce`, the
+REDUCE action of a lowered schedule). `reduction` says when:
+- "overlap" (zb, REDUCE in the schedule): a stage's reduction starts when its last W (or BW) ends and the rank's
+  network channel is free; a rank's reductions run one after another on that channel, while it computes on.
+- "after" (data parallelism after the pipeline, as DDP does): a rank's reductions start after its last compute.
+- "none": no reduction.
+Compute is timed alike in all three, so makespan and bubble rate are the compute's; `step_time` also covers the
+reductions and `exposed_reduction` is the difference. The reductions are taken from the compute actions (a stage's
+last W or BW, where `lower(..., reduce=True)` puts REDUCE), so lowered and compute-only schedules time alike.
 """
 
 from __future__ import annotations
@@ -12,6 +22,8 @@ from dataclasses import dataclass, field
 
 from zb.schedules.actions import BW, COMPUTE, Action, B, F, Schedule, ScheduleError, W
 from zb.schedules.costs import Costs
+
+REDUCTIONS = ("overlap", "after", "none")
 
 
 def dependencies(action: Action, num_stages: int, split: bool) -> list[Action]:
@@ -36,13 +48,36 @@ class Timeline:
     costs: Costs
     start: dict[Action, float] = field(default_factory=dict)
     end: dict[Action, float] = field(default_factory=dict)
+    reduce_start: dict[int, float] = field(default_factory=dict)  # stage -> start of its gradient reduction
+    reduce_end: dict[int, float] = field(default_factory=dict)
 
     def rank_actions(self, rank: int) -> list[tuple[Action, float, float]]:
         return [(a, self.start[a], self.end[a]) for a in self.schedule.actions[rank] if a.kind in COMPUTE]
 
+    def rank_reductions(self, rank: int) -> list[tuple[int, float, float]]:
+        """(stage, start, end) of the gradient reductions of the stages on `rank`, in the order they start."""
+        stages = [s for s in self.reduce_start if self.schedule.placement[s] == rank]
+        return sorted(((s, self.reduce_start[s], self.reduce_end[s]) for s in stages), key=lambda r: (r[1], r[2]))
+
+    @property
+    def has_reduction(self) -> bool:
+        """Whether any gradient reduction takes time (zero-cost reductions change nothing)."""
+        return any(self.reduce_end[s] > self.reduce_start[s] for s in self.reduce_start)
+
     @property
     def makespan(self) -> float:
+        """Compute only: from the first action's start to the last compute action's end."""
         return max(self.end.values()) - min(self.start.values())
+
+    @property
+    def step_time(self) -> float:
+        """From the first action's start to the end of everything, gradient reductions included."""
+        return max((*self.end.values(), *self.reduce_end.values())) - min(self.start.values())
+
+    @property
+    def exposed_reduction(self) -> float:
+        """Reduction time that no compute hides: step_time - makespan."""
+        return self.step_time - self.makespan
 
     def span(self, rank: int) -> float:
         acts = self.rank_actions(rank)
@@ -72,14 +107,17 @@ class Timeline:
         return peaks
 
     def summary(self) -> dict:
-        return {
-            "makespan": self.makespan,
-            "bubble_rate": self.bubble_rate,
-            "peak_memory": self.peak_memory,
-        }
+        """makespan, bubble_rate, peak_memory; and step_time, exposed_reduction when reductions take time."""
+        summary = {"makespan": self.makespan, "bubble_rate": self.bubble_rate, "peak_memory": self.peak_memory}
+        if self.has_reduction:
+            summary.update(step_time=self.step_time, exposed_reduction=self.exposed_reduction)
+        return summary
 
 
-def simulate(schedule: Schedule, costs: Costs) -> Timeline:
+def simulate(schedule: Schedule, costs: Costs, reduction: str = "overlap") -> Timeline:
+    """Time a compute-only or lowered schedule; `reduction` is "overlap", "after" or "none" (module docstring)."""
+    if reduction not in REDUCTIONS:
+        raise ScheduleError(f"reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
     if costs.num_stages != schedule.num_stages:
         raise ScheduleError(f"costs are for {costs.num_stages} stages, the schedule has {schedule.num_stages}")
     split, n, placement = schedule.split_backward, schedule.num_stages, schedule.placement
@@ -107,4 +145,19 @@ def simulate(schedule: Schedule, costs: Costs) -> Timeline:
         if not progressed:
             blocked = [str(acts[position[r]]) for r, acts in enumerate(lists) if position[r] < len(acts)]
             raise ScheduleError(f"schedule {schedule.name!r} deadlocks: every rank waits ({', '.join(blocked)})")
+    if reduction != "none":
+        _time_reductions(timeline, lists, after=reduction == "after")
     return timeline
+
+
+def _time_reductions(timeline: Timeline, lists: list[list[Action]], after: bool) -> None:
+    """Each stage's reduction, on its rank's one network channel, in the order the stages' last W (or BW) run."""
+    for acts in lists:
+        last = {a.stage: a for a in acts if a.kind in (W, BW)}
+        channel = 0.0  # when the rank's network channel is next free
+        for a in acts:
+            if last.get(a.stage) != a:
+                continue
+            ready = timeline.end[acts[-1]] if after else timeline.end[a]
+            timeline.reduce_start[a.stage] = start = max(ready, channel)
+            timeline.reduce_end[a.stage] = channel = start + timeline.costs.reduce[a.stage]

@@ -317,3 +317,143 @@ def test_cli_json_and_files(tmp_path, capsys):
     assert "bubble rate 0.0000" in capsys.readouterr().out
     assert main(["schedule", "--schedule", "zb-v", "--stages", "6", "--chunks", "3"]) == 2
     assert "zb-v places exactly 2 stages per rank" in capsys.readouterr().err
+
+
+# Data parallelism: the REDUCE action, lowering with reductions, reduction costs, and timing them.
+
+
+def _reduce_positions(lowered):
+    return {a.stage: (rank, i) for rank, acts in enumerate(lowered.actions) for i, a in enumerate(acts)
+            if a.kind == "R"}
+
+
+def test_reduce_action_text_round_trip():
+    assert Action.parse("1R") == Action(1, "R", 0) and str(Action(12, "R", 0)) == "12R"
+    for text in ("1R0", "R", "1RR"):
+        with pytest.raises(ScheduleError, match="cannot parse action"):
+            Action.parse(text)
+    lowered = lower(generate("zb-v", 4, 4), reduce=True)
+    assert "3R" in lowered.text().split()
+    assert Schedule.from_text(lowered.text(), lowered.placement, 4, "zb-v") == lowered
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_lower_with_reduce_puts_one_reduction_per_stage_after_its_last_w(name):
+    stages = 8 if name in ("zb-v", "interleaved-1f1b") else 4
+    schedule = generate(name, stages, 8)
+    lowered = lower(schedule, reduce=True)
+    check_deadlock_free(lowered)
+    positions = _reduce_positions(lowered)
+    assert sorted(positions) == list(range(stages))
+    last_kind = "W" if schedule.split_backward else "BW"
+    for stage, (rank, i) in positions.items():
+        acts = lowered.actions[rank]
+        assert rank == schedule.placement[stage]
+        sent = acts[i - 1].kind == "SEND_B"  # a BW's gradient goes out first
+        compute = acts[i - 2] if sent else acts[i - 1]
+        assert compute.stage == stage and compute.kind == last_kind
+        assert not sent or acts[i - 1] == Action(stage, "SEND_B", compute.microbatch)
+        assert not any(a.stage == stage and a.kind in ("F", "B", "W", "BW") for a in acts[i:]), "compute after R"
+    # without the reductions, the same lowering as before
+    assert tuple(tuple(a for a in acts if a.kind != "R") for acts in lowered.actions) == lower(schedule).actions
+
+
+def test_lower_with_reduce_small_cases():
+    tail = lambda lowered, rank, n: " ".join(map(str, lowered.actions[rank][-n:]))  # noqa: E731
+    h1 = lower(generate("zb-h1", 2, 3), reduce=True)
+    assert tail(h1, 1, 6) == "1F2 1B2 1SEND_B2 1W1 1W2 1R" and tail(h1, 0, 4) == "0RECV_B2 0B2 0W2 0R"
+    unsplit = lower(generate("1f1b", 2, 3), reduce=True)
+    assert tail(unsplit, 1, 3) == "1BW2 1SEND_B2 1R" and tail(unsplit, 0, 3) == "0RECV_B2 0BW2 0R"
+    forward_only = Schedule("forward", 2, (0, 1), ((Action(0, "F", 0), Action(0, "F", 1)),
+                                                   (Action(1, "F", 0), Action(1, "F", 1))))
+    assert lower(forward_only, reduce=True) == lower(forward_only)
+    assert not _reduce_positions(lower(forward_only, reduce=True))
+
+
+def test_a_reduction_before_its_stages_last_w_deadlocks():
+    lowered = lower(generate("zb-h1", 2, 2), reduce=True)
+    rank1 = [a for a in lowered.actions[1] if a.kind != "R"]
+    rank1.insert(rank1.index(Action(1, "W", 1)), Action(1, "R", 0))
+    broken = Schedule("x", 2, lowered.placement, (lowered.actions[0], tuple(rank1)))
+    with pytest.raises(ScheduleError, match="lowered schedule deadlocks: rank 1 at 1R"):
+        check_deadlock_free(broken)
+
+
+def test_costs_reduction_times():
+    assert Costs.uniform(3).reduce == (0.0,) * 3 and Costs.parse("F=1", 2).reduce == (0.0, 0.0)
+    assert Costs.parse("F=1,R=0.5", 2).reduce == (0.5, 0.5) and Costs.parse("R=1:2", 2).reduce == (1.0, 2.0)
+    with pytest.raises(ScheduleError, match="must not be negative"):
+        Costs.uniform(2, reduce=-1.0)
+    with pytest.raises(ScheduleError, match="reduction times for 1 stages, not 2"):
+        Costs((1, 1), (1, 1), (1, 1), reduce=(1.0,))
+    base = Costs.uniform(2)
+    # ring all-reduce: 2(D-1)/D x bytes / bandwidth + 2(D-1) x latency
+    assert base.with_reduction(1000, replicas=4, bandwidth=100, latency=0.5).reduce == (18.0, 18.0)
+    assert base.with_reduction((1000, 2000), replicas=2, bandwidth=100).reduce == (10.0, 20.0)
+    assert base.with_reduction(1000, replicas=1, bandwidth=100, latency=0.5).reduce == (0.0, 0.0)
+    assert base.with_reduction(1000, 4, 100).f == base.f  # the rest is kept
+    with pytest.raises(ScheduleError, match="param_bytes lists 3 values for 2 stages"):
+        base.with_reduction((1, 2, 3), 2, 100)
+    with pytest.raises(ScheduleError, match="replicas >= 1, bandwidth > 0"):
+        base.with_reduction(1000, 0, 100)
+
+
+def test_simulated_reductions_one_stage_per_rank():
+    """1f1b, 2 ranks, 2 microbatches, F = 1, BW = 2: rank 1's last BW ends at 7, rank 0's at 9. With one stage per
+    rank its last W is the rank's last compute, so overlapping and reducing after the rank's compute agree."""
+    costs = Costs.uniform(2, reduce=1.0)
+    for mode in ("overlap", "after"):
+        t = simulate(generate("1f1b", 2, 2), costs, mode)
+        assert t.makespan == 9 and t.reduce_start == {0: 9, 1: 7} and t.reduce_end == {0: 10, 1: 8}, mode
+        assert t.step_time == 10 and t.exposed_reduction == 1
+        assert t.summary()["step_time"] == 10 and t.summary()["exposed_reduction"] == 1
+    t = simulate(generate("1f1b", 2, 2), costs, "none")
+    assert t.reduce_start == {} and t.step_time == t.makespan == 9 and "step_time" not in t.summary()
+
+
+def test_simulated_reductions_overlap_the_other_stage_of_a_rank():
+    """zb-v, 2 ranks (stages 0, 3 on rank 0; 1, 2 on rank 1), 2 microbatches, F = B = W = 1. The stages' last W's
+    end at 9 (stage 3), 14 (0), 11 (2) and 13 (1); rank 0 computes until 14, rank 1 until 13."""
+    schedule = generate("zb-v", 4, 2)
+    overlap = simulate(schedule, Costs.uniform(4, reduce=1.0))
+    assert overlap.makespan == 14
+    assert overlap.reduce_start == {3: 9, 0: 14, 2: 11, 1: 13} and overlap.reduce_end == {3: 10, 0: 15, 2: 12, 1: 14}
+    assert overlap.step_time == 15 and overlap.exposed_reduction == 1
+    after = simulate(schedule, Costs.uniform(4, reduce=1.0), "after")
+    assert after.reduce_start == {3: 14, 0: 15, 2: 13, 1: 14} and after.reduce_end == {3: 15, 0: 16, 2: 14, 1: 15}
+    assert after.step_time == 16 and after.exposed_reduction == 2
+    # a rank's reductions share its one channel: stage 1's (ready at 13) waits for stage 2's (11 to 14)
+    slow = simulate(schedule, Costs.uniform(4, reduce=3.0))
+    assert slow.reduce_start == {3: 9, 0: 14, 2: 11, 1: 14} and slow.reduce_end == {3: 12, 0: 17, 2: 14, 1: 17}
+    assert slow.exposed_reduction == 3
+    assert [s for s, _, _ in slow.rank_reductions(1)] == [2, 1]
+    # a lowered schedule (with its R actions) times the same
+    lowered = simulate(lower(schedule, reduce=True), Costs.uniform(4, reduce=3.0))
+    assert (lowered.start, lowered.reduce_start, lowered.reduce_end) == (slow.start, slow.reduce_start,
+                                                                         slow.reduce_end)
+
+
+@pytest.mark.parametrize("name", ["zb-h1", "zb-v", "1f1b"])
+def test_zero_reduction_costs_change_nothing(name):
+    stages = 8 if name == "zb-v" else 4
+    schedule = generate(name, stages, 8)
+    plain = simulate(schedule, Costs.uniform(stages), "none")
+    t = simulate(schedule, Costs.uniform(stages))
+    assert (t.start, t.end, t.makespan, t.bubble_rate) == (plain.start, plain.end, plain.makespan, plain.bubble_rate)
+    assert t.step_time == t.makespan and t.exposed_reduction == 0 and not t.has_reduction
+    assert set(t.summary()) == {"makespan", "bubble_rate", "peak_memory"}
+    assert to_text(t) == to_text(plain)
+    with pytest.raises(ScheduleError, match="reduction 'later': choose one of overlap, after, none"):
+        simulate(schedule, Costs.uniform(stages), "later")
+
+
+def test_pictures_draw_reductions_on_their_own_lane(tmp_path):
+    timeline = simulate(generate("zb-v", 4, 2), Costs.uniform(4, reduce=3.0))
+    text = to_text(timeline, width=34).splitlines()
+    assert text[0].endswith("; step time 17, exposed reduction 3")
+    assert [line[:9] for line in text[1:]] == ["rank  0 |", "      R |", "rank  1 |", "      R |"]
+    # 2 columns per time unit: stage 3's reduction 9-12, stage 0's 14-17; stage 2's 11-14, stage 1's 14-17
+    assert text[2] == "      R |" + "." * 18 + "R3rrrr" + "...." + "R0rrrr" + "|"
+    assert text[4] == "      R |" + "." * 22 + "R2rrrr" + "R1rrrr" + "|"
+    path = draw(timeline, tmp_path / "t.svg")
+    assert "exposed reduction 3" in path.read_text()
