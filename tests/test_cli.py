@@ -204,3 +204,40 @@ def test_help_and_schedule_import_neither_torch_nor_triton():
                              timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout.splitlines()[-1] == "HEAVY 0 []", (argv, out.stdout[-2000:])
+
+
+def test_schedule_with_data_parallel_reductions(capsys):
+    """zb-v on 2 ranks, F = B = W = 1 ms: 2 replicas reduce 1e6 bytes per stage at 1 GB/s with 250 us per ring
+    step, 2(D-1)/D x 1 ms + 2(D-1) x 0.25 ms = 1.5 ms per stage. Stage 3's last W (rank 0) ends at 9, and its
+    reduction hides behind stage 0's compute, which ends at 14: only stage 0's reduction is exposed (1.5 ms).
+    Reducing after each rank's compute exposes both of rank 0's (3 ms)."""
+    import json
+
+    base = ["schedule", "--schedule", "zb-v", "--stages", "4", "--microbatches", "2", "--costs", "F=1,B=1,W=1"]
+    model = ["--data-parallel", "2", "--param-bytes", "1e6", "--bandwidth", "1", "--latency", "250"]
+    assert main(base + model + ["--width", "28", "--lowered"]) == 0
+    out = capsys.readouterr().out
+    assert ("gradient reduction per stage [1.5, 1.5, 1.5, 1.5] (overlap): step time 15.5, exposed reduction 1.5; "
+            "reducing after each rank's last compute instead: step time 17, exposed 3") in out
+    assert "      R |" in out  # the reduction lane under each rank
+    lowered = [line for line in out.splitlines() if line.startswith("rank 0: ")]
+    assert lowered[0].endswith("0W1 0R") and "3W1 3R 0RECV_B0" in lowered[0]
+    assert main(base + model + ["--reduction", "after", "--json", "--lowered"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["makespan"], result["step_time"], result["exposed_reduction"]) == (14, 17, 3)
+    assert result["lowered"][1][-6:] == ["2W1", "2R", "1B1", "1SEND_B1", "1W1", "1R"]
+    # the same time given directly, in the unit of --costs
+    assert main(base[:-1] + ["F=1,B=1,W=1,R=1.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step_time"] == 15.5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data-parallel", "2"], "--data-parallel needs --param-bytes"),
+    (["--data-parallel", "0"], "--data-parallel must be at least 1, got 0"),
+    (["--data-parallel", "2", "--param-bytes", "1e6", "--costs", "R=1"], "either as R= in --costs or by"),
+    (["--data-parallel", "2", "--param-bytes", "1e6:2e6"], "param_bytes lists 2 values for 4 stages"),
+    (["--data-parallel", "2", "--param-bytes", "lots"], "--param-bytes 'lots': give a number"),
+])
+def test_schedule_data_parallel_errors(capsys, flags, message):
+    assert main(["schedule", "--schedule", "zb-h1", "--stages", "4", "--microbatches", "4", *flags]) == 2
+    assert message in capsys.readouterr().err

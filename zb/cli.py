@@ -3,7 +3,8 @@
     zb inspect MODULE:FACTORY [--microbatches N] [--compiler eager|inductor] [--out DIR] [--emit triton]
     zb check MODULE:FACTORY [zb options] [--optimizer sgd|adam|adamw]
     zb schedule --schedule zb-h2 --stages 4 --microbatches 8 --costs F=1,B=1,W=1,comm=0 [--memory-limit 2p]
-                [--chunks 2] [--out timeline.svg] [--csv out.csv] [--json]
+                [--chunks 2] [--out timeline.svg] [--csv out.csv] [--json] [--lowered]
+                [--data-parallel 8 --param-bytes 375e6 [--bandwidth 25] [--latency 10] [--time-unit ms]]
 
 MODULE is a dotted module name or a path to a .py file; FACTORY() returns (model, example_args). `inspect`
 runs every zb pass on the model (nothing is compiled or trained), prints the plan's summary and writes each
@@ -11,7 +12,9 @@ stage's graphs as readable Python files under --out (with --emit triton, also th
 generates for each piece). `check` compiles the model and runs every piece (each stage's F, B, W, each fused
 attention, the fused optimizer update) against eager PyTorch in float64, prints one row per piece and exits 1 if
 any is outside its dtype's tolerance. `schedule` generates a pipeline schedule, times it with the
-simulator and prints a text timeline and a summary (makespan, bubble rate, peak memory per rank).
+simulator and prints a text timeline and a summary (makespan, bubble rate, peak memory per rank); with
+--data-parallel (or R= in --costs) also each stage's gradient reduction over the replicas, the step time and the
+reduction time the pipeline does not hide.
 """
 
 from __future__ import annotations
@@ -133,20 +136,60 @@ def _add_schedule_command(commands) -> None:
     schedule.add_argument("--chunks", type=int, default=None,
                           help="stages per rank: 2 for zb-v, >= 2 for interleaved-1f1b, else 1 (the default)")
     schedule.add_argument("--costs", default="F=1,B=1,W=1,comm=0",
-                          help="per-stage times and memory: F=,B=,W=,comm=,MB=,MW= (a:b:c for one value per stage)")
+                          help="per-stage times and memory: F=,B=,W=,comm=,MB=,MW=, and R= (the gradient reduction) "
+                          "(a:b:c for one value per stage)")
     schedule.add_argument("--memory-limit", default=None, help="zb-auto's per-rank limit: '1p', '2p' or a number")
     schedule.add_argument("--load-csv", metavar="FILE", help="read the schedule from a torch-format CSV instead")
     schedule.add_argument("--out", metavar="FILE", help="write the timeline picture (.png or .svg)")
     schedule.add_argument("--csv", metavar="FILE", help="write the schedule as torch.distributed.pipelining CSV")
     schedule.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     schedule.add_argument("--width", type=int, default=100, help="columns of the text timeline")
+    schedule.add_argument("--lowered", action="store_true",
+                          help="also print the lowered schedule (sends, receives, and R: a stage's gradient reduction)")
+    reduction = schedule.add_argument_group(
+        "data parallelism", "each stage's gradients are all-reduced over D replicas, in a ring: 2(D-1)/D x bytes / "
+        "bandwidth + 2(D-1) x latency (or give that time per stage as R= in --costs)")
+    reduction.add_argument("--data-parallel", type=int, default=1, metavar="D", help="pipeline replicas (default 1)")
+    reduction.add_argument("--param-bytes", metavar="BYTES",
+                           help="gradient bytes of each stage (a:b:c for one value per stage)")
+    reduction.add_argument("--bandwidth", type=float, default=25.0, metavar="GB/S",
+                           help="all-reduce bandwidth per GPU in GB/s (default: %(default)s)")
+    reduction.add_argument("--latency", type=float, default=10.0, metavar="US",
+                           help="latency of one ring step in us (default: %(default)s)")
+    reduction.add_argument("--time-unit", choices=tuple(TIME_UNITS), default="ms",
+                           help="the unit of the times in --costs (default: %(default)s)")
+    reduction.add_argument("--reduction", choices=("overlap", "after", "none"), default="overlap",
+                           help="when reductions run: as each stage's last W ends (zb), after the rank's last "
+                           "compute (data parallelism after the pipeline), or not at all (default: %(default)s)")
     schedule.set_defaults(run=_schedule)
+
+
+TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}  # seconds per unit
+
+
+def _reduction_costs(costs, args: argparse.Namespace):
+    """`costs` with --data-parallel's all-reduce times, converted to the unit of --costs."""
+    if args.data_parallel < 1:
+        raise ScheduleError(f"--data-parallel must be at least 1, got {args.data_parallel}")
+    if args.data_parallel == 1:
+        return costs
+    if args.param_bytes is None:
+        raise ScheduleError("--data-parallel needs --param-bytes (the gradient bytes of each stage)")
+    if any(costs.reduce):
+        raise ScheduleError("give the reduction time either as R= in --costs or by --data-parallel's model, not both")
+    try:
+        sizes = tuple(float(v) for v in args.param_bytes.split(":"))
+    except ValueError:
+        raise ScheduleError(f"--param-bytes {args.param_bytes!r}: give a number or one per stage (a:b:c)") from None
+    unit = TIME_UNITS[args.time_unit]
+    return costs.with_reduction(sizes[0] if len(sizes) == 1 else sizes, args.data_parallel,
+                                args.bandwidth * 1e9 * unit, args.latency * 1e-6 / unit)
 
 
 def _schedule(args: argparse.Namespace) -> int:
     import json
 
-    from zb.schedules import Costs, draw, from_csv, generate, simulate, to_csv, to_text, validate
+    from zb.schedules import Costs, draw, from_csv, generate, lower, simulate, to_csv, to_text, validate
 
     if args.load_csv:
         plan = from_csv(args.load_csv)
@@ -154,17 +197,30 @@ def _schedule(args: argparse.Namespace) -> int:
     else:
         costs = Costs.parse(args.costs, args.stages)
         plan = generate(args.schedule, args.stages, args.microbatches, costs, args.memory_limit, args.chunks)
-    timeline = simulate(plan, Costs.parse(args.costs, plan.num_stages))
+    costs = _reduction_costs(Costs.parse(args.costs, plan.num_stages), args)
+    timeline = simulate(plan, costs, args.reduction)
+    lowered = lower(plan, reduce=any(costs.reduce)) if args.lowered else None
     if args.out:
         draw(timeline, args.out)
     if args.csv:
         to_csv(plan, args.csv)
     if args.json:
-        print(json.dumps({**timeline.summary(), "schedule": plan.as_lists()}))
+        extra = {"lowered": lowered.as_lists()} if lowered else {}
+        print(json.dumps({**timeline.summary(), "schedule": plan.as_lists(), **extra}))
         return 0
     print(to_text(timeline, args.width))
     print(f"makespan {timeline.makespan:g}, bubble rate {timeline.bubble_rate:.4f}, peak memory per rank "
           f"{[round(p, 6) for p in timeline.peak_memory]}")
+    if timeline.has_reduction:
+        line = (f"gradient reduction per stage {[round(r, 6) for r in costs.reduce]} ({args.reduction}): step time "
+                f"{timeline.step_time:g}, exposed reduction {timeline.exposed_reduction:g}")
+        if args.reduction == "overlap":
+            after = simulate(plan, costs, "after")
+            line += (f"; reducing after each rank's last compute instead: step time {after.step_time:g}, exposed "
+                     f"{after.exposed_reduction:g}")
+        print(line)
+    if lowered:
+        print(lowered.text())
     for path in filter(None, (args.out, args.csv)):
         print(f"wrote {path}")
     return 0
