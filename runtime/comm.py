@@ -96,9 +96,11 @@ class DistributedComm:
 
     distributed = True
 
-    def __init__(self, group, timeout: float, device: torch.device | str = "cpu"):
+    def __init__(self, group, timeout: float, device: torch.device | str = "cpu", role: str = "pipeline"):
+        """`role` names the group in errors: "pipeline" (its stages' ranks) or "replica" (data parallelism)."""
         import torch.distributed as dist
 
+        self.role = role
         self.dist = dist
         self.group = group
         self.timeout = datetime.timedelta(seconds=timeout)
@@ -248,5 +250,8 @@ class DistributedComm:
             work.wait(self.timeout)
         except RuntimeError as e:
             who = f"rank {peers[0]}" if len(peers) == 1 else f"one of ranks {list(peers)}"
-            raise ZbError(f"pipeline peer {who} failed while {what}: {e}. A rank died or is stuck; the step is "
+            globals_ = [self._peer(p) for p in peers]
+            if globals_ != list(peers):
+                who += f" (global rank{'s' if len(peers) > 1 else ''} {', '.join(map(str, globals_))})"
+            raise ZbError(f"{self.role} peer {who} failed while {what}: {e}. A rank died or is stuck; the step is "
                           f"abandoned (timeout {self.timeout.total_seconds():g} s, option 'timeout')") from e

@@ -66,7 +66,7 @@ class Pipeline:
         """The communication module over this rank's replica group (None without replicas across processes)."""
         if self.replica_group is None:
             return None
-        return DistributedComm(self.replica_group, self.options.timeout, _comm_device(self.replica_group))
+        return DistributedComm(self.replica_group, self.options.timeout, _comm_device(self.replica_group), "replica")
 
     def schedule_for(self, training: bool, costs: Costs | None = None) -> Schedule:
         """The compute-only schedule (validated); raises ScheduleError as a ZbOptionError for a bad request."""

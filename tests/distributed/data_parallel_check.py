@@ -7,9 +7,11 @@ global batch (the same on every rank); replica d is handed rows [d*B/D, (d+1)*B/
 sharded by replica would. Each rank computes the eager reference itself, on the whole global batch.
 
 Cases:
-  model:schedule                    3 steps of loss.backward() + SGD (momentum): the step's loss equals eager's
+  model:schedule[:mesh]             3 steps of loss.backward() + SGD (momentum): the step's loss equals eager's
                                     global loss, the gradient of every parameter this rank's stages produce equals
-                                    eager's, and after the steps so do those parameters (rtol 1e-5)
+                                    eager's, and after the steps so do those parameters (rtol 1e-5); with
+                                    `mesh`, through a DeviceMesh the script builds and passes as option 'mesh'
+  dead-rank                         the last rank exits after one step: every other rank raises a ZbError
   opt:kind:schedule:post:shard      options["optimizer"] + max_grad_norm (tests/optim_check.py's 20 steps, clipped
                                     and skipped ones), post-validation on/off, sharded optimizer state on/off:
                                     parameters and (on their owner) optimizer state equal synchronous training
@@ -44,7 +46,7 @@ def part(tensor: torch.Tensor, replica: int, replicas: int) -> torch.Tensor:
     return tensor.chunk(replicas)[replica]
 
 
-def check_gradients(model_name: str, schedule: str, replicas: int, compiler: str) -> None:
+def check_gradients(model_name: str, schedule: str, replicas: int, compiler: str, mesh: bool = False) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     replica = rank // (world // replicas)
     torch._dynamo.reset()
@@ -54,6 +56,11 @@ def check_gradients(model_name: str, schedule: str, replicas: int, compiler: str
     reference_model = copy.deepcopy(model)
     options = {"schedule": schedule, "microbatches": 2 * (world // replicas), "compiler": compiler,
                "timeout": 120.0, "data_parallel": replicas}
+    if mesh:  # the user's own DeviceMesh instead of data_parallel
+        from torch.distributed.device_mesh import init_device_mesh
+
+        options.pop("data_parallel")
+        options["mesh"] = init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("dp", "pp"))
     step = torch.compile(model, backend="zb", options=options)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, reference_model)]
     what = f"{model_name} {schedule} on rank {rank} (replica {replica})"
@@ -155,6 +162,29 @@ def check_errors(replicas: int) -> None:
         raise AssertionError(f"rank {rank}: a data_parallel not dividing the world size ran")
 
 
+def check_dead_rank(replicas: int) -> None:
+    """The last rank exits after one healthy step; every other rank raises a ZbError within the timeout."""
+    import time
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    replica = rank // (world // replicas)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, args = models.deep_mlp()
+    step = torch.compile(model, backend="zb", options={"compiler": "eager", "data_parallel": replicas,
+                                                       "microbatches": 4, "timeout": 10.0, "schedule": "zb-h1"})
+    step(*[part(a, replica, replicas) for a in args]).backward()
+    if rank == world - 1:
+        os._exit(0)
+    start = time.perf_counter()
+    try:
+        step(*[part(a, replica, replicas) for a in args]).backward()
+    except zb.ZbError as e:
+        print(f"caught on rank {rank} after {time.perf_counter() - start:.1f} s: {e}", flush=True)
+        os._exit(0)  # the group is broken: skip its shutdown
+    raise SystemExit(f"rank {rank} finished a step without rank {world - 1}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--replicas", type=int, default=2)
@@ -168,11 +198,13 @@ def main() -> None:
         fields = case.split(":")
         if fields[0] == "errors":
             check_errors(args.replicas)
+        elif fields[0] == "dead-rank":
+            check_dead_rank(args.replicas)
         elif fields[0] == "opt":
             _, kind, schedule, post, shard = fields
             check_optimizer(kind, schedule, post == "1", shard == "1", args.replicas)
         else:
-            check_gradients(fields[0], fields[1], args.replicas, args.compiler)
+            check_gradients(fields[0], fields[1], args.replicas, args.compiler, mesh="mesh" in fields[2:])
         dist.barrier()
         if rank == 0:
             print(f"ok {case} ({dist.get_world_size()} ranks, {args.replicas} replicas)", flush=True)

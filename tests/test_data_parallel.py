@@ -1,0 +1,130 @@
+"""Data parallelism: D replicas of a zb pipeline equal eager PyTorch on the concatenation of their batches.
+
+In one process (no process group) the replicas run one after another on D parts of the batch (fast, every
+loss form); under torchrun with 4 processes, 2 replicas x 2 pipeline ranks (tests/distributed/data_parallel_check.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zb
+from tests import models
+from tests.helpers import assert_matches_eager
+from tests.optim_check import OPTIMIZERS, assert_same_training, train_both
+from tests.test_pipeline import torchrun
+from tests.test_semantics import LOSSES, TokenNet, assert_same_step, padded_batch, run
+from zb.schedules import REDUCE, W
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("name", ["token-mean cross entropy", "sum", "mean", "token mean plus a mean",
+                                  "sum over a token count"])
+def test_replicas_in_one_process_equal_eager_on_the_whole_batch(name, stages):
+    """2 replicas x 2 microbatches: a token mean is normalised by the tokens of both replicas' batches (the
+    microbatches of the padded batch hold 2, 8, 9 and 12 tokens, so a per-replica mean would differ)."""
+    assert_same_step(*run(LOSSES[name], stages, microbatches=2, data_parallel=2), f"{name}, {stages} stages")
+
+
+def test_a_per_replica_token_mean_would_differ():
+    """The check above is not vacuous: each replica averaging its own tokens gives another loss here."""
+    x, y = padded_batch()
+    torch.manual_seed(0)
+    model = TokenNet()
+    loss = LOSSES["token-mean cross entropy"]
+    per_replica = torch.stack([loss(model(a), b) for a, b in zip(x.chunk(2), y.chunk(2))]).mean()
+    got, want, _, _ = run(loss, 2, microbatches=2, data_parallel=2)
+    assert abs(per_replica.item() - got[0].item()) > 1e-3
+
+
+def test_extra_outputs_with_replicas_combine_over_the_whole_batch():
+    def loss_fn(o, y):
+        ce = F.cross_entropy(o.flatten(0, 1), y.flatten())
+        return ce, ce.detach() * 2, o.pow(2).mean(), (y != -100).sum(), o
+
+    got, want, model, reference = run(loss_fn, 2, microbatches=2, data_parallel=2)
+    assert_same_step(got, want, model, reference, "extra outputs with 2 replicas")
+
+
+@pytest.mark.parametrize("factory", ["tied_embedding", "mlp_input_grad", "gpt"])
+def test_replicas_with_tied_weights_and_input_gradients(factory):
+    make = {"tied_embedding": models.tied_embedding, "gpt": models.gpt,
+            "mlp_input_grad": lambda: models.mlp(x_requires_grad=True)}[factory]
+    assert_matches_eager(make, stages=2, microbatches=2, data_parallel=2, compiler="eager")
+
+
+@pytest.mark.parametrize("post_validation", [True, False])
+def test_replicas_with_the_fused_optimizer_equal_synchronous_training(post_validation):
+    """20 SGD steps (clipped, skipped and plain ones) with 2 replicas of a 2-stage pipeline in one process."""
+    model, opt, ref_model, ref_opt, did, _ = train_both("sgd", {
+        "stages": 2, "microbatches": 2, "compiler": "eager", "data_parallel": 2, "post_validation": post_validation})
+    assert {"plain", "clipped", "skipped"} <= set(did)
+    assert_same_training(model, opt, ref_model, ref_opt, f"2 replicas, post_validation={post_validation}")
+
+
+def test_the_lowered_schedule_reduces_each_stage_right_after_its_last_w():
+    torch.manual_seed(0)
+    model, args = models.deep_mlp()
+    backend = zb.ZbBackend({"stages": 2, "microbatches": 4, "compiler": "eager", "data_parallel": 2,
+                            "schedule": "zb-h1"})
+    torch.compile(model, backend=backend)(*args).backward()
+    lowered = backend.runners[0].executor.schedule
+    for rank, actions in enumerate(lowered.actions):
+        reduces = [i for i, a in enumerate(actions) if a.kind == REDUCE]
+        assert [actions[i].stage for i in reduces] == [rank], lowered.text()
+        last_w = max(i for i, a in enumerate(actions) if a.kind == W)
+        assert reduces[0] > last_w and all(a.kind != W for a in actions[reduces[0]:]), lowered.text()
+
+
+def test_batch_not_divisible_by_replicas_times_microbatches_is_a_clear_error():
+    torch.manual_seed(0)
+    model, (x, y) = models.mlp()
+    step = torch.compile(model, backend="zb", options={"compiler": "eager", "data_parallel": 3, "microbatches": 2})
+    with pytest.raises(Exception, match=r"batch size 8, which data_parallel=3 replicas of microbatches=2 do not "
+                                        r"divide; use a batch size that is a multiple of 6"):
+        step(x, y)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"shard_optimizer": True}, "'shard_optimizer' needs option 'optimizer'"),
+    ({"shard_optimizer": True, "optimizer": "sgd"}, "set 'data_parallel'"),
+    ({"data_parallel": 0}, "'data_parallel' must be a positive int"),
+    ({"mesh": "dp,pp"}, "'mesh' takes a torch.distributed DeviceMesh"),
+])
+def test_data_parallel_options_are_checked(options, message):
+    if options.get("optimizer") == "sgd":
+        options = {**options, "optimizer": OPTIMIZERS["sgd"](models.MLP().parameters())}
+    with pytest.raises(zb.ZbOptionError, match=message):
+        zb.ZbBackend(options)
+
+
+# Under torchrun: 4 processes, 2 replicas x 2 pipeline ranks -----------------------------------------------------
+def _ok(out) -> list[str]:
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")]
+
+
+def test_torchrun_two_replicas_of_two_ranks_equal_eager_on_the_global_batch():
+    """GPT tiny and an MLP, schedules 1f1b, zb-h1, zb-v, zb-auto; one case through a user-built DeviceMesh."""
+    cases = ["gpt:1f1b", "gpt:zb-h1", "gpt:zb-v", "gpt:zb-auto", "mlp:1f1b", "mlp:zb-h1:mesh", "mlp:zb-v",
+             "mlp:zb-auto"]
+    assert _ok(torchrun(4, "data_parallel_check.py", "--replicas", "2", "--cases", ",".join(cases))) == cases
+
+
+def test_torchrun_replicas_with_the_fused_optimizer_and_sharded_state():
+    """20 SGD steps with clipping and non-finite steps: post-validation on and off, optimizer state sharded over
+    the replicas or not (sharded: each parameter's optimizer state lives on one rank of the world)."""
+    cases = ["opt:sgd:1f1b:0:0", "opt:sgd:zb-h1:1:0", "opt:sgd:zb-h1:1:1", "opt:sgd:zb-v:0:1", "opt:sgd:zb-auto:1:1"]
+    assert _ok(torchrun(4, "data_parallel_check.py", "--replicas", "2", "--cases", ",".join(cases))) == cases
+
+
+def test_torchrun_replica_errors_and_a_dead_rank():
+    assert _ok(torchrun(4, "data_parallel_check.py", "--replicas", "2", "--cases", "errors")) == ["errors"]
+    out = torchrun(4, "data_parallel_check.py", "--replicas", "2", "--cases", "dead-rank", timeout=120)
+    caught = [line for line in out.stdout.splitlines() if line.startswith("caught on rank")]
+    assert len(caught) == 3, out.stdout[-3000:] + out.stderr[-3000:]
+    for line in caught:
+        seconds = float(line.split(" after ")[1].split(" s:")[0])
+        assert seconds < 30 and "global rank" in line and "A rank died or is stuck" in line, line
