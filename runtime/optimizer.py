@@ -404,6 +404,24 @@ def _register(step: OptimizerStep) -> None:
     _STEPS[optimizer].add(step)
 
 
+def full_state_dict(optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` with the state of every parameter this pipeline rank updates, also those other
+    replicas own under `shard_optimizer` (gathered over the replica group, on CPU: call it on every rank).
+    Without sharded state it is `optimizer.state_dict()`. A rank's own `state_dict()` holds only its shard."""
+    state = optimizer.state_dict()  # validates pending steps first
+    sharded = [s for s in _STEPS.get(optimizer, ()) if s.owner is not None]
+    if not sharded:
+        return state
+    mine = {i: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+            for i, values in state["state"].items()}
+    everyone = sharded[0].replica_comm.all_gather_object(mine, "gathering the optimizer state of every replica")
+    merged = {}
+    for theirs in everyone:
+        merged.update(theirs)
+    state["state"] = dict(sorted(merged.items()))
+    return state
+
+
 def synchronize(optimizer: torch.optim.Optimizer) -> None:
     """Validate every step zb took with `optimizer` that is still waiting for the global gradient norm.
 

@@ -25,10 +25,11 @@ _LAZY = {
     "explain": ("zb.backend", "explain"),
     "step_history": ("zb.runtime.optimizer", "history"),
     "synchronize": ("zb.runtime.optimizer", "synchronize"),
+    "full_optimizer_state_dict": ("zb.runtime.optimizer", "full_state_dict"),
 }
 
 __all__ = ["Options", "Plan", "ZbBackend", "ZbError", "ZbOptionError", "ZbUnsupportedError", "explain",
-           "step_history", "synchronize", "zb_backend"]
+           "full_optimizer_state_dict", "step_history", "synchronize", "zb_backend"]
 
 
 def __getattr__(name: str) -> Any:

@@ -130,6 +130,14 @@ def check_optimizer(kind: str, schedule: str, post_validation: bool, shard: bool
     holders = [sum(names[i] in everyone[r][1] for r in range(world)) for i in range(len(names))]
     expected_holders = 1 if shard else replicas  # optimizer state of each parameter: on one rank per replica
     assert holders == [expected_holders] * len(names), f"{what}: optimizer state held {holders} times"
+    if shard:  # the gathered state is the whole state of this pipeline rank's parameters, as unsharded
+        full = zb.full_optimizer_state_dict(optimizer)["state"]
+        mine = {i for i, (n, _) in enumerate(model.named_parameters()) if n in stepped}
+        assert set(full) == mine, f"{what}: gathered state for {sorted(full)}, this rank updates {sorted(mine)}"
+        for i in mine:
+            for key, value in ref_state[i].items():
+                torch.testing.assert_close(full[i][key], value, rtol=RTOL, atol=ATOL,
+                                           msg=lambda m, i=i, k=key: f"{what}: gathered {k} of {names[i]}: {m}")
     records = history(optimizer)
     assert [("skipped" if h.skipped else "clipped" if h.clipped else "plain") for h in records] == did, what
     rolled: list = [None] * world
