@@ -115,8 +115,10 @@ def test_torchrun_two_replicas_of_two_ranks_equal_eager_on_the_global_batch():
 
 def test_torchrun_replicas_with_the_fused_optimizer_and_sharded_state():
     """20 SGD steps with clipping and non-finite steps: post-validation on and off, optimizer state sharded over
-    the replicas or not (sharded: each parameter's optimizer state lives on one rank of the world)."""
-    cases = ["opt:sgd:1f1b:0:0", "opt:sgd:zb-h1:1:0", "opt:sgd:zb-h1:1:1", "opt:sgd:zb-v:0:1", "opt:sgd:zb-auto:1:1"]
+    the replicas or not (sharded: each parameter's optimizer state lives in one replica); the GPT's tied head and
+    embedding, updated on both pipeline ranks, with sharded state and post-validation."""
+    cases = ["opt:sgd:1f1b:0:0", "opt:sgd:zb-h1:1:0", "opt:sgd:zb-h1:1:1", "opt:sgd:zb-v:0:1", "opt:sgd:zb-auto:1:1",
+             "optgpt:sgd:zb-v:1:1"]
     assert _ok(torchrun(4, "data_parallel_check.py", "--replicas", "2", "--cases", ",".join(cases))) == cases
 
 

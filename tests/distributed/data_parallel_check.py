@@ -15,6 +15,7 @@ Cases:
   opt:kind:schedule:post:shard      options["optimizer"] + max_grad_norm (tests/optim_check.py's 20 steps, clipped
                                     and skipped ones), post-validation on/off, sharded optimizer state on/off:
                                     parameters and (on their owner) optimizer state equal synchronous training
+  optgpt:kind:schedule:post:shard   the same with the GPT (tied head and embedding), 6 steps
   errors                            replicas built from different weights fail on every rank before any step;
                                     data_parallel not dividing the world size fails before any communication
 Prints `ok <case>` per case on rank 0.
@@ -92,17 +93,24 @@ def check_gradients(model_name: str, schedule: str, replicas: int, compiler: str
                                        msg=lambda m, n=name: f"{what}: {n} after 3 steps: {m}")
 
 
-def check_optimizer(kind: str, schedule: str, post_validation: bool, shard: bool, replicas: int) -> None:
+def check_optimizer(kind: str, schedule: str, post_validation: bool, shard: bool, replicas: int,
+                    model_name: str = "mlp") -> None:
     """options["optimizer"] with replicas: tests/optim_check.py's 20 steps on a global batch of 8 rows per
-    replica (some clipped, one with an inf, one with a NaN) against synchronous single-process training."""
+    replica (some clipped, one with an inf, one with a NaN) against synchronous single-process training; for the
+    GPT (its head tied to the embedding, on both pipeline ranks) 6 steps of random tokens, clipped."""
     rank, world = dist.get_rank(), dist.get_world_size()
     replica = rank // (world // replicas)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = models.DeepMLP()
+    model = models.DeepMLP() if model_name == "mlp" else models.gpt()[0]
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     ref_model = copy.deepcopy(model)
-    data = batches(batch=8 * replicas)
+    if model_name == "mlp":
+        data = batches(batch=8 * replicas)
+    else:
+        generator = torch.Generator().manual_seed(1)
+        data = [tuple(torch.randint(0, 256, (8 * replicas, 16), generator=generator) for _ in range(2))
+                for _ in range(6)]
     ref_optimizer = OPTIMIZERS[kind](ref_model.parameters())
     did = reference(ref_model, ref_optimizer, data, MAX_NORM)
     optimizer = OPTIMIZERS[kind](model.parameters())
@@ -127,9 +135,12 @@ def check_optimizer(kind: str, schedule: str, post_validation: bool, shard: bool
     dist.all_gather_object(everyone, (stepped, {names[i] for i in state}))
     pipeline = range(replica * (world // replicas), (replica + 1) * (world // replicas))
     assert set(names) == set().union(*(everyone[r][0] for r in pipeline)), f"{what}: a parameter never stepped"
+    # Optimizer state of each parameter: on every pipeline rank that updates it (a tied weight: two), in one
+    # replica with sharding, in every replica without.
     holders = [sum(names[i] in everyone[r][1] for r in range(world)) for i in range(len(names))]
-    expected_holders = 1 if shard else replicas  # optimizer state of each parameter: on one rank per replica
-    assert holders == [expected_holders] * len(names), f"{what}: optimizer state held {holders} times"
+    updaters = [sum(names[i] in everyone[r][0] for r in pipeline) for i in range(len(names))]
+    expected = [n * (1 if shard else replicas) for n in updaters]
+    assert holders == expected, f"{what}: optimizer state held {holders} times, expected {expected}"
     if shard:  # the gathered state is the whole state of this pipeline rank's parameters, as unsharded
         full = zb.full_optimizer_state_dict(optimizer)["state"]
         mine = {i for i, (n, _) in enumerate(model.named_parameters()) if n in stepped}
@@ -208,9 +219,10 @@ def main() -> None:
             check_errors(args.replicas)
         elif fields[0] == "dead-rank":
             check_dead_rank(args.replicas)
-        elif fields[0] == "opt":
+        elif fields[0] in ("opt", "optgpt"):
             _, kind, schedule, post, shard = fields
-            check_optimizer(kind, schedule, post == "1", shard == "1", args.replicas)
+            check_optimizer(kind, schedule, post == "1", shard == "1", args.replicas,
+                            "gpt" if fields[0] == "optgpt" else "mlp")
         else:
             check_gradients(fields[0], fields[1], args.replicas, args.compiler, mesh="mesh" in fields[2:])
         dist.barrier()
