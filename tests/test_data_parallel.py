@@ -130,3 +130,8 @@ def test_torchrun_replica_errors_and_a_dead_rank():
     for line in caught:
         seconds = float(line.split(" after ")[1].split(" s:")[0])
         assert seconds < 30 and "global rank" in line and "A rank died or is stuck" in line, line
+
+
+@pytest.mark.inductor
+def test_replicas_through_inductor():
+    assert_matches_eager(models.gpt, stages=2, microbatches=2, data_parallel=2, schedule="zb-h1")
