@@ -18,9 +18,9 @@ def _compile(model, **options):
 
 def test_unknown_option_lists_the_valid_ones():
     with pytest.raises(zb.ZbOptionError, match=r"unknown zb option 'microbatch' \(did you mean 'microbatches'\?\); "
-                       r"valid options: compiler, fuse_attention, group, loss_reduction, max_grad_norm, memory_limit, "
-                       r"microbatches, optimizer, post_validation, profile, rebalance, schedule, split_points, stages, "
-                       r"timeout, unbatched"):
+                       r"valid options: compiler, data_parallel, fuse_attention, group, loss_reduction, max_grad_norm, "
+                       r"memory_limit, mesh, microbatches, optimizer, post_validation, profile, rebalance, schedule, "
+                       r"shard_optimizer, split_points, stages, timeout, unbatched"):
         zb.Options.from_dict({"microbatch": 2})
 
 
