@@ -324,22 +324,31 @@ class OptimizerStep:
         return [float(total[0]), float(flag[0])]
 
     def _publish(self) -> None:
-        """A validated step: each owner starts broadcasting the parameters it updated to the other replicas."""
+        """A validated step: each owner starts broadcasting the parameters it updated to the other replicas, in
+        one flat message per owner (and dtype)."""
         if self.owner is None:
             return
         local = {i for s, indices in self.program.updates.items() if self.placement[s] in self.ranks
                  for i in indices}
         local |= {i for r in self.ranks for i in self.shared_on.get(r, [])}
+        buckets: dict[tuple, list[torch.Tensor]] = {}
         for i in sorted(local):
             if i in self.owner and self.params[i] in self.group_of:
-                tensor = self.params[i].detach()
-                self.broadcasts.append(self.replica_comm.start_broadcast(
-                    tensor, self.owner[i], f"broadcasting {self.program.inputs[i].name} from its owner"))
+                p = self.params[i].detach()
+                buckets.setdefault((self.owner[i], p.dtype, p.device), []).append(p)
+        for (owner, _, _), params in buckets.items():
+            flat = torch.cat([p.reshape(-1) for p in params])
+            handle = self.replica_comm.start_broadcast(flat, owner, "broadcasting updated parameters from their "
+                                                                    "owning replica")
+            self.broadcasts.append((handle, owner, params))
 
     def wait_broadcasts(self) -> None:
         broadcasts, self.broadcasts = self.broadcasts, []
-        for handle in broadcasts:
+        for handle, owner, params in broadcasts:
             self.replica_comm.wait(handle, "receiving updated parameters from their owning replicas")
+            if owner != self.replica:
+                values = handle[1].split([p.numel() for p in params])
+                torch._foreach_copy_(params, [v.view_as(p) for v, p in zip(values, params)])
 
     # Messages ---------------------------------------------------------------------------------------------
     def _all_reduce(self) -> tuple[float, bool]:
