@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,10 @@ def sequential_schedule(microbatches: int, training: bool) -> Schedule:
 def forward_only(schedule: Schedule) -> Schedule:
     acts = tuple(tuple(a for a in rank if a.kind == F) for rank in schedule.actions)
     return Schedule(schedule.name, schedule.num_microbatches, schedule.placement, acts)
+
+
+# Every runner alive in this process: what checkpoints ask which parameters this process owns (zb/checkpoint.py).
+LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
 class PipelineRunner:
@@ -69,6 +74,9 @@ class PipelineRunner:
             owner = owners(program, updated, replicas)
         if program.training and program.options.optimizer is not None:
             self.optimizer = OptimizerStep(program, self.schedule, ranks, comm, replica_comm, owner, replica)
+        self.state: dict[int, torch.Tensor] = {}  # input index -> the parameter or buffer of the last call
+        self.checked_replicas = False  # the replicas' weights were compared (first step)
+        LIVE.add(self)
         self.reduction = None  # sums gradients over the replicas, at the schedule's R actions
         if program.training and replicas > 1:
             self.reduction = (GradientReduction(program, replica_comm, replica, owner) if replica_comm is not None
@@ -128,8 +136,10 @@ class PipelineRunner:
         with torch.no_grad():
             if self.distributed:
                 self._check_one_batch(args)
-            if self.replica_comm is not None and number == 1:
+            self.state = {s.index: args[s.index] for s in program.inputs if s.kind in ("parameter", "buffer")}
+            if self.replica_comm is not None and not self.checked_replicas:
                 check_same_weights(self.replica_comm, program, args, self.replica)
+                self.checked_replicas = True
             if repeat > 1 and self.distributed:
                 self.comm.barrier("waiting for every rank to finish compiling")  # no peer compiling while timed
             self.executor.timed, self.executor.repeat = profiled, repeat
@@ -307,6 +317,19 @@ class PipelineRunner:
                   f"{s.num_microbatches} microbatches; runs from step {self.steps + 1}\n")
         (path / "schedule.txt").write_text(header + s.text() + "\n")
         (path / "schedule_lowered.txt").write_text(header + self.executor.schedule.text() + "\n")
+
+    def owned(self) -> tuple[set[int], set[int]]:
+        """(ids of the parameters and buffers this process's stages read, ids of those no stage reads): what a
+        checkpoint of this process holds, and what every process may write (never changed by a step)."""
+        readers = self.program.readers(self.schedule.placement)
+        mine, nobody = set(), set()
+        for index, tensor in self.state.items():
+            ranks = readers.get(index, set())
+            if not ranks:
+                nobody.add(id(tensor))
+            elif ranks & set(self.ranks):
+                mine.add(id(tensor))
+        return mine, nobody
 
     @property
     def last_rank(self) -> int:

@@ -26,10 +26,14 @@ _LAZY = {
     "step_history": ("zb.runtime.optimizer", "history"),
     "synchronize": ("zb.runtime.optimizer", "synchronize"),
     "full_optimizer_state_dict": ("zb.runtime.optimizer", "full_state_dict"),
+    "save_checkpoint": ("zb.checkpoint", "save_checkpoint"),
+    "load_checkpoint": ("zb.checkpoint", "load_checkpoint"),
+    "full_state_dict": ("zb.checkpoint", "full_state_dict"),
 }
 
 __all__ = ["Options", "Plan", "ZbBackend", "ZbError", "ZbOptionError", "ZbUnsupportedError", "explain",
-           "full_optimizer_state_dict", "step_history", "synchronize", "zb_backend"]
+           "full_optimizer_state_dict", "full_state_dict", "load_checkpoint", "save_checkpoint", "step_history",
+           "synchronize", "zb_backend"]
 
 
 def __getattr__(name: str) -> Any:

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import fx
 
-from zb import adapt
+from zb import adapt, checkpoint
 from zb.codegen import build_program, compile_plan
 from zb.core.errors import ZbError, ZbOptionError, ZbUnsupportedError
 from zb.core.options import Options
-from zb.dynamo import FrameCapture, describe_inputs, has_symbolic_shape, input_source, reject_graph_break
+from zb.dynamo import (
+    FrameCapture, describe_inputs, frame_modules, has_symbolic_shape, input_source, reject_graph_break,
+)
 from zb.passes import PASSES, InputSpec, Plan, run_passes
 from zb.pipeline import Pipeline
 from zb.runtime import PipelineRunner, split_microbatches
@@ -91,6 +93,9 @@ class CompiledGraph:
         self.plans: dict[tuple, Plan] = {}
         self.built: dict[tuple, tuple[PipelineRunner | None, list[int]]] = {}
         self.rebalanced: set[tuple] = set()  # signatures whose stages were (or were decided not to be) re-cut
+        # The models this graph trains: their state_dict() on a pipeline rank holds only what the rank owns.
+        for module in frame_modules(tx, example_inputs):
+            checkpoint.guard(module)
 
     def __call__(self, *args: Any) -> Any:
         training = torch.is_grad_enabled() and any(
@@ -101,6 +106,8 @@ class CompiledGraph:
             plan, arg_map = self.build_plan(args, training)
             self.plans[key] = plan
             self.built[key] = (self._runner(plan) if self.codegen else None, arg_map)
+            if self.built[key][0] is not None:
+                checkpoint.resume(self.built[key][0], [args[i] for i in arg_map])
         runner, arg_map = self.built[key]
         if runner is None:
             return self.gm(*args)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import importlib.util
 import pathlib
 import sys
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_option_flags(check)
     check.set_defaults(run=_check)
     _add_schedule_command(commands)
+    _add_checkpoint_command(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -249,3 +251,34 @@ def load_factory(target: str) -> Callable[[], tuple[Any, tuple]]:
     if not callable(factory):
         raise ZbError(f"{module_name} has no callable {attr!r}")
     return factory
+
+
+def _add_checkpoint_command(commands) -> None:
+    checkpoint = commands.add_parser(
+        "checkpoint", help="list what a zb checkpoint holds: step, layout, tensors, bytes", allow_abbrev=False
+    )
+    checkpoint.add_argument("path", metavar="PATH", help="a directory written by zb.save_checkpoint")
+    checkpoint.add_argument("--json", action="store_true", help="print it as JSON")
+    checkpoint.set_defaults(run=_checkpoint)
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    from zb.checkpoint import describe
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{info['path']}: zb checkpoint at step {info['step']}, saved {info['saved']} by {info['world_size']} "
+          f"process(es) in {info['seconds']} s")
+    for layout in info["layouts"]:
+        print(f"  pipeline: {layout['stages']} stages, schedule {layout['schedule']}, placement "
+              f"{layout['placement']}, {layout['replicas']} replica(s)")
+    print(f"  optimizer: {info['optimizer'] or '-'}; lr_scheduler: {info['lr_scheduler'] or '-'}; extra: "
+          f"{', '.join(info['extra']) or '-'}")
+    names = {"model": "model parameters and buffers", "optim": "optimizer state", "rng": "RNG states",
+             "extra": "extra", "zb": "zb resume state", "lr_scheduler": "LR scheduler"}
+    for kind, (count, size) in sorted(info["entries"].items()):
+        print(f"  {names.get(kind, kind):<30} {count:5d} entries  {size / 2**20:10.2f} MiB")
+    print(f"  on disk: {info['bytes_on_disk'] / 2**20:.2f} MiB")
+    return 0

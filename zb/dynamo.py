@@ -172,6 +172,31 @@ def has_symbolic_shape(node: fx.Node) -> bool:
     return isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape)
 
 
+def frame_modules(tx, tensors: Sequence[Any]) -> list[torch.nn.Module]:
+    """The nn.Modules the traced frame reaches directly (its arguments such as `self`, its closure, the globals
+    its code names) that hold any of `tensors`: the models whose parameters this graph trains."""
+    if tx is None:
+        return []
+    code = tx.f_code
+    candidates = list(tx.f_locals.values()) + [c.cell_contents for c in (tx.closure or ()) if _filled(c)]
+    candidates += [tx.f_globals[n] for n in code.co_names if n in tx.f_globals]
+    ids = {id(t) for t in tensors}
+    found = []
+    for value in candidates:
+        if isinstance(value, torch.nn.Module) and value not in found and any(
+                id(p) in ids for p in value.parameters()):
+            found.append(value)
+    return found
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
 def reject_graph_break(gm: fx.GraphModule):
     """Raise if Dynamo split the frame into several graphs; returns Dynamo's translator (None outside Dynamo)."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
