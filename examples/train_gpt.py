@@ -4,9 +4,17 @@
     python examples/train_gpt.py --backend eager        # the same model without torch.compile
     python examples/train_gpt.py --microbatches 8 --compiler eager --steps 50
     torchrun --nproc-per-node 2 examples/train_gpt.py      # a 2-rank zero-bubble pipeline (zb-auto by default)
+    torchrun --nproc-per-node 2 --max-restarts 1 examples/train_gpt.py --save-every 25 --resume
+                                                           # checkpoints; a lost rank restarts from the last one
 
 Prints the options, the loss every --log-every steps, tokens/s (excluding the first step, which compiles) and
 the loss at the start and the end. Offline: the corpus is whatever `sysconfig` says the stdlib is.
+
+Checkpoints: --save-every K writes --checkpoint DIR (zb.save_checkpoint: model, optimizer, the data stream's
+position, the losses so far) after every K-th step; --resume continues from DIR when it holds one, with no step
+lost or repeated. If a rank dies, the others raise a ZbError within --timeout seconds; rerunning the command (or
+torchrun --max-restarts N, which reruns it) resumes from the last checkpoint. --fail-at-step N makes the last rank
+exit at step N of the first attempt, to see this happen.
 """
 
 from __future__ import annotations
@@ -92,6 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
+    parser.add_argument("--checkpoint", default="checkpoints/gpt", help="checkpoint directory (default: %(default)s)")
+    parser.add_argument("--save-every", type=int, default=0, metavar="K", help="save a checkpoint every K steps")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint if it holds one")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a peer rank")
+    parser.add_argument("--fail-at-step", type=int, default=None, metavar="N",
+                        help="the last rank exits at step N (first attempt only): a lost rank, for trying --resume")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = GPT(config)
     data = load_corpus(args.corpus_mb)
     options = {"microbatches": args.microbatches, "compiler": args.compiler, "schedule": args.schedule,
-               "profile": args.timeline is not None}
+               "profile": args.timeline is not None, "timeout": args.timeout}
     if args.stages is not None:
         options["stages"] = args.stages
     backend = None
@@ -124,7 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     stream = batches(data, args.batch_size, config.block_size, generator)
     losses, first_step, timed, start = [], 0.0, 0.0, time.perf_counter()
-    for step in range(1, args.steps + 1):
+    first = 1
+    if args.resume and zb.checkpoint_exists(args.checkpoint):
+        extra = zb.load_checkpoint(args.checkpoint, model, optimizer)
+        generator.set_state(extra["data"])
+        losses, first = extra["losses"], extra["step"] + 1
+        say(f"resumed from {args.checkpoint} at step {extra['step']}")
+    last_rank = int(os.environ.get("WORLD_SIZE", "1")) - 1
+    for step in range(first, args.steps + 1):
+        if step == args.fail_at_step and rank == last_rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            print(f"rank {rank}: exiting at step {step} (--fail-at-step)", flush=True)
+            os._exit(1)
         x, y = next(stream)
         t0 = time.perf_counter()
         loss = step_fn(x, y)
@@ -132,23 +156,27 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
-        if step == 1:
+        if step == first:
             first_step = elapsed
         else:
             timed += elapsed
         losses.append(loss.item())
+        if args.save_every and step % args.save_every == 0:
+            zb.save_checkpoint(args.checkpoint, model, optimizer, timeout=args.timeout, step=step,
+                               data=generator.get_state(), losses=losses)
         if step % args.log_every == 0 or step == args.steps:
             recent = sum(losses[-args.log_every:]) / len(losses[-args.log_every:])
-            rate = (step - 1) * x.numel() / timed if timed else float("nan")
+            rate = (step - first) * x.numel() / timed if timed else float("nan")
             say(f"step {step:5d}  loss {recent:.4f}  {rate:8.0f} tokens/s")
     head = sum(losses[:10]) / min(10, len(losses))
     tail = sum(losses[-10:]) / min(10, len(losses))
-    step_time = timed / max(1, args.steps - 1)
+    step_time = timed / max(1, args.steps - first)
     say(f"first step (includes compilation): {first_step:.1f} s; later steps: {step_time * 1e3:.1f} ms each")
     result_extra = report_pipeline(backend, args.timeline, say) if backend is not None else {}
     say(f"loss fell from {head:.3f} (first 10 steps) to {tail:.3f} (last 10 steps) in "
           f"{time.perf_counter() - start:.0f} s")
-    result = {"first_step_s": first_step, "step_s": step_time, "loss_start": head, "loss_end": tail, **result_extra}
+    result = {"first_step_s": first_step, "step_s": step_time, "loss_start": head, "loss_end": tail,
+              "final_loss": losses[-1] if losses else None, **result_extra}
     if args.json and rank == 0:
         print(json.dumps(result))
     return result

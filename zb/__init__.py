@@ -29,11 +29,12 @@ _LAZY = {
     "save_checkpoint": ("zb.checkpoint", "save_checkpoint"),
     "load_checkpoint": ("zb.checkpoint", "load_checkpoint"),
     "full_state_dict": ("zb.checkpoint", "full_state_dict"),
+    "checkpoint_exists": ("zb.checkpoint", "checkpoint_exists"),
 }
 
-__all__ = ["Options", "Plan", "ZbBackend", "ZbError", "ZbOptionError", "ZbUnsupportedError", "explain",
-           "full_optimizer_state_dict", "full_state_dict", "load_checkpoint", "save_checkpoint", "step_history",
-           "synchronize", "zb_backend"]
+__all__ = ["Options", "Plan", "ZbBackend", "ZbError", "ZbOptionError", "ZbUnsupportedError", "checkpoint_exists",
+           "explain", "full_optimizer_state_dict", "full_state_dict", "load_checkpoint", "save_checkpoint",
+           "step_history", "synchronize", "zb_backend"]
 
 
 def __getattr__(name: str) -> Any:

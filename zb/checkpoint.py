@@ -153,8 +153,13 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     start = time.perf_counter()
     import torch.distributed.checkpoint as dcp
 
-    with _quiet():
-        dcp.save(state, checkpoint_id=staging, process_group=group, no_dist=group is None)
+    try:
+        with _quiet():
+            dcp.save(state, checkpoint_id=staging, process_group=group, no_dist=group is None)
+    except RuntimeError as e:
+        raise ZbError(f"writing checkpoint {path} failed: {e}. A peer rank died or is stuck (timeout {timeout:g} s); "
+                      f"{'the previous checkpoint at ' + str(path) + ' is intact' if path.exists() else 'nothing was switched'}"
+                      ) from e
     _barrier(group, "writing the checkpoint")
     if rank == 0:
         manifest = {
@@ -349,6 +354,13 @@ def _check_model(saved: dict, tensors: dict[str, torch.Tensor], path) -> None:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ZbError(f"checkpoint {path} does not fit this model: {'; '.join(problems[:5])}{more}. Load it into "
                       "the model it was saved from")
+
+
+def checkpoint_exists(path: str | os.PathLike) -> bool:
+    """Whether `load_checkpoint(path, ...)` has a checkpoint to load (PATH, or the previous one a crashed save
+    left)."""
+    path = pathlib.Path(path)
+    return (path / ".metadata").exists() or (path.parent / f".{path.name}.old" / ".metadata").exists()
 
 
 def _existing(path: pathlib.Path) -> pathlib.Path:
