@@ -241,3 +241,61 @@ def test_schedule_with_data_parallel_reductions(capsys):
 def test_schedule_data_parallel_errors(capsys, flags, message):
     assert main(["schedule", "--schedule", "zb-h1", "--stages", "4", "--microbatches", "4", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_every_plan_says_how_far_it_is_from_the_lower_bound(capsys):
+    """zb-h1, p = 2, m = 4, F = B = W = 1: span 13 against the bound 12 (the work of a rank)."""
+    import json
+
+    assert main(["schedule", "--schedule", "zb-h1", "--stages", "2", "--microbatches", "4"]) == 0
+    assert "longest rank span 13 (the step time), within 8.33% of the lower bound 12" in capsys.readouterr().out
+    assert main(["schedule", "--schedule", "zb-h1", "--stages", "2", "--microbatches", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["longest_span"], result["lower_bound"]) == (13, 12)
+
+
+def test_schedule_exact_prints_the_optimum_and_its_status(capsys):
+    """At 1p, 13 is optimal (zb-h1 reaches it); with 2p of memory the solver finds 12, the bound."""
+    import json
+
+    pytest.importorskip("ortools")
+    base = ["schedule", "--schedule", "zb-h1", "--stages", "2", "--microbatches", "4", "--exact", "--time-limit", "20"]
+    assert main(base + ["--memory-limit", "1p"]) == 0
+    assert "exact: optimal, longest rank span 13; zb-h1's is 13" in capsys.readouterr().out
+    assert main(base + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["exact"] == {"status": "optimal", "longest_span": 12, "bound": 12, "time_limit": 20}
+    assert result["longest_span"] == 12 and max(result["peak_memory"]) <= 4
+
+
+def test_schedule_exact_reports_the_best_found_and_the_bound_when_time_runs_out(monkeypatch, capsys):
+    pytest.importorskip("ortools")
+    from zb.schedules import exact, generate
+
+    found = exact.Solution(generate("zb-h1", 2, 4), "feasible", 13.0, 12.5, 1.0, False, 1.0)
+    monkeypatch.setattr(exact, "solve", lambda *args, **kwargs: found)
+    assert main(["schedule", "--schedule", "zb-h1", "--stages", "2", "--microbatches", "4", "--exact",
+                 "--time-limit", "1"]) == 0
+    assert ("exact: best found in 1 s, longest rank span 13; the solver's bound 12.5 (within 4.00%)"
+            in capsys.readouterr().out)
+
+
+def test_schedule_exact_without_ortools_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ortools.sat.python", None)
+    assert main(["schedule", "--schedule", "zb-h1", "--stages", "2", "--microbatches", "4", "--exact"]) == 2
+    assert "pip install 'zb[exact]'" in capsys.readouterr().err
+
+
+def test_help_and_schedule_import_no_solver():
+    """OR-Tools loads only for --exact: `zb --help` and a plain `zb schedule` stay instant."""
+    probe = ("import sys\n"
+             "from zb.cli import main\n"
+             "try:\n"
+             "    main(sys.argv[1:])\n"
+             "except SystemExit:\n"
+             "    pass\n"
+             "print('SOLVER', sorted(m for m in sys.modules if m.split('.')[0] == 'ortools')[:3])\n")
+    for argv in (["--help"], ["schedule", "--schedule", "zb-auto", "--stages", "4", "--microbatches", "8"]):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert out.stdout.splitlines()[-1] == "SOLVER []", (argv, out.stdout[-2000:], out.stderr[-2000:])

@@ -5,6 +5,7 @@
     zb schedule --schedule zb-h2 --stages 4 --microbatches 8 --costs F=1,B=1,W=1,comm=0 [--memory-limit 2p]
                 [--chunks 2] [--out timeline.svg] [--csv out.csv] [--json] [--lowered]
                 [--data-parallel 8 --param-bytes 375e6 [--bandwidth 25] [--latency 10] [--time-unit ms]]
+                [--exact [--time-limit 10]]
 
 MODULE is a dotted module name or a path to a .py file; FACTORY() returns (model, example_args). `inspect`
 runs every zb pass on the model (nothing is compiled or trained), prints the plan's summary and writes each
@@ -12,9 +13,11 @@ stage's graphs as readable Python files under --out (with --emit triton, also th
 generates for each piece). `check` compiles the model and runs every piece (each stage's F, B, W, each fused
 attention, the fused optimizer update) against eager PyTorch in float64, prints one row per piece and exits 1 if
 any is outside its dtype's tolerance. `schedule` generates a pipeline schedule, times it with the
-simulator and prints a text timeline and a summary (makespan, bubble rate, peak memory per rank); with
---data-parallel (or R= in --costs) also each stage's gradient reduction over the replicas, the step time and the
-reduction time the pipeline does not hide.
+simulator and prints a text timeline and a summary (makespan, bubble rate, peak memory per rank, and the longest
+rank span: how far it is above the lower bound any schedule of that placement has); with --data-parallel (or R= in
+--costs) also each stage's gradient reduction over the replicas, the step time and the reduction time the pipeline
+does not hide. With --exact the plan is the exact solver's for the same placement and memory limit (CP-SAT, needs
+`pip install 'zb[exact]'`): optimal, or the best found in --time-limit seconds and the solver's bound.
 """
 
 from __future__ import annotations
@@ -148,6 +151,12 @@ def _add_schedule_command(commands) -> None:
     schedule.add_argument("--width", type=int, default=100, help="columns of the text timeline")
     schedule.add_argument("--lowered", action="store_true",
                           help="also print the lowered schedule (sends, receives, and R: a stage's gradient reduction)")
+    schedule.add_argument("--exact", action="store_true",
+                          help="solve for the shortest schedule of the same placement within --memory-limit (default "
+                          "2p) with OR-Tools CP-SAT (pip install 'zb[exact]'; small pipelines) and print it with its "
+                          "status: optimal, or the best found and the solver's bound")
+    schedule.add_argument("--time-limit", type=float, default=10.0, metavar="S",
+                          help="seconds the exact solver may search (default: %(default)s)")
     reduction = schedule.add_argument_group(
         "data parallelism", "each stage's gradients are all-reduced over D replicas, in a ring: 2(D-1)/D x bytes / "
         "bandwidth + 2(D-1) x latency (or give that time per stage as R= in --costs)")
@@ -192,15 +201,24 @@ def _schedule(args: argparse.Namespace) -> int:
     import json
 
     from zb.schedules import Costs, draw, from_csv, generate, lower, simulate, to_csv, to_text, validate
+    from zb.schedules.bound import lower_bound
 
     if args.load_csv:
         plan = from_csv(args.load_csv)
         validate(plan)
     else:
         costs = Costs.parse(args.costs, args.stages)
-        plan = generate(args.schedule, args.stages, args.microbatches, costs, args.memory_limit, args.chunks)
+        limit = args.memory_limit if args.schedule == "zb-auto" or not args.exact else None
+        plan = generate(args.schedule, args.stages, args.microbatches, costs, limit, args.chunks)
     costs = _reduction_costs(Costs.parse(args.costs, plan.num_stages), args)
+    exact = _solve_exactly(plan, costs, args) if args.exact else None
+    if exact:
+        requested = simulate(plan, costs)
+        requested = (plan.name, max(requested.span(r) for r in range(plan.num_ranks)))
+        plan = exact.schedule
     timeline = simulate(plan, costs, args.reduction)
+    span = max(timeline.span(r) for r in range(plan.num_ranks))
+    bound = lower_bound(plan.placement, plan.num_microbatches, costs)
     lowered = lower(plan, reduce=any(costs.reduce)) if args.lowered else None
     if args.out:
         draw(timeline, args.out)
@@ -208,11 +226,18 @@ def _schedule(args: argparse.Namespace) -> int:
         to_csv(plan, args.csv)
     if args.json:
         extra = {"lowered": lowered.as_lists()} if lowered else {}
-        print(json.dumps({**timeline.summary(), "schedule": plan.as_lists(), **extra}))
+        if exact:
+            extra["exact"] = {"status": exact.status, "longest_span": exact.value, "bound": exact.bound,
+                              "time_limit": args.time_limit}
+        print(json.dumps({**timeline.summary(), "longest_span": span, "lower_bound": bound,
+                          "schedule": plan.as_lists(), **extra}))
         return 0
     print(to_text(timeline, args.width))
     print(f"makespan {timeline.makespan:g}, bubble rate {timeline.bubble_rate:.4f}, peak memory per rank "
           f"{[round(p, 6) for p in timeline.peak_memory]}")
+    print(f"longest rank span {span:g} (the step time), within {_percent(span, bound)} of the lower bound {bound:g}")
+    if exact:
+        print(_exact_line(exact, args.time_limit) + f"; {requested[0]}'s is {requested[1]:g}")
     if timeline.has_reduction:
         line = (f"gradient reduction per stage {[round(r, 6) for r in costs.reduce]} ({args.reduction}): step time "
                 f"{timeline.step_time:g}, exposed reduction {timeline.exposed_reduction:g}")
@@ -226,6 +251,28 @@ def _schedule(args: argparse.Namespace) -> int:
     for path in filter(None, (args.out, args.csv)):
         print(f"wrote {path}")
     return 0
+
+
+def _solve_exactly(plan, costs, args: argparse.Namespace):
+    """The exact solver's schedule for the placement of `plan` (given to it as a warm start)."""
+    from zb.schedules.exact import DEFAULT_LIMIT, solve
+
+    if args.time_limit <= 0:
+        raise ScheduleError(f"--time-limit must be positive, got {args.time_limit:g}")
+    limit = DEFAULT_LIMIT if args.memory_limit is None else args.memory_limit
+    return solve(plan.placement, plan.num_microbatches, costs, limit, args.time_limit, hint=plan)
+
+
+def _exact_line(solution, time_limit: float) -> str:
+    rounded = f" (costs rounded to {solution.tick:g})" if solution.rounded else ""
+    if solution.status == "optimal":
+        return f"exact: optimal, longest rank span {solution.value:g}{rounded}"
+    return (f"exact: best found in {time_limit:g} s, longest rank span {solution.value:g}; the solver's bound "
+            f"{solution.bound:g} (within {_percent(solution.value, solution.bound)}){rounded}")
+
+
+def _percent(value: float, bound: float) -> str:
+    return f"{100 * (value - bound) / bound:.2f}%" if bound else "0.00%"
 
 
 def load_factory(target: str) -> Callable[[], tuple[Any, tuple]]:
