@@ -27,9 +27,10 @@ The model (per-stage costs, one F, B and W per stage and microbatch, B and W spl
 * Symmetry. Microbatches are interchangeable, so stage 0 runs its forwards in microbatch order.
 * Objective: the step time, T >= last end - first start on every rank, and T >= bound.py's bound (a proven
   bound, so hitting it ends the search).
-* Warm start. Every schedule `generate` offers for this placement that fits the limit (zb-auto first) and the
-  caller's `hint` are timed; the best is given to the solver as a full hint, and returned (status "feasible")
-  if the solver finds nothing better in time. So the result is never worse than zb-auto's.
+* Warm start. Every schedule `generate` offers for this placement that fits the limit (zb-auto among them) and
+  the caller's `hint` are timed; the best is given to the solver as a full hint, and returned (status
+  "feasible") if the solver finds nothing better in time. So the result is never worse than zb-auto's. If the
+  warm start already meets bound.py's bound it is optimal, and the solver does not run.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def solve(placement: tuple[int, ...], microbatches: int, costs: Costs, memory_li
     if code in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         found = model.schedule(solver)
         validate(found)
-        if best is None or _value(found, costs) <= _value(best, costs) + 1e-9:
+        fits = limit is None or max(simulate(found, costs).peak_memory) <= limit + 1e-9  # memory tick rounding
+        if fits and (best is None or _value(found, costs) <= _value(best, costs) + 1e-9):
             best, status = found, ("optimal" if code == cp_model.OPTIMAL else "feasible")
     value = _value(best, costs)
     if not rounded:  # the model is exact: the solver's bound holds for these costs

@@ -268,7 +268,7 @@ def _exact_line(solution, time_limit: float) -> str:
     if solution.status == "optimal":
         return f"exact: optimal, longest rank span {solution.value:g}{rounded}"
     return (f"exact: best found in {time_limit:g} s, longest rank span {solution.value:g}; the solver's bound "
-            f"{solution.bound:g} (within {_percent(solution.value, solution.bound)}){rounded}")
+            f"{solution.bound:g} (within {100 * solution.gap:.2f}%){rounded}")
 
 
 def _percent(value: float, bound: float) -> str:
