@@ -40,40 +40,47 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
            ) -> tuple[Schedule, tuple[float, float]]:
     """Returns the schedule and its (longest rank span, makespan) under `costs`, as `simulate` would time it."""
     ranks = max(placement) + 1
-    n = len(placement)
+    n, m = len(placement), microbatches
     stages_of = [sorted((s for s in range(n) if placement[s] == r), reverse=True) for r in range(ranks)]
     comm = costs.comm
     back = B if policy.split else BW
-    end: dict[Action, float] = {}
+    # end times by stage and microbatch (lists, not a dict of actions: this loop is zb-auto's planning time)
+    end_f = [[None] * m for _ in range(n)]
+    end_b = [[None] * m for _ in range(n)]
+    # the transfer a pass waits for: F from the stage before, B from the stage after (0 on the same rank)
+    delay_f = [comm if s > 0 and placement[s - 1] != placement[s] else 0.0 for s in range(n)]
+    delay_b = [comm if s + 1 < n and placement[s + 1] != placement[s] else 0.0 for s in range(n)]
+    back_time = [costs.duration(s, back) for s in range(n)]
     next_f, next_b = [0] * n, [0] * n
     pending_w: list[deque] = [deque() for _ in range(n)]
     inflight, memory = [0] * ranks, [0.0] * ranks
     free = [0.0] * ranks
+    first_start: list[float | None] = [None] * ranks
+    last_end = [0.0] * ranks
     orders: list[list[Action]] = [[] for _ in range(ranks)]
-    total = n * microbatches * (3 if policy.split else 2)
+    total = n * m * (3 if policy.split else 2)
     done = 0
     heap = [(0.0, r) for r in range(ranks)]
     waiting: set[int] = set()
 
-    def arrival(dep: Action, rank: int) -> float | None:
-        t = end.get(dep)
-        return None if t is None else t + (comm if placement[dep.stage] != rank else 0.0)
-
-    def f_ready(s: int, rank: int) -> float | None:
+    def f_ready(s: int) -> float | None:
         mb = next_f[s]
-        if mb >= microbatches:
+        if mb >= m:
             return None
-        return 0.0 if s == 0 else arrival(Action(s - 1, F, mb), rank)
+        if s == 0:
+            return 0.0
+        t = end_f[s - 1][mb]
+        return None if t is None else t + delay_f[s]
 
-    def b_ready(s: int, rank: int) -> float | None:
+    def b_ready(s: int) -> float | None:
         mb = next_b[s]
         if mb >= next_f[s]:
             return None
-        own = end[Action(s, F, mb)]
+        own = end_f[s][mb]
         if s == n - 1:
             return own
-        other = arrival(Action(s + 1, back, mb), rank)
-        return None if other is None else max(own, other)
+        other = end_b[s + 1][mb]
+        return None if other is None else max(own, other + delay_b[s])
 
     def f_allowed(s: int, rank: int) -> bool:
         if policy.inflight is not None and inflight[rank] >= policy.inflight[rank]:
@@ -83,26 +90,31 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
     def run(rank: int, action: Action, start: float) -> None:
         nonlocal done
         s, kind, mb = action
-        end[action] = free[rank] = start + costs.duration(s, kind)
+        if first_start[rank] is None:
+            first_start[rank] = start
+        last_end[rank] = free[rank] = start + costs.duration(s, kind)
         orders[rank].append(action)
         memory[rank] += costs.memory_delta(s, kind)
         if kind == F:
+            end_f[s][mb] = free[rank]
             next_f[s] += 1
             inflight[rank] += 1
-            wake = [placement[s + 1]] if s + 1 < n else []
+            wake = placement[s + 1] if s + 1 < n else None
         else:
-            if kind in (B, BW):
+            wake = None
+            if kind != W:
+                end_b[s][mb] = free[rank]
                 next_b[s] += 1
                 inflight[rank] -= 1
                 if kind == B:
                     pending_w[s].append(mb)
-            wake = [placement[s - 1]] if kind != W and s > 0 else []
+                if s > 0:
+                    wake = placement[s - 1]
         done += 1
-        for other in wake:
-            if other in waiting:
-                waiting.discard(other)
-                free[other] = max(free[other], start)
-                heapq.heappush(heap, (free[other], other))
+        if wake is not None and wake in waiting:
+            waiting.discard(wake)
+            free[wake] = max(free[wake], start)
+            heapq.heappush(heap, (free[wake], wake))
         heapq.heappush(heap, (free[rank], rank))
 
     while heap:
@@ -110,8 +122,8 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
         if t != free[rank] or rank in waiting:
             continue
         stages = stages_of[rank]
-        fs = [(s, f_ready(s, rank)) for s in stages if next_f[s] < microbatches]
-        bs = [(s, b_ready(s, rank)) for s in stages if next_b[s] < next_f[s]]
+        fs = [(s, f_ready(s)) for s in stages if next_f[s] < m]
+        bs = [(s, b_ready(s)) for s in stages if next_b[s] < next_f[s]]
         ws = [s for s in stages if pending_w[s]]
         f_now = [s for s, r in fs if r is not None and r <= t and f_allowed(s, rank)]
         if not policy.deeper_f_first:
@@ -130,9 +142,10 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
         pick = first or second
         if pick:
             s = pick[0]
-            kind = (back if pick is b_now else F)
-            mb = next_b[s] if kind == back else next_f[s]
-            run(rank, Action(s, kind, mb), t)
+            if pick is b_now:
+                run(rank, Action(s, back, next_b[s]), t)
+            else:
+                run(rank, Action(s, F, next_f[s]), t)
             continue
         known = [r for _, r in fs + bs if r is not None and (r > t)]
         next_known = min(known) if known else INF
@@ -141,11 +154,11 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
             bound = next_known
             if unknown:
                 bound = min(bound, t + comm + min(costs.f[s] for s in unknown))
-            last_chain = policy.strict_drain and not fs and any(next_b[x] == microbatches - 1 for x, _ in bs)
+            last_chain = policy.strict_drain and not fs and any(next_b[x] == m - 1 for x, _ in bs)
             if last_chain:
                 for x, r in bs:
                     if r is None:
-                        bound = min(bound, max(t, free[placement[x + 1]]) + costs.duration(x + 1, back) + comm)
+                        bound = min(bound, max(t, free[placement[x + 1]]) + back_time[x + 1] + comm)
             s = ws[0]
             draining = not fs
             held = sum(len(pending_w[x]) for x in ws)
@@ -168,7 +181,7 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
         raise ScheduleError(
             f"{name}: no schedule fits these constraints (every rank waits); raise the memory limit"
         )
-    schedule = Schedule(name, microbatches, tuple(placement), tuple(tuple(o) for o in orders))
-    first_start = [end[o[0]] - costs.duration(o[0].stage, o[0].kind) for o in orders if o]
-    spans = [end[o[-1]] - start for o, start in zip((o for o in orders if o), first_start)]
-    return schedule, (max(spans), max(end.values()) - min(first_start))
+    schedule = Schedule(name, m, tuple(placement), tuple(tuple(o) for o in orders))
+    used = [r for r in range(ranks) if orders[r]]
+    spans = [last_end[r] - first_start[r] for r in used]
+    return schedule, (max(spans), max(last_end[r] for r in used) - min(first_start[r] for r in used))

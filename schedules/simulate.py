@@ -97,14 +97,7 @@ class Timeline:
 
     @property
     def peak_memory(self) -> list[float]:
-        peaks = []
-        for rank in range(self.schedule.num_ranks):
-            level = peak = 0.0
-            for action, _, _ in self.rank_actions(rank):
-                level += self.costs.memory_delta(action.stage, action.kind)
-                peak = max(peak, level)
-            peaks.append(peak)
-        return peaks
+        return peak_memory(self.schedule, self.costs)
 
     def summary(self) -> dict:
         """makespan, bubble_rate, peak_memory; and step_time, exposed_reduction when reductions take time."""
@@ -118,36 +111,98 @@ def simulate(schedule: Schedule, costs: Costs, reduction: str = "overlap") -> Ti
     """Time a compute-only or lowered schedule; `reduction` is "overlap", "after" or "none" (module docstring)."""
     if reduction not in REDUCTIONS:
         raise ScheduleError(f"reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
-    if costs.num_stages != schedule.num_stages:
-        raise ScheduleError(f"costs are for {costs.num_stages} stages, the schedule has {schedule.num_stages}")
-    split, n, placement = schedule.split_backward, schedule.num_stages, schedule.placement
-    timeline = Timeline(schedule, costs)
-    end = timeline.end
-    position = [0] * schedule.num_ranks
-    free = [0.0] * schedule.num_ranks
-    lists = [[a for a in acts if a.kind in COMPUTE] for acts in schedule.actions]
-    remaining = sum(map(len, lists))
-    while remaining:
-        progressed = False
-        for rank, acts in enumerate(lists):
-            while position[rank] < len(acts):
-                action = acts[position[rank]]
-                deps = dependencies(action, n, split)
-                if any(d not in end for d in deps):
-                    break
-                ready = max((end[d] + (costs.comm if placement[d.stage] != rank else 0.0) for d in deps), default=0.0)
-                start = max(free[rank], ready)
-                timeline.start[action] = start
-                end[action] = free[rank] = start + costs.duration(action.stage, action.kind)
-                position[rank] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            blocked = [str(acts[position[r]]) for r, acts in enumerate(lists) if position[r] < len(acts)]
-            raise ScheduleError(f"schedule {schedule.name!r} deadlocks: every rank waits ({', '.join(blocked)})")
+    lists, starts, end = _run(schedule, costs)
+    timeline = Timeline(schedule, costs, end=end)
+    for acts, times in zip(lists, starts):
+        timeline.start.update(zip(acts, times))
     if reduction != "none":
         _time_reductions(timeline, lists, after=reduction == "after")
     return timeline
+
+
+def span_key(schedule: Schedule, costs: Costs) -> tuple[float, float]:
+    """(longest rank span, makespan): what zb-auto minimises, timed as `simulate` does without building a
+    Timeline (its dictionaries cost more than the timing)."""
+    lists, starts, end = _run(schedule, costs)
+    used = [(acts, times) for acts, times in zip(lists, starts) if acts]
+    first = min(times[0] for _, times in used)
+    last = max(end[acts[-1]] for acts, _ in used)
+    return max(end[acts[-1]] - times[0] for acts, times in used), last - first
+
+
+def peak_memory(schedule: Schedule, costs: Costs) -> list[float]:
+    """Each rank's peak activation memory: it depends on the order alone, not on the times."""
+    peaks = []
+    for acts in schedule.actions:
+        level = peak = 0.0
+        for stage, kind, _ in acts:
+            level += costs.memory_delta(stage, kind)
+            if level > peak:
+                peak = level
+        peaks.append(peak)
+    return peaks
+
+
+def _run(schedule: Schedule, costs: Costs):
+    """Each rank's compute actions, their start times (in the same order) and every action's end time."""
+    if costs.num_stages != schedule.num_stages:
+        raise ScheduleError(f"costs are for {costs.num_stages} stages, the schedule has {schedule.num_stages}")
+    placement, last = schedule.placement, schedule.num_stages - 1
+    back = B if schedule.split_backward else BW
+    comm = costs.comm
+    duration = {F: costs.f, B: costs.b, W: costs.w, BW: tuple(b + w for b, w in zip(costs.b, costs.w))}
+    lists = [[a for a in acts if a.kind in COMPUTE] for acts in schedule.actions]
+    starts: list[list[float]] = [[] for _ in lists]
+    end: dict[Action, float] = {}
+    free = [0.0] * len(lists)
+    position = [0] * len(lists)
+    remaining = sum(map(len, lists))
+    # Each rank runs its list until an input is missing; the ranks take turns until all is done. Plain tuples
+    # look up Action keys (an Action is a tuple), and the dependencies (see `dependencies`) are written out:
+    # this loop is most of zb-auto's planning time.
+    while remaining:
+        progressed = False
+        for rank, acts in enumerate(lists):
+            i = begin = position[rank]
+            t, times, count = free[rank], starts[rank], len(acts)
+            while i < count:
+                action = acts[i]
+                s, kind, mb = action
+                if kind == F:
+                    if s:
+                        ready = end.get((s - 1, F, mb))
+                        if ready is None:
+                            break
+                        if placement[s - 1] != rank:
+                            ready += comm
+                        if ready > t:
+                            t = ready
+                elif kind == W:
+                    if (s, B, mb) not in end:
+                        break
+                else:
+                    if (s, F, mb) not in end:
+                        break
+                    if s < last:
+                        ready = end.get((s + 1, back, mb))
+                        if ready is None:
+                            break
+                        if placement[s + 1] != rank:
+                            ready += comm
+                        if ready > t:
+                            t = ready
+                times.append(t)
+                t += duration[kind][s]
+                end[action] = t
+                i += 1
+            if i != begin:
+                remaining -= i - begin
+                progressed = True
+                position[rank], free[rank] = i, t
+        if not progressed:
+            blocked = [str(acts[position[r]]) for r, acts in enumerate(lists) if position[r] < len(acts)]
+            raise ScheduleError(f"schedule {schedule.name!r} deadlocks: every rank waits ({', '.join(blocked)})")
+    return lists, starts, end
 
 
 def _time_reductions(timeline: Timeline, lists: list[list[Action]], after: bool) -> None:
