@@ -87,6 +87,19 @@ class Costs:
         return replace(self, reduce=tuple(2 * (d - 1) / d * size / bandwidth + 2 * (d - 1) * latency
                                           for size in sizes))
 
+    def split(self, chunks: int) -> Costs:
+        """The same model cut `chunks` times finer: stage j of the result is a 1/chunks share of stage
+        j // chunks here (F, B, W, M_B, M_W and the gradient reduction divided by `chunks`; one transfer takes as
+        long as before). How zb-auto prices the placements with two stages per rank from one-per-rank costs."""
+        if chunks < 1:
+            raise ScheduleError(f"chunks must be positive, not {chunks}")
+
+        def finer(values: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(values[j // chunks] / chunks for j in range(len(values) * chunks))
+
+        return Costs(finer(self.f), finer(self.b), finer(self.w), self.comm, finer(self.mem_b), finer(self.mem_w),
+                     finer(self.reduce))
+
     def duration(self, stage: int, kind: str) -> float:
         if kind == F:
             return self.f[stage]

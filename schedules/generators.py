@@ -1,10 +1,13 @@
-"""Schedule generators: gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v.
+"""Schedule generators: gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v, v-half, v-min.
 
-The zero-bubble ones come from the list scheduler (greedy.py) with the policy that defines them; the classic
-ones are written out directly. Every generator returns a compute-only `Schedule`; `simulate` times it.
+zb-h1 and zb-h2 come from the list scheduler (greedy.py) with the policy that defines them; the others are
+written out directly (v-half and v-min from their building blocks). Every generator returns a compute-only
+`Schedule`; `simulate` times it.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 from zb.schedules.actions import BW, Action, B, F, Schedule, ScheduleError, W, looped, one_per_rank, v_shape
 from zb.schedules.costs import Costs
@@ -122,6 +125,54 @@ def _zb_v_rank(r: int, ranks: int, n: int) -> list[Action]:
     while count[W][0] < count[B][0]:
         add((W, 0))
     return order
+
+
+def v_half(ranks: int, microbatches: int) -> Schedule:
+    """V-Half (Qi et al., "Pipeline Parallelism with Controllable Memory", arXiv 2405.15362): the V placement with
+    about half of 1F1B's activation memory ((p+2)/2 M_B at most) and about half of its bubble rate (p/2m)."""
+    return _v_blocks("v-half", ranks, microbatches, _v_half_block)
+
+
+def v_min(ranks: int, microbatches: int) -> Schedule:
+    """V-Min (arXiv 2405.15362): the V placement with about a third of 1F1B's activation memory ((p+4)/3 M_B at
+    most) for a bubble rate of about 2p/3m."""
+    return _v_blocks("v-min", ranks, microbatches, _v_min_block)
+
+
+def _v_half_block(r: int, p: int) -> tuple[int, int, int, int]:
+    gap = 3 if p % 2 == 0 else 0
+    return 2 * r, 3 * p - 2 - r, 3 * p + gap + 2 * r - 1, 6 * p + gap - 2 - r
+
+
+def _v_min_block(r: int, p: int) -> tuple[int, int, int, int]:
+    gap = 2 if p % 3 == 0 else 0
+    return r, 2 * p - 1 - r, 2 * p + gap + r, 4 * p + gap - 1 - r
+
+
+def _v_blocks(name: str, ranks: int, microbatches: int, block) -> Schedule:
+    """A V-shaped building block repeated every 6 slots. The block gives, for rank r and microbatch 0, the time
+    slots of its four passes: F of its first stage (r), F of its second stage (2p-1-r), then B of the second and
+    B of the first. Microbatch k runs them 6k slots later; the two slots of each period the block leaves free run
+    W's, the oldest waiting first, and the rest drain at the end. A block's lifespan on a rank (its first F to
+    its last B) fixes how many microbatches the rank holds: the memory bound. The rank runs its passes in slot
+    order; the simulator squeezes out the empty slots."""
+    new = tuple.__new__  # an Action without its Python-level constructor: this runs for zb-auto on every plan
+    actions = []
+    for r in range(ranks):
+        stages = (r, 2 * ranks - 1 - r, 2 * ranks - 1 - r, r)
+        passes = sorted((slot + 6 * k, new(Action, (stage, kind, k)))
+                        for slot, stage, kind in zip(block(r, ranks), stages, (F, F, B, B)) for k in range(microbatches))
+        order: list[Action] = []
+        waiting: deque[Action] = deque()
+        for i, (slot, action) in enumerate(passes):
+            order.append(action)
+            if action.kind == B:
+                waiting.append(new(Action, (action.stage, W, action.microbatch)))
+            free = passes[i + 1][0] - slot - 1 if i + 1 < len(passes) else 0  # empty slots up to the next pass
+            for _ in range(min(free, len(waiting))):
+                order.append(waiting.popleft())
+        actions.append(tuple(order + list(waiting)))
+    return Schedule(name, microbatches, v_shape(ranks), tuple(actions))
 
 
 def _zero_bubble(name, placement, microbatches, costs, policy) -> Schedule:
