@@ -117,6 +117,8 @@ class Plan:
     # The fraction of the total cost a cut may move from the even split to cross fewer bytes (None: the pass's
     # default); a re-cut on measured times passes a smaller one (zb/adapt.py).
     balance_window: float | None = None
+    # zb-auto without 'stages': which placement won (stages per rank) and why (zb/pipeline.py); else "".
+    placement: str = ""
     cuts: tuple[int, ...] = ()  # where each stage after the first begins, in Dynamo's node order
     # What partition_stages expects each stage to cost: seconds when it re-cut on measured times, else FLOPs.
     stage_costs: tuple[float, ...] = ()
@@ -144,6 +146,8 @@ class Plan:
             f"{sum(s.kind == 'input' for s in self.inputs)} user inputs "
             f"({', '.join(s.name for s in self.inputs if s.kind == 'input')})",
         ]
+        if self.placement:
+            lines.append(f"placement: {self.placement}")
         for stage in self.stages:
             for name in PIECES:
                 gm = stage.pieces.get(name)

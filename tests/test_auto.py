@@ -69,10 +69,10 @@ def test_heuristic_is_valid_within_its_limit_and_keeps_the_best_flag_setting(p, 
         rounds = heuristic._Rounds(p, m, costs, None if limit is None else resolve_memory_limit(limit, costs, p))
         try:
             rounds.warm_up(allow)
-            orders, own = rounds.run(prioritize, greedy)
+            own = rounds.run(prioritize, greedy)
         except heuristic._DoesNotFit:
             continue
-        candidate = type(schedule)("x", m, one_per_rank(p), tuple(map(tuple, orders)))
+        candidate = type(schedule)("x", m, one_per_rank(p), tuple(map(tuple, rounds.orders())))
         try:
             spans.append(span(candidate, costs))
         except ScheduleError:  # the paper's warm-up can give a rank more forwards than the one before it

@@ -160,6 +160,7 @@ class CompiledGraph:
             previous_cuts=previous,
             balance_window=balance_window,
             batch_graph=self._batch_graph(gm, args, outer),
+            placement=self.pipeline.placement_summary,
         )
         return run_passes(plan, PASSES), arg_map
 

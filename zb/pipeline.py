@@ -7,6 +7,13 @@ yet, zb creates one: gloo on CPU; NCCL when CUDA is present, after `torch.cuda.s
 each process drives its own GPU. Every check here runs identically on every rank, before any
 communication, so a bad option fails everywhere at once.
 
+With schedule zb-auto and no 'stages', the placement is decided here, before the model is cut: one stage per
+rank, or two per rank in a V or interleaved (`zb.schedules.choose_placement`, so a V means 2p stages). Nothing is
+measured yet, so the decision assumes what the paper's hand-made schedules do: every rank's stage costs the
+same, F = B = W, no transfer time, one microbatch's activations M_B per stage (a limit given in bytes cannot be
+checked before the stages exist: it takes effect when zb-auto re-plans with measured costs, on the same placement).
+The decision and its reason are logged and shown in the plan summary.
+
 Data parallelism (`data_parallel=D`, or a `mesh`): the W processes form a (dp, pp) DeviceMesh of D replicas of
 a W/D-rank pipeline, built with `init_device_mesh(device, (D, W // D), mesh_dim_names=("dp", "pp"))`, so global
 rank g is pipeline rank g % (W // D) of replica g // (W // D): ranks [0, P) are replica 0's pipeline, [P, 2P)
@@ -16,12 +23,15 @@ replicas run one after another in this process, each on its part of the batch.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from zb.core.errors import ZbOptionError
 from zb.core.options import Options
 from zb.runtime import DistributedComm, LocalComm, sequential_schedule
-from zb.schedules import Costs, Schedule, ScheduleError, default_chunks, generate
+from zb.schedules import Costs, Decision, Schedule, ScheduleError, choose_placement, default_chunks, generate
+
+log = logging.getLogger(__name__)
 
 
 class Pipeline:
@@ -35,6 +45,11 @@ class Pipeline:
         world = _world_size(self.group) if self.distributed else 1
         self.rank = _rank(self.group) if self.distributed else 0
         self.chunks = default_chunks(options.schedule)
+        self.decision = _decide_placement(options, world)
+        if self.decision is not None:
+            self.chunks = self.decision.chunks
+        elif options.schedule == "zb-auto" and options.stages in (world, 2 * world) and world > 1:
+            self.chunks = options.stages // world  # 2 x world stages: zb-auto picks the V or the interleaved placement
         self.num_stages = options.stages if options.stages is not None else world * self.chunks
         if self.num_stages == 1:
             self.chunks = 1
@@ -46,6 +61,12 @@ class Pipeline:
                 f"'stages' to {world * self.chunks} or change the number of processes"
             )
         self._schedules: dict[bool, Schedule] = {}
+
+    @property
+    def placement_summary(self) -> str:
+        """zb-auto's placement decision in one line, for the plan summary ("" without one)."""
+        d = self.decision
+        return "" if d is None else f"zb-auto chose {d.chunks} stage(s) per rank ({d.placement}): {d.reason}"
 
     @property
     def local_ranks(self) -> list[int]:
@@ -75,6 +96,8 @@ class Pipeline:
         m = self.options.microbatches
         if self.num_stages == 1:
             schedule = sequential_schedule(m, training)
+        elif self.decision is not None and costs is None:
+            schedule = self.decision.schedule
         else:
             try:
                 schedule = generate(self.options.schedule, self.num_stages, m, costs, self.options.memory_limit,
@@ -83,6 +106,19 @@ class Pipeline:
                 raise ZbOptionError(f"cannot build a {self.options.schedule} pipeline: {e}") from None
         self._schedules[training] = schedule
         return schedule
+
+
+def _decide_placement(options: Options, ranks: int) -> Decision | None:
+    """zb-auto without 'stages' on several ranks: how to cut and place the model (module docstring)."""
+    if options.schedule != "zb-auto" or options.stages is not None or ranks < 2:
+        return None
+    try:
+        decision = choose_placement(ranks, options.microbatches, Costs.uniform(ranks), options.memory_limit)
+    except ScheduleError as e:
+        raise ZbOptionError(f"cannot build a zb-auto pipeline: {e}") from None
+    log.info("zb: zb-auto places %d stage(s) per rank (%s): %s", decision.chunks, decision.placement,
+             decision.reason)
+    return decision
 
 
 def _distributed(options: Options) -> bool:
