@@ -248,3 +248,20 @@ def test_torchrun_a_lost_rank_and_resume_finish_with_the_uninterrupted_loss(tmp_
     assert "exiting at step 5" in resumed.stdout and "resumed from ck at step 4" in resumed.stdout
     assert "ZbError: pipeline peer rank 1 failed" in resumed.stderr, resumed.stderr[-3000:]
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["final_loss"] == expected
+
+
+def test_torchrun_replicas_with_sharded_optimizer_state_resume_without_replicas(tmp_path):
+    """Saved by 2 replicas x 2 ranks with the optimizer inside and its state sharded over the replicas (each
+    parameter's momentum written by its owner), loaded by one 2-rank pipeline: it continues the same training
+    (the global batch split differently: equal to 1e-5, not bit for bit)."""
+    ckpt = str(tmp_path / "ckpt")
+    out, whole = _run(tmp_path, "dp", "--schedule", "zb-h1", "--steps", "5", "--save-at", "3", "--save", ckpt,
+                      "--replicas", "2", "--inside", "--shard", ranks=4)
+    assert out.returncode == 0, out.stderr[-4000:]
+    out, resumed = _run(tmp_path, "pp", "--schedule", "1f1b", "--steps", "5", "--load", ckpt, "--inside")
+    assert out.returncode == 0, out.stderr[-4000:]
+    whole, resumed = torch.load(whole), torch.load(resumed)
+    for step, loss in resumed["losses"].items():
+        assert abs(loss - whole["losses"][step]) < 1e-5 * abs(loss), (step, loss, whole["losses"][step])
+    for key, value in whole["state"].items():
+        torch.testing.assert_close(resumed["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)

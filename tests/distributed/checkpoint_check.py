@@ -6,7 +6,8 @@
         --out RESULT.pt
 
 Trains the GPT tiny (tied head) with SGD (momentum) for steps [start, --steps), the batch of step i drawn from a
-generator seeded with i, so a resumed run sees the batches the uninterrupted one saw. --save-at K saves after step
+generator seeded with i, so a resumed run sees the batches the uninterrupted one saw (with --replicas D, replica d
+takes its D-th of those rows). --save-at K saves after step
 K (a list: 2,4); --load DIR loads before the first step and starts at the checkpoint's step. --inside runs the optimizer inside
 zb (options["optimizer"], post-validation, max_grad_norm). --die-in-save makes the last rank exit in the middle of
 writing the last checkpoint (the others must fail within the timeout, and the previous checkpoint stay loadable).
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--inside", action="store_true")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     parser.add_argument("--die-in-save", action="store_true")
+    parser.add_argument("--replicas", type=int, default=1, help="data-parallel replicas (each takes its rows)")
+    parser.add_argument("--shard", action="store_true", help="shard_optimizer (with --inside and --replicas)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -61,14 +64,20 @@ def main() -> None:
     if args.stages:
         options["stages"] = args.stages
     if args.inside:
-        options.update(optimizer=optimizer, max_grad_norm=1.0)
+        options.update(optimizer=optimizer, max_grad_norm=1.0, shard_optimizer=args.shard)
+    if args.replicas > 1:
+        options["data_parallel"] = args.replicas
+    replica = rank // ((dist.get_world_size() if distributed else 1) // args.replicas) if distributed else 0
     step_fn = torch.compile(model, backend="zb", options=options)
     start = 0
     if args.load:
         start = zb.load_checkpoint(args.load, model, optimizer)["step"]
     losses = {}
     for step in range(start, args.steps):
-        loss = step_fn(*batch(step))
+        rows = batch(step)
+        if distributed and args.replicas > 1:  # this replica's part of the global batch
+            rows = [r.chunk(args.replicas)[replica] for r in rows]
+        loss = step_fn(*rows)
         if not args.inside:
             loss.backward()
             optimizer.step()
