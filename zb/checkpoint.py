@@ -157,9 +157,9 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         with _quiet():
             dcp.save(state, checkpoint_id=staging, process_group=group, no_dist=group is None)
     except RuntimeError as e:
+        kept = f"the previous checkpoint at {path} is intact" if path.exists() else "nothing was switched"
         raise ZbError(f"writing checkpoint {path} failed: {e}. A peer rank died or is stuck (timeout {timeout:g} s); "
-                      f"{'the previous checkpoint at ' + str(path) + ' is intact' if path.exists() else 'nothing was switched'}"
-                      ) from e
+                      f"{kept}") from e
     _barrier(group, "writing the checkpoint")
     if rank == 0:
         manifest = {

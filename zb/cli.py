@@ -36,8 +36,8 @@ from zb.schedules.actions import ScheduleError
 from zb.core.options import Options
 
 
-# Options that take an object (a process group, an optimizer, a device mesh) exist only inside a program: no flag for them
-# (`check` has its own --optimizer, a choice of optimizer class).
+# Options that take an object (a process group, an optimizer, a device mesh) exist only inside a program: no flag
+# for them (`check` has its own --optimizer, a choice of optimizer class).
 NOT_ON_THE_COMMAND_LINE = ("group", "optimizer", "mesh")
 
 

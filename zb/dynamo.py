@@ -178,7 +178,7 @@ def frame_modules(tx, tensors: Sequence[Any]) -> list[torch.nn.Module]:
     if tx is None:
         return []
     code = tx.f_code
-    candidates = list(tx.f_locals.values()) + [c.cell_contents for c in (tx.closure or ()) if _filled(c)]
+    candidates = list(tx.f_locals.values()) + [_contents(c) for c in (tx.closure or ())]
     candidates += [tx.f_globals[n] for n in code.co_names if n in tx.f_globals]
     ids = {id(t) for t in tensors}
     found = []
@@ -189,12 +189,11 @@ def frame_modules(tx, tensors: Sequence[Any]) -> list[torch.nn.Module]:
     return found
 
 
-def _filled(cell) -> bool:
+def _contents(cell) -> Any:
     try:
-        cell.cell_contents
-    except ValueError:
-        return False
-    return True
+        return cell.cell_contents
+    except ValueError:  # a closure variable not assigned yet
+        return None
 
 
 def reject_graph_break(gm: fx.GraphModule):

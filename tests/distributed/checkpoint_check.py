@@ -6,11 +6,12 @@
         --out RESULT.pt
 
 Trains the GPT tiny (tied head) with SGD (momentum) for steps [start, --steps), the batch of step i drawn from a
-generator seeded with i, so a resumed run sees the batches the uninterrupted one saw (with --replicas D, replica d
-takes its D-th of those rows). --save-at K saves after step
-K (a list: 2,4); --load DIR loads before the first step and starts at the checkpoint's step. --inside runs the optimizer inside
-zb (options["optimizer"], post-validation, max_grad_norm). --die-in-save makes the last rank exit in the middle of
-writing the last checkpoint (the others must fail within the timeout, and the previous checkpoint stay loadable).
+generator seeded with i, so a resumed run sees the batches the uninterrupted one saw (with --replicas D,
+replica d takes its D-th of those rows). --save-at K saves after step K (a list: 2,4); --load DIR loads before
+the first step and starts at the checkpoint's step. --inside runs the optimizer inside zb (options["optimizer"],
+post-validation, max_grad_norm; --shard shards its state over the replicas). --die-in-save makes the last rank
+exit in the middle of writing the last checkpoint (the others must fail within the timeout, and the previous
+checkpoint stay loadable). On a pipeline rank, model.state_dict() must hold only the rank's own, current entries.
 Rank 0 writes RESULT.pt: {"losses": {step: loss}, "state": the full model state dict at the end, "start": step}.
 """
 
@@ -90,6 +91,11 @@ def main() -> None:
             zb.save_checkpoint(args.save, model, optimizer, timeout=20.0, step=step + 1)
     zb.synchronize(optimizer)
     state = zb.full_state_dict(model)
+    own = model.state_dict()  # on a pipeline rank: only what this rank's stages own, never stale values
+    if distributed and dist.get_world_size() // args.replicas > 1:
+        assert 0 < len(own) < len(state), f"rank {rank}: model.state_dict() has {len(own)} of {len(state)} entries"
+    for key, value in own.items():
+        assert torch.equal(value, state[key]), f"rank {rank}: model.state_dict()[{key!r}] is stale"
     if rank == 0:
         torch.save({"losses": losses, "state": state, "start": start,
                     "optimizer": zb.full_optimizer_state_dict(optimizer)["state"] if not distributed else None},
