@@ -140,10 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
     losses, first_step, timed, start = [], 0.0, 0.0, time.perf_counter()
     first = 1
     if args.resume and zb.checkpoint_exists(args.checkpoint):
+        loading = time.perf_counter()
         extra = zb.load_checkpoint(args.checkpoint, model, optimizer)
         generator.set_state(extra["data"])
         losses, first = extra["losses"], extra["step"] + 1
-        say(f"resumed from {args.checkpoint} at step {extra['step']}")
+        say(f"resumed from {args.checkpoint} at step {extra['step']} (loaded in {time.perf_counter() - loading:.2f} s)")
     last_rank = int(os.environ.get("WORLD_SIZE", "1")) - 1
     for step in range(first, args.steps + 1):
         if step == args.fail_at_step and rank == last_rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
@@ -162,8 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
             timed += elapsed
         losses.append(loss.item())
         if args.save_every and step % args.save_every == 0:
+            saving = time.perf_counter()
             zb.save_checkpoint(args.checkpoint, model, optimizer, timeout=args.timeout, step=step,
                                data=generator.get_state(), losses=losses)
+            say(f"step {step:5d}  saved {args.checkpoint} in {time.perf_counter() - saving:.2f} s")
         if step % args.log_every == 0 or step == args.steps:
             recent = sum(losses[-args.log_every:]) / len(losses[-args.log_every:])
             rate = (step - first) * x.numel() / timed if timed else float("nan")
