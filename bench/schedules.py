@@ -1,14 +1,18 @@
-"""Bubble rate and peak activation memory of every schedule, and how long zb-auto takes to plan.
+"""Bubble rate and peak activation memory of every schedule, the published heuristic against zb-auto, and how long
+zb-auto takes to plan.
 
     .venv/bin/python bench/schedules.py [--quick] [--cli-only] [--runs 5]
 
 For p in {4, 8, 16, 32} ranks and m in {p, 2p, 4p, 8p} microbatches, with uniform costs (F = B = W = 1, no
-communication) and the paper's profiled 1.5B-model costs (F=18.522, B=18.086, W=9.337, comm=0.601 ms per stage).
-Schedules with two stages per rank (zb-v, interleaved-1f1b) get half the time and memory per stage, so every
-column moves the same model. Cells read `bubble rate / peak memory`, memory in M_B (one microbatch's activations
-of a whole rank's layers; M_W = M_B / 2). zb-auto runs at memory limits 1p and 2p. Last, the end-to-end time
-of two `zb` commands in a fresh process (median of --runs): `zb --help`, and zb-auto planning p = 32, m = 256 at
-1p and printing the timeline (the requirement: under 2 s).
+communication), the paper's profiled 1.5B-model costs (F=18.522, B=18.086, W=9.337, comm=0.601 ms per stage) and
+the same with a slow transfer (comm = 9 ms, half an F). Every column moves the same model: schedules with two
+stages per rank (interleaved-1f1b, zb-v, v-half, v-min) get each one-per-rank stage's costs halved
+(`Costs.split(2)`). Cells read `bubble rate / peak memory`, memory in M_B (one microbatch's activations of a whole
+rank's layers; M_W = M_B / 2). The published heuristic (one stage per rank) and zb-auto (`choose_placement`: its
+cell ends with the placement it chose, 1 = one stage per rank, V, I = interleaved) run at memory limits 1p and 2p.
+Then zb-auto's gap to the heuristic (its step time over the heuristic's, minus one: never above 0), zb-auto's
+planning time in process for p = 32, m = 256 (cold caches, CPU seconds, best and median of --runs), and the end
+to end time of two `zb` commands in a fresh process.
 """
 
 from __future__ import annotations
@@ -23,33 +27,68 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from zb.schedules import Costs, ScheduleError, generate, simulate  # noqa: E402
+from zb.schedules import (  # noqa: E402
+    Costs, ScheduleError, auto, choose_placement, default_chunks, generate, simulate, span_key, zb_heuristic,
+)
 
 PROFILES = {
     "uniform (F=B=W=1, comm=0)": dict(f=1.0, b=1.0, w=1.0, comm=0.0),
     "paper 1.5B (F=18.5, B=18.1, W=9.3, comm=0.6)": dict(f=18.522, b=18.086, w=9.337, comm=0.601),
+    "paper 1.5B, slow transfer (comm=9)": dict(f=18.522, b=18.086, w=9.337, comm=9.0),
 }
+FIXED = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "v-half", "v-min")
+LIMITS = ("1p", "2p")
+LETTER = {"one-per-rank": "1", "v": "V", "interleaved": "I"}
 CLI_COMMANDS = [["--help"], "schedule --schedule zb-auto --stages 32 --microbatches 256 --memory-limit 1p".split()]
-COLUMNS = [("gpipe", 1, None), ("1f1b", 1, None), ("interleaved-1f1b", 2, None), ("zb-h1", 1, None),
-           ("zb-h2", 1, None), ("zb-v", 2, None), ("zb-auto", 1, "1p"), ("zb-auto", 1, "2p")]
 
 
-def costs_for(profile: dict, stages: int, chunks: int) -> Costs:
-    return Costs.uniform(stages, profile["f"] / chunks, profile["b"] / chunks, profile["w"] / chunks,
-                         profile["comm"], 1.0 / chunks)
-
-
-def cell(name: str, ranks: int, m: int, chunks: int, limit, profile: dict) -> tuple[str, float]:
-    stages = ranks * chunks
-    costs = costs_for(profile, stages, chunks)
-    start = time.perf_counter()
-    try:
-        schedule = generate(name, stages, m, costs, limit, chunks)
-    except ScheduleError:
-        return "n/a", 0.0
-    seconds = time.perf_counter() - start
+def cell(schedule, costs) -> str:
     t = simulate(schedule, costs)
-    return f"{t.bubble_rate:.3f} / {max(t.peak_memory):.1f}", seconds
+    return f"{t.bubble_rate:.3f} / {max(t.peak_memory):.1f}"
+
+
+def row(p: int, m: int, profile: dict, gaps: list) -> list[str]:
+    costs = Costs.uniform(p, **profile)
+    out = [str(p), str(m)]
+    for name in FIXED:
+        chunks = default_chunks(name)
+        try:
+            out.append(cell(generate(name, p * chunks, m, chunks=chunks), costs.split(chunks)))
+        except ScheduleError:
+            out.append("n/a")
+    heuristic = {}
+    for limit in LIMITS:
+        try:
+            schedule = zb_heuristic(p, m, costs, limit)
+        except ScheduleError:
+            out.append("n/a")
+            continue
+        heuristic[limit] = span_key(schedule, costs)[0]
+        out.append(cell(schedule, costs))
+    for limit in LIMITS:
+        decision = choose_placement(p, m, costs, limit)
+        chosen = costs.split(decision.chunks)
+        out.append(f"{cell(decision.schedule, chosen)} {LETTER[decision.placement]}")
+        if limit in heuristic:
+            gaps.append((span_key(decision.schedule, chosen)[0] / heuristic[limit] - 1, p, m, limit))
+    return out
+
+
+def planning_times(runs: int) -> None:
+    print(f"\n### zb-auto planning p = 32, m = 256 in process (CPU seconds, cold caches, {runs} runs)\n")
+    print("| costs | limit | placement | best | median |\n|---|---|---|---:|---:|")
+    for title, profile in PROFILES.items():
+        costs = Costs.uniform(32, **profile)
+        for limit in LIMITS:
+            seconds = []
+            for _ in range(runs):
+                auto._fixed_schedule.cache_clear()
+                start = time.process_time()
+                decision = choose_placement(32, 256, costs, limit)
+                seconds.append(time.process_time() - start)
+            print(f"| {title.split(' (')[0]} | {limit} | {decision.placement} | {min(seconds):.2f} | "
+                  f"{statistics.median(seconds):.2f} |")
+            sys.stdout.flush()
 
 
 def zb_command() -> list[str]:
@@ -83,35 +122,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="p in {4, 8} only")
     parser.add_argument("--cli-only", action="store_true", help="only the end-to-end times of the zb commands")
-    parser.add_argument("--runs", type=int, default=5, help="runs of each zb command (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=5, help="runs of each timing (default: %(default)s)")
     args = parser.parse_args()
     if args.cli_only:
         cli_times(args.runs)
         return
     ranks_list = (4, 8) if args.quick else (4, 8, 16, 32)
-    plan_times = []
+    gaps: list = []
     for title, profile in PROFILES.items():
         print(f"\n### {title}\n")
-        header = ["p", "m"] + [n if limit is None else f"{n} {limit}" for n, _, limit in COLUMNS]
+        header = ["p", "m", *FIXED, *(f"heuristic {limit}" for limit in LIMITS),
+                  *(f"zb-auto {limit}" for limit in LIMITS)]
         print("| " + " | ".join(header) + " |")
         print("|" + "|".join("---:" for _ in header) + "|")
         for p in ranks_list:
             for m in (p, 2 * p, 4 * p, 8 * p):
-                row = [str(p), str(m)]
-                for name, chunks, limit in COLUMNS:
-                    text, seconds = cell(name, p, m, chunks, limit, profile)
-                    row.append(text)
-                    if name == "zb-auto":
-                        plan_times.append((title.split(" (")[0], p, m, limit, seconds))
-                print("| " + " | ".join(row) + " |")
-        sys.stdout.flush()
-    print("\n### zb-auto planning time (seconds, this machine)\n")
-    print("| costs | p | m | limit | seconds |\n|---|---:|---:|---|---:|")
-    for title, p, m, limit, seconds in plan_times:
-        if m in (p, 8 * p):
-            print(f"| {title} | {p} | {m} | {limit} | {seconds:.2f} |")
-    worst = max(s for *_, s in plan_times)
-    print(f"\nslowest zb-auto plan: {worst:.2f} s")
+                print("| " + " | ".join(row(p, m, profile, gaps)) + " |")
+                sys.stdout.flush()
+    worst = max(gaps)
+    print(f"\nzb-auto against the published heuristic over {len(gaps)} cases: worst gap {worst[0]:+.4%} "
+          f"(p = {worst[1]}, m = {worst[2]}, {worst[3]}); best {min(gaps)[0]:+.2%}")
+    planning_times(args.runs)
     cli_times(args.runs)
 
 

@@ -55,9 +55,11 @@ from zb.schedules.simulate import peak_memory, span_key
 
 DEFAULT_LIMIT = "2p"
 PLACEMENTS = {"one-per-rank": 1, "v": 2, "interleaved": 2}  # name -> stages per rank
-# Actions the list scheduler may place over all the candidate policies it tries. A run places 3 x stages x m
-# actions, so all 56 one-per-rank candidates run while p x m <= 595 (p = 8, m = 24: 576 actions a run).
-WORK_BUDGET = 100_000
+# Actions the list scheduler may place over all the candidate policies it tries, on all placements. A run places
+# 3 x stages x m actions: p = 8, m = 24 runs all 56 + 6 + 6 candidates (46,080 actions); p = 32, m = 256 one
+# (24,576 actions one stage per rank, 49,152 with two): there the fixed schedules and the heuristic already take
+# most of the second zb-auto may spend (bench/schedules.py).
+WORK_BUDGET = 50_000
 
 
 class Decision(NamedTuple):

@@ -121,18 +121,27 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
         t, rank = heapq.heappop(heap)
         if t != free[rank] or rank in waiting:
             continue
-        stages = stages_of[rank]
-        fs = [(s, f_ready(s)) for s in stages if next_f[s] < m]
-        bs = [(s, b_ready(s)) for s in stages if next_b[s] < next_f[s]]
-        ws = [s for s in stages if pending_w[s]]
-        f_now = [s for s, r in fs if r is not None and r <= t and f_allowed(s, rank)]
+        # What the rank could run: its stages' next F and B (with when their inputs are there) and pending W's.
+        fs, bs, ws, f_now, b_now, blocked_f = [], [], [], [], [], []
+        for s in stages_of[rank]:
+            if next_f[s] < m:
+                r = f_ready(s)
+                fs.append((s, r))
+                if r is not None and r <= t:
+                    (f_now if f_allowed(s, rank) else blocked_f).append(s)
+            if next_b[s] < next_f[s]:
+                r = b_ready(s)
+                bs.append((s, r))
+                if r is not None and r <= t:
+                    b_now.append(s)
+            if pending_w[s]:
+                ws.append(s)
         if not policy.deeper_f_first:
             f_now.reverse()
-        b_now = [s for s, r in bs if r is not None and r <= t]
         over_w = policy.pending_w is not None and sum(len(pending_w[s]) for s in ws) > policy.pending_w[rank]
         if over_w:  # too many W's wait: the next F waits for one of them (a ready B still goes first)
+            blocked_f += f_now
             f_now = []
-        blocked_f = [s for s, r in fs if r is not None and r <= t and s not in f_now]
         if (policy.memory_limit is not None or over_w) and ws and blocked_f and not b_now:
             # An F is ready but memory (or the W cap) is full and no B can free it: a W frees M_W.
             s = ws[0]

@@ -132,13 +132,16 @@ def span_key(schedule: Schedule, costs: Costs) -> tuple[float, float]:
 
 def peak_memory(schedule: Schedule, costs: Costs) -> list[float]:
     """Each rank's peak activation memory: it depends on the order alone, not on the times."""
+    n = costs.num_stages
+    delta = {kind: [costs.memory_delta(s, kind) for s in range(n)] for kind in COMPUTE}
     peaks = []
     for acts in schedule.actions:
         level = peak = 0.0
         for stage, kind, _ in acts:
-            level += costs.memory_delta(stage, kind)
-            if level > peak:
-                peak = level
+            if kind in delta:
+                level += delta[kind][stage]
+                if level > peak:
+                    peak = level
         peaks.append(peak)
     return peaks
 
