@@ -140,14 +140,22 @@ def _limit_text(memory_limit: str | float | None, limit: float) -> str:
 
 
 def _search(searches: list[_Search], work_budget: int, limit: float) -> _Search:
-    """Runs every placement's fixed candidates, then the list scheduler's within the budget; the best search."""
+    """Runs every placement's fixed candidates, then the list scheduler's within the budget; the best search.
+    A placement whose busiest rank's work alone is no shorter than the best step time so far cannot win (a tie
+    keeps the earlier placement): its remaining candidates are skipped, and cost no budget."""
+
+    def shortest() -> float:
+        return min((s.best[0][0] for s in searches if s.best is not None), default=float("inf"))
+
     for search in searches:
-        search.fixed()
+        search.fixed(shortest)
     order = sorted((s for s in searches if s.best is not None), key=lambda s: s.best[0])
     order += [s for s in searches if s.best is None]
     spent = 0
     turns = itertools.zip_longest(*(s.runs() for s in order))
-    for work, run in (r for turn in turns for r in turn if r is not None):
+    for search, work, run in (r for turn in turns for r in turn if r is not None):
+        if search.hopeless(shortest()):
+            continue
         if spent + work > work_budget:
             break
         spent += work
@@ -169,6 +177,18 @@ class _Search:
         self.name, self.ranks, self.microbatches, self.costs, self.limit = name, ranks, microbatches, costs, limit
         self.placement = placement_of(name, ranks)
         self.best: tuple[tuple[float, float], Schedule, str] | None = None
+        # No schedule of this placement is shorter than its busiest rank's work.
+        work = [0.0] * ranks
+        for stage, rank in enumerate(self.placement):
+            work[rank] += microbatches * (costs.f[stage] + costs.b[stage] + costs.w[stage])
+        self.floor = max(work)
+        self.pruned = False
+
+    def hopeless(self, shortest: float) -> bool:
+        """Whether no candidate of this placement can be shorter than `shortest` (then it is left unsearched)."""
+        if shortest <= self.floor * (1 + 1e-9):
+            self.pruned = True
+        return self.pruned
 
     def consider(self, schedule: Schedule, label: str, key: tuple[float, float] | None = None) -> None:
         if key is None:
@@ -178,25 +198,29 @@ class _Search:
         if self.best is None or key < self.best[0]:
             self.best = (key, schedule, label)
 
-    def fixed(self) -> None:
+    def fixed(self, shortest) -> None:
+        """The fixed schedules and (one stage per rank) the heuristic, while this placement can still win against
+        `shortest()`, the best step time found so far."""
         p, m = self.ranks, self.microbatches
         for name in _FIXED[self.name]:
+            if self.hopeless(shortest()):
+                return
             try:
                 schedule = _fixed_schedule(name, p, m)
             except ScheduleError:  # e.g. zb-v with m < p, interleaved-1f1b with m not a multiple of p
                 continue
             self.consider(schedule, name)
-        if self.name == "one-per-rank":
+        if self.name == "one-per-rank" and not self.hopeless(shortest()):
             try:
                 self.consider(zb_heuristic(p, m, self.costs, self.limit), "the published heuristic")
             except ScheduleError:
                 pass
 
     def runs(self):
-        """The list scheduler's candidates, best-first, as (actions it places, call) for `_search`'s budget."""
+        """The list scheduler's candidates, best-first, as (this search, actions it places, call) for `_search`."""
         work = 3 * len(self.placement) * self.microbatches
         for policy in _policies(self.name, self.ranks, self.limit):
-            yield work, functools.partial(self._greedy, policy)
+            yield self, work, functools.partial(self._greedy, policy)
 
     def _greedy(self, policy: Policy) -> None:
         try:
@@ -210,6 +234,8 @@ class _Search:
         return Schedule("zb-auto", chosen.num_microbatches, chosen.placement, chosen.actions)
 
     def summary(self) -> str:
+        if self.best is None and self.pruned:
+            return f"{self.name}: cannot be shorter (its busiest rank's work alone takes {self.floor:.6g})"
         if self.best is None:
             return f"{self.name}: nothing fits"
         (span, _), _, label = self.best
@@ -232,11 +258,13 @@ def _policies(placement: str, ranks: int, limit: float):
     """The list scheduler's knob settings, best-first. One stage per rank: where the budget cuts the search (large
     p x m) the winners on the benchmark's costs fill every idle moment with a W under the 2(p-r) staircase, so those
     two go first; then the ones that won most often on smaller pipelines. Two stages per rank: memory alone
-    bounds the warm-up."""
+    bounds the warm-up (a staircase of in-flight caps won nowhere on the benchmark's and random costs)."""
     if placement != "one-per-rank":
-        for b_first, fill, strict in itertools.product((True, False), ("always", "gap"), (False, True)):
-            if not (strict and fill == "always"):
-                yield Policy(memory_limit=limit, b_first=b_first, fill=fill, strict_drain=strict)
+        # (B first, fill): F first and every gap filled won most on the V, B first on the interleaved placement
+        for b_first, fill in ((False, "always"), (True, "gap"), (True, "always"), (False, "gap")):
+            yield Policy(memory_limit=limit, b_first=b_first, fill=fill)
+        for b_first in (True, False):
+            yield Policy(memory_limit=limit, b_first=b_first, fill="gap", strict_drain=True)
         return
     stairs = [tuple(2 * (ranks - r) for r in range(ranks)), tuple(2 * (ranks - r) - 1 for r in range(ranks)),
               None, tuple(ranks - r for r in range(ranks))]
