@@ -41,8 +41,10 @@ schedule so far first. bench/schedules.py measures the planning time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import itertools
 from typing import NamedTuple
 
@@ -56,9 +58,9 @@ from zb.schedules.simulate import peak_memory, span_key
 DEFAULT_LIMIT = "2p"
 PLACEMENTS = {"one-per-rank": 1, "v": 2, "interleaved": 2}  # name -> stages per rank
 # Actions the list scheduler may place over all the candidate policies it tries, on all placements. A run places
-# 3 x stages x m actions: p = 8, m = 24 runs all 56 + 6 + 6 candidates (46,080 actions); p = 32, m = 256 one
-# (24,576 actions one stage per rank, 49,152 with two): there the fixed schedules and the heuristic already take
-# most of the second zb-auto may spend (bench/schedules.py).
+# 3 x stages x m actions: p = 8, m = 24 runs all 56 + 6 + 6 candidates (46,080 actions); p = 32, m = 256 one (24,576
+# actions with one stage per rank, 49,152 with two): there the fixed schedules and the heuristic take most of the
+# second planning may spend (bench/schedules.py).
 WORK_BUDGET = 50_000
 
 
@@ -89,7 +91,8 @@ def choose_placement(ranks: int, microbatches: int, costs: Costs, memory_limit: 
     limit = resolve_memory_limit(memory_limit, costs, ranks)
     searches = [_Search(name, ranks, microbatches, costs if chunks == 1 else costs.split(chunks), limit)
                 for name, chunks in PLACEMENTS.items()]
-    winner = _search(searches, work_budget, limit)
+    with _without_cyclic_gc():
+        winner = _search(searches, work_budget, limit)
     others = "; ".join(s.summary() for s in searches if s is not winner)
     reason = (f"{winner.name} is fastest within {_limit_text(memory_limit, limit)} per rank: "
               f"{winner.summary()}; {others}")
@@ -111,7 +114,8 @@ def zb_auto(ranks: int, microbatches: int, costs: Costs, memory_limit: str | flo
                                 f"ranks")
     limit = resolve_memory_limit(memory_limit, costs, ranks, chunks)
     searches = [_Search(name, ranks, microbatches, costs, limit) for name in names]
-    return _search(searches, work_budget, limit).schedule()
+    with _without_cyclic_gc():
+        return _search(searches, work_budget, limit).schedule()
 
 
 def replan(schedule: Schedule, costs: Costs, memory_limit: str | float | None = None) -> Schedule:
@@ -137,6 +141,19 @@ def resolve_memory_limit(memory_limit: str | float | None, costs: Costs, ranks: 
 def _limit_text(memory_limit: str | float | None, limit: float) -> str:
     given = DEFAULT_LIMIT if memory_limit is None else memory_limit
     return f"{given} = {limit:g}" if isinstance(given, str) and given.strip().endswith("p") else f"{limit:g}"
+
+
+@contextlib.contextmanager
+def _without_cyclic_gc():
+    """Planning allocates about a million small tuples and lists and no reference cycles: Python's cyclic
+    collector would walk them again and again (a fifth of the time at p = 32, m = 256) and free nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _search(searches: list[_Search], work_budget: int, limit: float) -> _Search:
@@ -194,7 +211,9 @@ class _Search:
         if key is None:
             if max(peak_memory(schedule, self.costs)) > self.limit + 1e-9:
                 return
-            key = span_key(schedule, self.costs)
+            key = span_key(schedule, self.costs, None if self.best is None else self.best[0][0])
+            if key is None:  # timing stopped: a rank already took longer than this placement's best
+                return
         if self.best is None or key < self.best[0]:
             self.best = (key, schedule, label)
 

@@ -17,6 +17,7 @@ from zb.schedules.actions import BW, Action, B, F, Schedule, ScheduleError, W
 from zb.schedules.costs import Costs
 
 INF = float("inf")
+new = tuple.__new__  # new(Action, (s, kind, mb)) skips Action's Python-level constructor: this loop is planning time
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
     # the transfer a pass waits for: F from the stage before, B from the stage after (0 on the same rank)
     delay_f = [comm if s > 0 and placement[s - 1] != placement[s] else 0.0 for s in range(n)]
     delay_b = [comm if s + 1 < n and placement[s + 1] != placement[s] else 0.0 for s in range(n)]
-    back_time = [costs.duration(s, back) for s in range(n)]
+    duration = {kind: [costs.duration(s, kind) for s in range(n)] for kind in (F, back, W)}
+    delta = {kind: [costs.memory_delta(s, kind) for s in range(n)] for kind in (F, back, W)}
+    back_time = duration[back]
     next_f, next_b = [0] * n, [0] * n
     pending_w: list[deque] = [deque() for _ in range(n)]
     inflight, memory = [0] * ranks, [0.0] * ranks
@@ -92,9 +95,9 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
         s, kind, mb = action
         if first_start[rank] is None:
             first_start[rank] = start
-        last_end[rank] = free[rank] = start + costs.duration(s, kind)
+        last_end[rank] = free[rank] = start + duration[kind][s]
         orders[rank].append(action)
-        memory[rank] += costs.memory_delta(s, kind)
+        memory[rank] += delta[kind][s]
         if kind == F:
             end_f[s][mb] = free[rank]
             next_f[s] += 1
@@ -145,16 +148,16 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
         if (policy.memory_limit is not None or over_w) and ws and blocked_f and not b_now:
             # An F is ready but memory (or the W cap) is full and no B can free it: a W frees M_W.
             s = ws[0]
-            run(rank, Action(s, W, pending_w[s].popleft()), t)
+            run(rank, new(Action, (s, W, pending_w[s].popleft())), t)
             continue
         first, second = (b_now, f_now) if policy.b_first else (f_now, b_now)
         pick = first or second
         if pick:
             s = pick[0]
             if pick is b_now:
-                run(rank, Action(s, back, next_b[s]), t)
+                run(rank, new(Action, (s, back, next_b[s])), t)
             else:
-                run(rank, Action(s, F, next_f[s]), t)
+                run(rank, new(Action, (s, F, next_f[s])), t)
             continue
         known = [r for _, r in fs + bs if r is not None and (r > t)]
         next_known = min(known) if known else INF
@@ -177,7 +180,7 @@ def greedy(name: str, placement: tuple[int, ...], microbatches: int, costs: Cost
                 fraction = 1.0
             wants = fill == "always" or bound - t >= fraction * costs.w[s] - 1e-9
             if not (fs or bs) or (wants and (draining or held > policy.reserve)):
-                run(rank, Action(s, W, pending_w[s].popleft()), t)
+                run(rank, new(Action, (s, W, pending_w[s].popleft())), t)
                 continue
         if done == total:
             break

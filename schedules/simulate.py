@@ -120,10 +120,13 @@ def simulate(schedule: Schedule, costs: Costs, reduction: str = "overlap") -> Ti
     return timeline
 
 
-def span_key(schedule: Schedule, costs: Costs) -> tuple[float, float]:
+def span_key(schedule: Schedule, costs: Costs, cutoff: float | None = None) -> tuple[float, float] | None:
     """(longest rank span, makespan): what zb-auto minimises, timed as `simulate` does without building a
-    Timeline (its dictionaries cost more than the timing)."""
-    lists, starts, end = _run(schedule, costs)
+    Timeline (its dictionaries cost more than the timing). None, early, once some rank's span exceeds `cutoff`."""
+    timed = _run(schedule, costs, cutoff)
+    if timed is None:
+        return None
+    lists, starts, end = timed
     used = [(acts, times) for acts, times in zip(lists, starts) if acts]
     first = min(times[0] for _, times in used)
     last = max(end[acts[-1]] for acts, _ in used)
@@ -146,8 +149,9 @@ def peak_memory(schedule: Schedule, costs: Costs) -> list[float]:
     return peaks
 
 
-def _run(schedule: Schedule, costs: Costs):
-    """Each rank's compute actions, their start times (in the same order) and every action's end time."""
+def _run(schedule: Schedule, costs: Costs, cutoff: float | None = None):
+    """Each rank's compute actions, their start times (in the same order) and every action's end time; None as
+    soon as a rank's span so far exceeds `cutoff`."""
     if costs.num_stages != schedule.num_stages:
         raise ScheduleError(f"costs are for {costs.num_stages} stages, the schedule has {schedule.num_stages}")
     placement, last = schedule.placement, schedule.num_stages - 1
@@ -202,6 +206,8 @@ def _run(schedule: Schedule, costs: Costs):
                 remaining -= i - begin
                 progressed = True
                 position[rank], free[rank] = i, t
+                if cutoff is not None and t - times[0] > cutoff:
+                    return None
         if not progressed:
             blocked = [str(acts[position[r]]) for r, acts in enumerate(lists) if position[r] < len(acts)]
             raise ScheduleError(f"schedule {schedule.name!r} deadlocks: every rank waits ({', '.join(blocked)})")
