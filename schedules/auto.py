@@ -32,11 +32,12 @@ fits the limit:
     idle gap, and whether a W may delay the last microbatch's chain of backwards (`strict_drain`: it may not; that
     chain ends the first rank's step, so with it the schedule can reach the span's lower bound).
 
-The fixed schedules and the heuristic always run (a fixed multiple of stages x microbatches actions). The list
-scheduler's candidates then run best-first within a budget of work, not of time, so that the plan depends only on
-the inputs (every rank plans the same schedule, on any machine): a run places 3 x stages x microbatches actions,
-and runs go on while the actions placed stay within WORK_BUDGET; placements take turns, the one with the best
-schedule so far first. bench/schedules.py measures the planning time.
+The fixed schedules and the heuristic always run (a fixed multiple of stages x microbatches actions), except in a
+placement whose busiest rank's work alone is no shorter than the best step time found: no schedule there can be
+shorter, so nothing of it is tried. The list scheduler's candidates then run best-first within a budget of work,
+not of time, so that the plan depends only on the inputs (every rank plans the same schedule, on any machine): a
+run places 3 x stages x microbatches actions, and runs go on while the actions placed stay within WORK_BUDGET;
+placements take turns, the one with the best schedule so far first. bench/schedules.py measures the planning time.
 """
 
 from __future__ import annotations
