@@ -22,7 +22,9 @@ from zb.schedules.actions import (
 from zb.schedules.auto import (
     PLACEMENTS, Decision, choose_placement, placement_of, replan, resolve_memory_limit, zb_auto,
 )
+from zb.schedules.bound import lower_bound, rank_bounds
 from zb.schedules.costs import Costs, parse_memory_limit
+from zb.schedules.exact import Solution, solve
 from zb.schedules.csv_io import from_csv, to_csv
 from zb.schedules.draw import draw, to_text
 from zb.schedules.generators import gpipe, interleaved_1f1b, one_f_one_b, v_half, v_min, zb_h1, zb_h2, zb_v
@@ -91,10 +93,11 @@ def generate(name: str, stages: int, microbatches: int, costs: Costs | None = No
 
 
 __all__ = [
-    "Action", "B", "BW", "COLLECTIVE", "COMMUNICATION", "COMPUTE", "Costs", "Decision", "F", "PLACEMENTS",
-    "RECV_B", "RECV_F", "REDUCE", "REDUCTIONS", "SCHEDULES", "SEND_B", "SEND_F", "Schedule", "ScheduleError",
+    "Action", "B", "BW", "COLLECTIVE", "COMMUNICATION", "COMPUTE", "Costs", "Decision", "F", "PLACEMENTS", "RECV_B",
+    "RECV_F", "REDUCE", "REDUCTIONS", "SCHEDULES", "SEND_B", "SEND_F", "Schedule", "ScheduleError", "Solution",
     "Timeline", "V_SHAPED", "W", "check_deadlock_free", "choose_placement", "default_chunks", "draw", "from_csv",
-    "generate", "gpipe", "interleaved_1f1b", "looped", "lower", "one_f_one_b", "one_per_rank", "parse_memory_limit",
-    "peak_memory", "placement_of", "replan", "resolve_memory_limit", "simulate", "span_key", "to_csv", "to_text", "v_half", "v_min",
-    "v_shape", "validate", "zb_auto", "zb_h1", "zb_h2", "zb_heuristic", "zb_v",
+    "generate", "gpipe", "interleaved_1f1b", "looped", "lower", "lower_bound", "one_f_one_b", "one_per_rank",
+    "parse_memory_limit", "peak_memory", "placement_of", "rank_bounds", "replan", "resolve_memory_limit", "simulate",
+    "solve", "span_key", "to_csv", "to_text", "v_half", "v_min", "v_shape", "validate", "zb_auto", "zb_h1", "zb_h2",
+    "zb_heuristic", "zb_v",
 ]

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 from zb.schedules.actions import BW, Action, B, F, Schedule, ScheduleError, W
 from zb.schedules.bound import lower_bound, rank_bounds
-from zb.schedules.costs import Costs, parse_memory_limit
+from zb.schedules.auto import resolve_memory_limit
+from zb.schedules.costs import Costs
 from zb.schedules.lower import validate
 from zb.schedules.simulate import dependencies, simulate
 
@@ -83,7 +84,7 @@ def solve(placement: tuple[int, ...], microbatches: int, costs: Costs, memory_li
         raise ScheduleError(f"costs are for {costs.num_stages} stages, the placement has {n}")
     if microbatches < 1 or set(placement) != set(range(ranks)):
         raise ScheduleError("the exact solver needs microbatches >= 1 and every rank 0..R-1 holding a stage")
-    limit = parse_memory_limit(memory_limit, max(costs.mem_b), ranks)
+    limit = resolve_memory_limit(memory_limit, costs, ranks, n // ranks)
     tick, rounded = _tick(costs.f + costs.b + costs.w + (costs.comm,))
     ticks = _in_ticks(costs, tick)
     if min(ticks.f + ticks.b + ticks.w) < 1:
@@ -288,7 +289,8 @@ def _warm_start(placement, m, costs, memory_limit, limit, hint, generated: bool)
     candidates = [hint] if hint is not None else []
     for name in SCHEDULES if generated else ():
         try:
-            candidates.append(generate(name, n, m, costs, memory_limit if name == "zb-auto" else None, n // ranks))
+            candidates.append(generate(name, n, m, costs, memory_limit if name == "zb-auto" else None, n // ranks,
+                                       placement=placement if name == "zb-auto" else None))
         except ScheduleError:
             continue
     best = None

@@ -161,7 +161,8 @@ def _v_blocks(name: str, ranks: int, microbatches: int, block) -> Schedule:
     for r in range(ranks):
         stages = (r, 2 * ranks - 1 - r, 2 * ranks - 1 - r, r)
         passes = sorted((slot + 6 * k, new(Action, (stage, kind, k)))
-                        for slot, stage, kind in zip(block(r, ranks), stages, (F, F, B, B)) for k in range(microbatches))
+                        for slot, stage, kind in zip(block(r, ranks), stages, (F, F, B, B))
+                        for k in range(microbatches))
         order: list[Action] = []
         waiting: deque[Action] = deque()
         for i, (slot, action) in enumerate(passes):

@@ -118,7 +118,7 @@ def test_the_memory_limit_is_respected_and_can_cost_time():
         assert max(simulate(tight.schedule, costs).peak_memory) <= numeric + 1e-9
         assert tight.value >= free.value
     assert tight.value > free.value or max(simulate(free.schedule, costs).peak_memory) <= numeric
-    with pytest.raises(ScheduleError, match="no schedule keeps every rank within memory limit"):
+    with pytest.raises(ScheduleError, match="memory limit .* is below what any schedule needs"):
         solve(one_per_rank(3), 4, costs, 0.9 * max(costs.mem_b), time_limit=20)
 
 

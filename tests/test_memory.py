@@ -54,3 +54,21 @@ def test_measured_timeline_needs_profiling():
     # (the first step is measured for re-cutting unless rebalance is off)
     with pytest.raises(zb.ZbError, match="no step was profiled"):
         _runner("zb-h1", rebalance=False).measured_timeline()
+
+
+@pytest.mark.parametrize("schedule", ["v-half", "v-min"])
+def test_v_half_and_v_min_hold_what_the_simulator_predicts_and_less_than_1f1b(schedule):
+    """On a real 4-rank pipeline (8 stages in a V, in one process): the runtime's activation accounting equals
+    the simulator's prediction, under the controllable-memory bound ((p+2)/2 and (p+4)/3 of a rank's M_B), and below
+    what 1F1B holds on 4 stages of the same model."""
+    runner = _runner(schedule, stages=8)
+    predicted = simulate(runner.schedule, runner.modelled_costs()).peak_memory
+    measured = [runner.executor.peak_memory[r] for r in range(4)]
+    for rank, (m, p) in enumerate(zip(measured, predicted)):
+        assert m == pytest.approx(p, rel=0.10), f"rank {rank}: runtime held {m} bytes, simulator predicts {p}"
+    costs = runner.modelled_costs()
+    per_rank = max(costs.mem_b[r] + costs.mem_b[7 - r] for r in range(4))  # one microbatch on both its stages
+    bound = {"v-half": (4 + 2) / 2, "v-min": (4 + 4) / 3}[schedule]
+    assert max(measured) <= bound * per_rank * 1.05
+    one_f_one_b = _runner("1f1b")
+    assert max(measured) < max(one_f_one_b.executor.peak_memory.values())

@@ -36,7 +36,7 @@ from zb.core.errors import ZbError
 from zb.passes import Plan, partition_stages
 from zb.passes.partition_stages import split_points_for
 from zb.runtime import PipelineRunner
-from zb.schedules import generate
+from zb.schedules import replan
 
 if TYPE_CHECKING:
     from zb.backend import CompiledGraph
@@ -89,11 +89,11 @@ def needs_rebalancing(runner: PipelineRunner) -> bool:
 
 
 def _replanned(runner: PipelineRunner):
-    """zb-auto for the measured costs, planned on rank 0 and broadcast."""
-    program, options = runner.program, runner.program.options
+    """zb-auto for the measured costs, on the same stages and placement (one stage per rank, V or interleaved),
+    planned on rank 0 and broadcast."""
     schedule = None
     if runner.ranks[0] == 0:
-        schedule = generate("zb-auto", program.num_stages, options.microbatches, runner.costs, options.memory_limit)
+        schedule = replan(runner.schedule, runner.costs, runner.program.options.memory_limit)
     return _agree(runner, schedule, "sharing rank 0's re-planned schedule")
 
 
