@@ -112,6 +112,14 @@ def test_torchrun_pipeline_matches_eager(model, ranks):
     assert [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")] == list(SCHEDULES)
 
 
+def test_torchrun_zb_auto_choosing_the_v_placement_replans_on_it():
+    """With 2 microbatches on 2 ranks zb-auto places the GPT in a V (4 stages); its re-plan after step 2 keeps that
+    placement (it once planned one stage per rank over 4 ranks there and hung)."""
+    out = torchrun(2, "pipeline_check.py", "--model", "gpt", "--schedules", "zb-auto", "--microbatches", "2")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "ok zb-auto (gpt, 2 ranks, 2 microbatches, placement (0, 1, 1, 0))" in out.stdout, out.stdout
+
+
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_torchrun_optimizer_post_validation_matches_synchronous_training(ranks):
     """options["optimizer"] across processes: 20 steps with clipping and non-finite steps (tests/optim_check.py)."""

@@ -33,7 +33,7 @@ from zb.schedules import SCHEDULES  # noqa: E402
 FACTORIES = {"gpt": models.gpt, "mlp": models.deep_mlp}
 
 
-def check(schedule: str, factory, microbatches: int, compiler: str, rank: int, recut: bool = False) -> None:
+def check(schedule: str, factory, microbatches: int, compiler: str, rank: int, recut: bool = False) -> tuple:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model, args = factory()
@@ -80,6 +80,7 @@ def check(schedule: str, factory, microbatches: int, compiler: str, rank: int, r
         if name in owned:
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6,
                                        msg=lambda m, n=name: f"{schedule}: {n} after 3 steps on rank {rank}: {m}")
+    return backend.runners[-1].schedule.placement
 
 
 def scramble_unread_parameters(model, args, options: dict, rank: int):
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(FACTORIES), default="gpt")
     parser.add_argument("--schedules", default=",".join(SCHEDULES))
     parser.add_argument("--compiler", default="eager")
+    parser.add_argument("--microbatches", type=int, default=None, help="default: 2 x the world size")
     parser.add_argument("--recut", action="store_true", help="re-cut the stages after the first step (moving "
                         "parameters between ranks) and check that training still equals eager")
     args = parser.parse_args()
@@ -121,12 +123,12 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    microbatches = 2 * world
+    microbatches = args.microbatches or 2 * world
     for schedule in args.schedules.split(","):
-        check(schedule, FACTORIES[args.model], microbatches, args.compiler, rank, args.recut)
+        placement = check(schedule, FACTORIES[args.model], microbatches, args.compiler, rank, args.recut)
         dist.barrier()
         if rank == 0:
-            print(f"ok {schedule} ({args.model}, {world} ranks, {microbatches} microbatches"
+            print(f"ok {schedule} ({args.model}, {world} ranks, {microbatches} microbatches, placement {placement}"
                   f"{', re-cut after step 1' if args.recut else ''})", flush=True)
     dist.destroy_process_group()
 
