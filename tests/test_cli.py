@@ -299,3 +299,13 @@ def test_help_and_schedule_import_no_solver():
         out = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         assert out.stdout.splitlines()[-1] == "SOLVER []", (argv, out.stdout[-2000:], out.stderr[-2000:])
+
+
+def test_schedule_with_ranks_lets_zb_auto_choose_the_placement(capsys):
+    assert main(["schedule", "--schedule", "zb-auto", "--ranks", "4", "--microbatches", "4", "--memory-limit", "1p",
+                 "--costs", "F=18.522,B=18.086,W=9.337,comm=0.601"]) == 0
+    out = capsys.readouterr().out
+    assert "placement: v, 2 stage(s) per rank (v is fastest within 1p" in out
+    assert "one-per-rank" in out and "interleaved" in out
+    assert main(["schedule", "--schedule", "zb-h1", "--ranks", "4"]) == 2
+    assert "--ranks lets zb-auto choose the placement" in capsys.readouterr().err

@@ -137,6 +137,9 @@ def _add_schedule_command(commands) -> None:
     )
     schedule.add_argument("--schedule", choices=SCHEDULES, default="zb-h1")
     schedule.add_argument("--stages", type=int, default=4, help="pipeline stages in all (ranks = stages / chunks)")
+    schedule.add_argument("--ranks", type=int, default=None,
+                          help="with zb-auto: the number of ranks, zb-auto choosing the placement (one stage per "
+                          "rank, V or interleaved); --costs then give one stage per rank (halved for two)")
     schedule.add_argument("--microbatches", type=int, default=8)
     schedule.add_argument("--chunks", type=int, default=None,
                           help="stages per rank: 2 for zb-v, >= 2 for interleaved-1f1b, else 1 (the default)")
@@ -203,14 +206,26 @@ def _schedule(args: argparse.Namespace) -> int:
     from zb.schedules import Costs, draw, from_csv, generate, lower, simulate, to_csv, to_text, validate
     from zb.schedules.bound import lower_bound
 
+    decision = None
     if args.load_csv:
         plan = from_csv(args.load_csv)
         validate(plan)
+    elif args.ranks is not None:
+        if args.schedule != "zb-auto":
+            raise ZbError(f"--ranks lets zb-auto choose the placement; for {args.schedule} give --stages (and "
+                          "--chunks)")
+        from zb.schedules import choose_placement
+
+        per_rank = Costs.parse(args.costs, args.ranks)
+        decision = choose_placement(args.ranks, args.microbatches, per_rank, args.memory_limit)
+        plan = decision.schedule
     else:
         costs = Costs.parse(args.costs, args.stages)
         limit = args.memory_limit if args.schedule == "zb-auto" or not args.exact else None
         plan = generate(args.schedule, args.stages, args.microbatches, costs, limit, args.chunks)
-    costs = _reduction_costs(Costs.parse(args.costs, plan.num_stages), args)
+    placed = per_rank.split(decision.chunks) if decision and decision.chunks > 1 else (
+        per_rank if decision else Costs.parse(args.costs, plan.num_stages))
+    costs = _reduction_costs(placed, args)
     exact = _solve_exactly(plan, costs, args) if args.exact else None
     if exact:
         requested = simulate(plan, costs)
@@ -233,6 +248,8 @@ def _schedule(args: argparse.Namespace) -> int:
                           "schedule": plan.as_lists(), **extra}))
         return 0
     print(to_text(timeline, args.width))
+    if decision:
+        print(f"placement: {decision.placement}, {decision.chunks} stage(s) per rank ({decision.reason})")
     print(f"makespan {timeline.makespan:g}, bubble rate {timeline.bubble_rate:.4f}, peak memory per rank "
           f"{[round(p, 6) for p in timeline.peak_memory]}")
     print(f"longest rank span {span:g} (the step time), within {_percent(span, bound)} of the lower bound {bound:g}")
