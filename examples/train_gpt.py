@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         losses.append(loss.item())
         if args.save_every and step % args.save_every == 0:
             saving = time.perf_counter()
-            zb.save_checkpoint(args.checkpoint, model, optimizer, timeout=args.timeout, step=step,
+            zb.save_checkpoint(args.checkpoint, model, optimizer, step=step,
                                data=generator.get_state(), losses=losses)
             say(f"step {step:5d}  saved {args.checkpoint} in {time.perf_counter() - saving:.2f} s")
         if step % args.log_every == 0 or step == args.steps:

@@ -125,13 +125,13 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # Saving ----------------------------------------------------------------------------------------------------------
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    *, lr_scheduler: Any = None, timeout: float = 300.0, **extra: Any) -> pathlib.Path:
+                    *, lr_scheduler: Any = None, **extra: Any) -> pathlib.Path:
     """Write a checkpoint of `model` (and `optimizer`, `lr_scheduler`, `extra`) to directory `path`, atomically.
-    Every process calls it; `timeout` bounds each wait for a peer. Returns the path."""
+    Every process calls it. Returns the path."""
     path = pathlib.Path(path)
     if optimizer is not None:
         synchronize(optimizer)
-    group, rank, world = _group(timeout)
+    group, rank, world = _group()
     tensors = _named_state(model)
     owned = _owned(model)
     state: dict[str, Any] = {f"model.{k}": t.detach() for k, t in tensors.items() if owned is None or id(t) in owned}
@@ -155,11 +155,10 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
 
     try:
         with _quiet():
-            dcp.save(state, checkpoint_id=staging, process_group=group, no_dist=group is None)
+            dcp.save(state, checkpoint_id=staging, no_dist=group is None)
     except RuntimeError as e:
         kept = f"the previous checkpoint at {path} is intact" if path.exists() else "nothing was switched"
-        raise ZbError(f"writing checkpoint {path} failed: {e}. A peer rank died or is stuck (timeout {timeout:g} s); "
-                      f"{kept}") from e
+        raise ZbError(f"writing checkpoint {path} failed: {e}. A peer rank died; {kept}") from e
     _barrier(group, "writing the checkpoint")
     if rank == 0:
         manifest = {
@@ -245,7 +244,7 @@ _RESUME: dict[frozenset[int], list[dict]] = {}  # the tensors of a loaded model 
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    *, lr_scheduler: Any = None, timeout: float = 300.0) -> dict[str, Any]:
+                    *, lr_scheduler: Any = None) -> dict[str, Any]:
     """Load a checkpoint into `model` (and `optimizer`, `lr_scheduler`), whatever layout wrote it; returns the
     `extra` the saving process passed (this rank's, or rank 0's when the world size changed). Every process calls
     it, before or between steps."""
@@ -256,7 +255,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     saved = _metadata(path)
     tensors = _named_state(model)
     _check_model(saved, tensors, path)
-    group, rank, world = _group(timeout)
+    group, rank, world = _group()
     state: dict[str, Any] = {f"model.{k}": t.detach() for k, t in tensors.items()}
     names = _parameter_names(model)
     if optimizer is not None:
@@ -282,7 +281,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         state["lr_scheduler"] = b""
     state["zb.resume"] = b""
     with _quiet():
-        dcp.load(state, checkpoint_id=path, process_group=group, no_dist=group is None)
+        dcp.load(state, checkpoint_id=path, no_dist=group is None)
     for key, value in state.items():
         if isinstance(value, bytes):
             state[key] = pickle.loads(value)
@@ -406,16 +405,14 @@ def describe(path: str | os.PathLike) -> dict:
 
 
 # Process group ---------------------------------------------------------------------------------------------------
-_GROUPS: dict[float, Any] = {}
-
-
-def _group(timeout: float):
-    """(a gloo group over every process with `timeout`, or None in one process; this rank; the world size)."""
+def _group():
+    """(whether processes take part, this rank, the world size). Saves and loads run over the default process group:
+    a group of zb's own would be created under the same name again after a torchrun restart, and its processes
+    would connect to the previous attempt's addresses. A rank that dies breaks its connections, so the others fail
+    at once; one that hangs holds them for the process group's timeout."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None, 0, 1
-    if timeout not in _GROUPS:
-        _GROUPS[timeout] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
-    return _GROUPS[timeout], dist.get_rank(), dist.get_world_size()
+    return True, dist.get_rank(), dist.get_world_size()
 
 
 @contextlib.contextmanager
@@ -430,6 +427,6 @@ def _barrier(group, what: str) -> None:
     if group is None:
         return
     try:
-        dist.barrier(group=group)
+        dist.barrier()
     except RuntimeError as e:
         raise ZbError(f"a peer rank failed while {what}: {e}; the checkpoint was not switched") from e

@@ -88,7 +88,7 @@ def main() -> None:
         if step + 1 in saves:
             if args.die_in_save and step + 1 == saves[-1]:
                 die_in_the_middle_of_writing(rank)
-            zb.save_checkpoint(args.save, model, optimizer, timeout=20.0, step=step + 1)
+            zb.save_checkpoint(args.save, model, optimizer, step=step + 1)
     zb.synchronize(optimizer)
     state = zb.full_state_dict(model)
     own = model.state_dict()  # on a pipeline rank: only what this rank's stages own, never stale values
