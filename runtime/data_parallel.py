@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -159,16 +159,19 @@ class LocalReduction:
     def launch(self, stage: int, grads: dict[int, list[torch.Tensor]]) -> None:
         for i in self.own[stage]:
             if i in grads:
-                self._add(i, grads[i][0], grads)
+                total = self._add(i, grads[i][0])
+                if total is not None:
+                    grads[i] = [total]
         if self.last:
             self.done.append(stage)
 
-    def _add(self, i: int, g: torch.Tensor, grads) -> None:
+    def _add(self, i: int, g: torch.Tensor) -> torch.Tensor | None:
+        """Add this replica's gradient of input `i`: the sum over every replica from the last one, else None."""
         total = self.partial[i] + g if i in self.partial else g
         if self.last:
-            grads[i] = [total]
-        else:
-            self.partial[i] = total
+            return total
+        self.partial[i] = total
+        return None
 
     def poll(self, grads, block: bool = False) -> list[int]:
         done, self.done = self.done, []
@@ -176,13 +179,9 @@ class LocalReduction:
 
     def reduce_shared(self, grads: list[torch.Tensor | None]) -> None:
         for i in self.shared:
-            if grads[i] is None:
-                continue
-            total = self.partial[i] + grads[i] if i in self.partial else grads[i]
-            if self.last:
+            total = self._add(i, grads[i]) if grads[i] is not None else None
+            if total is not None:
                 grads[i] = total
-            else:
-                self.partial[i] = total
 
 
 def _buckets(indices: list[int], grads, owner: dict[int, int] | None) -> list[tuple[int | None, list[int]]]:
@@ -200,11 +199,11 @@ def _buckets(indices: list[int], grads, owner: dict[int, int] | None) -> list[tu
     return [(key[2], bucket) for key, bucket, _ in buckets]
 
 
-def check_same_weights(comm, program: Program, args: Sequence[Any], replica: int) -> None:
+def check_same_weights(comm, program: Program, args: Sequence[Any]) -> None:
     """Every replica must start from the same parameters and buffers: compare their checksums (first step)."""
     specs = [s for s in program.inputs if s.kind in ("parameter", "buffer")]
-    values = [args[s.index] for s in program.inputs if s.kind in ("parameter", "buffer")]
-    mine = fingerprint([_as_batched(s) for s in specs], values).view(torch.int64)
+    values = [args[s.index] for s in specs]
+    mine = fingerprint([replace(s, batched=True) for s in specs], values).view(torch.int64)  # checksums all
     if mine.numel() == 0:
         return
     everyone = comm.all_gather(mine, "comparing the replicas' weights")
@@ -217,12 +216,6 @@ def check_same_weights(comm, program: Program, args: Sequence[Any], replica: int
                 "model with the same seed on every rank (torch.manual_seed before creating it) or load the same "
                 "checkpoint everywhere before the first step"
             )
-
-
-def _as_batched(spec):
-    from dataclasses import replace
-
-    return replace(spec, batched=True)  # fingerprint() checksums batched tensors
 
 
 def combine_replicas(per_replica: list[list[Any]], rules: Sequence[Any], mode: str,

@@ -191,10 +191,10 @@ class OptimizerStep:
             rolled = sum(self._final(u, total) for u in self.updates[0])
             self._record(number, total, rolled)
             pending.total = total
-            if not pending.updates:
-                self._publish()
             if pending.updates:  # other ranks of this process validate in the next step's warm-up, as across
                 self.pending.append(pending)  # processes
+            else:
+                self._publish()
         else:
             pending.buffer, pending.work = self._post_recv(FULL, 0)
             self.pending.append(pending)
@@ -317,11 +317,8 @@ class OptimizerStep:
 
     # Sharded state (shard_optimizer) -------------------------------------------------------------------------
     def _replica_sum(self, contribution: list[float]) -> list[float]:
-        total = self.replica_comm.all_reduce(torch.tensor(contribution, dtype=torch.float64),
-                                             "summing the replicas' gradient norms")
-        flag = self.replica_comm.all_reduce(torch.tensor([contribution[1]], dtype=torch.float64),
-                                            "checking the replicas' gradients for NaN/Inf", op="max")
-        return [float(total[0]), float(flag[0])]
+        squares, bad = _sum_norms(self.replica_comm, contribution, "the replicas' ")
+        return [squares, float(bad)]
 
     def _publish(self) -> None:
         """A validated step: each owner starts broadcasting the parameters it updated to the other replicas, in
@@ -355,10 +352,7 @@ class OptimizerStep:
         mine = [sum(self.contribution[r][0] for r in self.ranks), max(self.contribution[r][1] for r in self.ranks)]
         if not self.distributed:
             return mine[0], bool(mine[1])
-        squares = self.comm.all_reduce(torch.tensor([mine[0]], dtype=torch.float64), "summing gradient norms")
-        bad = self.comm.all_reduce(torch.tensor([mine[1]], dtype=torch.float64), "checking gradients for NaN/Inf",
-                                   op="max")
-        return float(squares), bool(bad)
+        return _sum_norms(self.comm, mine)
 
     def _send(self, kind: int, tensor: torch.Tensor, dst: int) -> None:
         self.sends.append(self.comm.send_control(kind, tensor, dst))
@@ -370,6 +364,14 @@ class OptimizerStep:
 
     def _post_recv(self, kind: int, src: int):
         return self.comm.recv_control(kind, (2,), torch.float64, src)
+
+
+def _sum_norms(comm, contribution: Sequence[float], whose: str = "") -> tuple[float, bool]:
+    """(squared norms summed, any non-finite) of `contribution` = [squares, flag] over every rank of `comm`."""
+    squares = comm.all_reduce(torch.tensor([contribution[0]], dtype=torch.float64), f"summing {whose}gradient norms")
+    bad = comm.all_reduce(torch.tensor([contribution[1]], dtype=torch.float64),
+                          f"checking {whose}gradients for NaN/Inf", op="max")
+    return float(squares), bool(bad)
 
 
 def take_backup(spares: dict, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list:

@@ -138,7 +138,7 @@ class PipelineRunner:
                 self._check_one_batch(args)
             self.state = {s.index: args[s.index] for s in program.inputs if s.kind in ("parameter", "buffer")}
             if self.replica_comm is not None and not self.checked_replicas:
-                check_same_weights(self.replica_comm, program, args, self.replica)
+                check_same_weights(self.replica_comm, program, args)
                 self.checked_replicas = True
             if repeat > 1 and self.distributed:
                 self.comm.barrier("waiting for every rank to finish compiling")  # no peer compiling while timed
@@ -179,12 +179,14 @@ class PipelineRunner:
         """Data parallelism in one process: the batch split into `replicas` parts, each run in turn as its own
         replica; the last one completes the gradient sums (and runs the updates)."""
         program, executor = self.program, self.executor
-        parts = split_microbatches(program.inputs, args, self.replicas)
-        local = [executor.prepare(part) for part in parts]
+        prepared, local = [], []  # each replica's microbatches and loss denominators, and their totals
+        for part in split_microbatches(program.inputs, args, self.replicas):
+            local.append(executor.prepare(part))
+            prepared.append((executor.inputs, executor.denominators))
         totals = torch.stack(local).sum(0) if local[0] is not None else None
         per_replica, slices = [], {}
-        for r, part in enumerate(parts):
-            executor.prepare(part)
+        for r, (inputs, denominators) in enumerate(prepared):
+            executor.inputs, executor.denominators = inputs, denominators
             executor.totals, executor.replica = totals, r
             if self.reduction is not None:
                 self.reduction.begin(r)
