@@ -51,18 +51,20 @@ _FULL = [False]  # set while zb itself reads a model's whole state dict (the gua
 
 
 # What this process owns ------------------------------------------------------------------------------------------
-def _runners(model: torch.nn.Module) -> list:
-    ids = {id(t) for t in _named_state(model).values()}
+def _runners(tensors: dict[str, torch.Tensor]) -> list:
+    """The live runners training any of a model's tensors (`_named_state(model)`)."""
+    ids = {id(t) for t in tensors.values()}
     return [r for r in list(LIVE) if any(id(t) in ids for t in r.state.values())]
 
 
-def _owned(model: torch.nn.Module) -> set[int] | None:
-    """Ids of the tensors this process writes; None: all of them (no pipeline spans processes)."""
-    runners = [r for r in _runners(model) if r.distributed and r.program.num_stages > 1]
+def _owned(tensors: dict[str, torch.Tensor]) -> set[int] | None:
+    """Ids of a model's tensors (`_named_state(model)`) this process writes; None: all of them (no pipeline spans
+    processes)."""
+    runners = [r for r in _runners(tensors) if r.distributed and r.program.num_stages > 1]
     if not runners:
         return None
     managed = {id(t) for r in runners for t in r.state.values()}
-    owned = {id(t) for t in _named_state(model).values() if id(t) not in managed}  # zb never changes these
+    owned = {id(t) for t in tensors.values() if id(t) not in managed}  # zb never changes these
     for runner in runners:
         mine, nobody = runner.owned()
         owned |= mine | nobody
@@ -93,10 +95,10 @@ def guard(module: torch.nn.Module) -> None:
 def _owned_only(module, state_dict, prefix, local_metadata) -> None:
     if _FULL[0] or prefix:
         return
-    owned = _owned(module)
+    tensors = _named_state(module)
+    owned = _owned(tensors)
     if owned is None:
         return
-    tensors = _named_state(module)
     stale = [k for k, t in tensors.items() if id(t) not in owned and k in state_dict]
     for key in stale:
         del state_dict[key]
@@ -111,7 +113,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's current state dict (on CPU) on every process: each rank's own entries gathered. Call it
     on every rank; in one process it is `model.state_dict()`."""
     tensors = _named_state(model)
-    owned = _owned(model)
+    owned = _owned(tensors)
     mine = {k: t.detach().cpu().clone() for k, t in tensors.items() if owned is None or id(t) in owned}
     if owned is None:
         return mine
@@ -133,7 +135,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         synchronize(optimizer)
     group, rank, world = _group()
     tensors = _named_state(model)
-    owned = _owned(model)
+    owned = _owned(tensors)
     state: dict[str, Any] = {f"model.{k}": t.detach() for k, t in tensors.items() if owned is None or id(t) in owned}
     if optimizer is not None:
         state.update(_optimizer_state(model, optimizer, owned))
@@ -143,7 +145,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     state[f"extra.{rank}"] = _blob(dict(extra))
     if lr_scheduler is not None:
         state["lr_scheduler"] = _blob(lr_scheduler.state_dict())
-    resume = _resume_state(model)
+    resume = _resume_state(tensors)
     state["zb.resume"] = _blob(resume)
     staging, old = path.parent / f".{path.name}.partial", path.parent / f".{path.name}.old"
     if rank == 0:
@@ -220,11 +222,11 @@ def _parameter_names(model: torch.nn.Module) -> dict[int, str]:
     return names
 
 
-def _resume_state(model: torch.nn.Module) -> list[dict]:
+def _resume_state(tensors: dict[str, torch.Tensor]) -> list[dict]:
     """What resuming needs from each training step of this model: its step count and the schedule it runs (with
     zb-auto, the one re-planned on measured costs), so a resumed run neither re-measures nor re-plans."""
     found = []
-    for runner in _runners(model):
+    for runner in _runners(tensors):
         if not runner.program.training:
             continue
         schedule = runner.schedule
@@ -240,7 +242,8 @@ def _resume_state(model: torch.nn.Module) -> list[dict]:
 
 
 # Loading ---------------------------------------------------------------------------------------------------------
-_RESUME: dict[frozenset[int], list[dict]] = {}  # the tensors of a loaded model -> its saved training steps
+# Per loaded model: its tensors (weakly, by id: an id alone is reused once a tensor dies) and its saved training steps.
+_RESUME: list[tuple[dict[int, weakref.ref], list[dict]]] = []
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -291,8 +294,9 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         lr_scheduler.load_state_dict(state["lr_scheduler"])
     if f"rng.{rank}" in state:
         torch.set_rng_state(state[f"rng.{rank}"])
-    _RESUME[frozenset(id(t) for t in tensors.values())] = state["zb.resume"]
-    for runner in _runners(model):  # a model already compiled here: its steps continue from the checkpoint's
+    _RESUME[:] = [(refs, saved) for refs, saved in _RESUME if any(r() is not None for r in refs.values())]
+    _RESUME.append(({id(t): weakref.ref(t) for t in tensors.values()}, state["zb.resume"]))
+    for runner in _runners(tensors):  # a model already compiled here: its steps continue from the checkpoint's
         resume(runner)
     return state[own_extra]
 
@@ -326,9 +330,9 @@ def resume(runner, tensors: list | None = None) -> None:
     """Continue `runner` where a loaded checkpoint's step stopped: its step count, and the schedule that run used
     (with zb-auto, the re-planned one), when its stages and placement are the same. `tensors`: the arguments of
     its first call (before it ran, the runner knows no parameters)."""
-    ids = {id(t) for t in (tensors if tensors is not None else runner.state.values())}
-    for saved_ids, saved in _RESUME.items():
-        if not ids & saved_ids:
+    mine = tensors if tensors is not None else list(runner.state.values())
+    for refs, saved in _RESUME:
+        if not any(id(t) in refs and refs[id(t)]() is t for t in mine):
             continue
         for entry in saved:
             same = (entry["stages"] == runner.program.num_stages and entry["microbatches"] ==
