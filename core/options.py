@@ -205,6 +205,13 @@ class Options:
         "microbatch so that the loss and every gradient equal eager's on the whole batch; an error if it cannot "
         "tell), 'mean' (average them) or 'sum' (add them)", _choice("auto", "mean", "sum"),
     )
+    aux_loss: str = _option(
+        "refuse", "a loss term computed from statistics of the batch that microbatches cannot reproduce (a "
+        "mixture-of-experts router's load-balancing loss: tokens per expert x mean router probability over the "
+        "batch): 'refuse' (an error: eager's value needs the whole batch) or 'per_microbatch' (each microbatch "
+        "computes the term over its own tokens and the step averages them: Megatron's per-micro-batch aux loss, not "
+        "eager's whole-batch value)", _choice("refuse", "per_microbatch"),
+    )
     fuse_attention: bool = _option(
         True, "replace attention (F.scaled_dot_product_attention and hand-written softmax(q @ k^T) @ v) with zb's "
         "flash-attention operator", _boolean,

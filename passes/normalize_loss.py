@@ -6,9 +6,20 @@ PyTorch normalises once over the whole batch. This pass reads how the loss is no
 weigh each microbatch's loss so that the step's loss, and every gradient, equal eager's.
 
 Contract
-  input:  `plan.graph` (a copy: fuse_attention ran), training, `plan.options.loss_reduction`, and
-          `plan.batch_graph` (Dynamo's graph at the full batch, to tell a batch size baked into a constant from a
-          fixed scale).
+  input:  `plan.graph` (a copy: fuse_attention ran), training, `plan.options.loss_reduction`,
+          `plan.options.microbatches` and `plan.options.data_parallel`, and `plan.batch_graph` (the frame's graph
+          at the global batch, to tell a batch size baked into a constant from a fixed scale).
+
+Splits. The batch eager sees is the global one: the concatenation of every data-parallel replica's batch. zb
+splits it n = microbatches x data_parallel ways (m microbatches in each of D replicas), and this pass reasons
+with n throughout: every split's loss is weighed so that the sum over all n splits (the runtime adds the
+microbatches of a replica, then the replicas: runtime/microbatch.py, runtime/data_parallel.py) is eager's loss
+on the global batch. So with D > 1 a token mean is weighted by the global token count even when microbatches=1;
+only n = 1 (one microbatch, one replica) has nothing to weigh. `plan.batch_graph` is accordingly the frame traced
+at the global batch, n times a split's samples (zb/backend.py: Dynamo's own graph when it is static and D = 1;
+else the frame traced again, under torchrun on D copies of this replica's batch, since only the shapes and the
+numbers baked into the graph are compared). It is None only when n = 1. Below, "m microbatches" reads as
+"n splits" with data parallelism.
   output: `plan.loss` (a `LossSpec`): how the runtime seeds each microbatch's backward and combines the loss and
           each scalar extra output over microbatches. When the loss terms are not all plain means, `plan.graph`
           gets one scalar input per weighting class (`plan.inputs` kind "loss_weight") and each term is multiplied
@@ -100,7 +111,7 @@ class LossSpec:
 
 
 def normalize_loss(plan: Plan) -> Plan:
-    m = plan.options.microbatches
+    n = plan.options.microbatches * plan.options.data_parallel  # splits of the global batch (module docstring)
     reduction = plan.options.loss_reduction
     analysis = _Analysis(plan)
     outputs = analysis.outputs
@@ -113,8 +124,8 @@ def normalize_loss(plan: Plan) -> Plan:
     rules: list[Any] = ["loss"]
     for j, node in enumerate(outputs[1:], start=1):
         rules.append(analysis.output_rule(j, node))
-    terms = [] if m == 1 or reduction != "auto" else list(dict.fromkeys(analysis.terms(outputs[0], "output")))
-    if m == 1 or reduction == "mean" or (reduction == "auto" and all(t.kind == MEAN for t in terms)):
+    terms = [] if n == 1 or reduction != "auto" else list(dict.fromkeys(analysis.terms(outputs[0], "output")))
+    if n == 1 or reduction == "mean" or (reduction == "auto" and all(t.kind == MEAN for t in terms)):
         mode = "mean"
     else:
         mode = "sum" if reduction == "sum" else "weighted"
@@ -132,7 +143,7 @@ class _Analysis:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.m = plan.options.microbatches
+        self.m = plan.options.microbatches * plan.options.data_parallel  # the splits n (module docstring)
         self.graph = plan.graph.graph
         (out,) = self.graph.find_nodes(op="output")
         self.outputs = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
@@ -140,6 +151,9 @@ class _Analysis:
         self.batch_nodes = {n.name: n for n in plan.batch_graph.graph.nodes} if plan.batch_graph is not None else None
         self.denominators: list[tuple[str, Any]] = []  # (kind, data) per RATIO denominator
         self.verified: set[fx.Node] = set()  # reductions over the batch the analysis understood
+        self.auxiliary: list[fx.Node] = []  # loss terms reducing a statistic of the batch (option aux_loss)
+        self.auxiliary_reduced: dict[fx.Node, fx.Node] = {}
+        self.nodes = {n.name: n for n in self.graph.nodes}
         self._reads: dict[fx.Node, frozenset[int]] = {}
         self._batched: dict[fx.Node, bool] = {}
 
@@ -190,34 +204,47 @@ class _Analysis:
             return None
         return theirs.numel() / mine.numel()
 
-    def check_per_sample(self, explicit: bool = False) -> None:
-        """Every value computed from the batch is per sample (m times more elements in the full batch), except the
-        reductions the analysis understood: anything else mixes samples across the batch (batch statistics,
-        comparisons between samples, one sample picked out), which microbatches cannot reproduce. With an explicit
-        `loss_reduction` the user says how the loss combines, so a reduction to the loss's size whose result never
-        flows back into per-sample values is the user's to answer for."""
-        if self.batch_nodes is None:
+    def check_per_sample(self, explicit: bool = False, within: set[fx.Node] | None = None,
+                         auxiliary: bool = True) -> None:
+        """Every operation analyze_batch found mixing samples must be a reduction this analysis understood (a loss
+        term, a token count): anything else (batch statistics, comparisons between samples, one sample picked
+        out, a sort or scan over the batch) cannot be reproduced by splitting the batch. With an explicit
+        `loss_reduction` the user says how the loss combines, so a reduction over the batch is the user's to answer
+        for; a per-sample value computed from it is still refused (analyze_batch records that use separately).
+        `within`: look only at operations among these nodes (to name what made a refused loss term mix);
+        `auxiliary`: excuse what feeds only the auxiliary terms (`_check_auxiliary` decides whether they are)."""
+        batch = self.plan.batch
+        if batch is None:
             return
-        for node in self.graph.nodes:
-            if node.op not in ("call_function", "call_method") or node in self.verified or node.target in SHAPE_ONLY:
+        nodes = self.nodes
+        excused = self._auxiliary_only() if auxiliary else set()
+        if auxiliary:
+            self._check_auxiliary(excused)
+        for mixing in batch.mixing:
+            if nodes.get(mixing.node) in self.verified | excused or (explicit and mixing.kind == "reduction"):
                 continue
-            if node.target is F.batch_norm and _bind(node).get("training") and self.batched(node):
-                raise ZbUnsupportedError(
-                    f"{node.name} is batch normalisation in training mode: it normalises with the statistics of the "
-                    f"batch, which {self.m} microbatches would each compute over their own samples; use "
-                    "LayerNorm/GroupNorm, put the module in eval mode, or use microbatches=1")
-            ratio = self.ratio(node)
-            if ratio is None or ratio == self.m:
+            if within is not None and nodes.get(mixing.node) not in within:
                 continue
-            if any(self.ratio(a) == self.m for a in node.all_input_nodes if self.batched(a)):
-                if explicit and ratio == 1 and not any(self.ratio(d) == self.m for d in descendants(node)):
-                    continue
-                raise ZbUnsupportedError(
-                    f"{node.name} ({_describe(node)}) mixes samples across the batch: the full batch's value has "
-                    f"{ratio:g}x the elements of a microbatch's, not {self.m}x. Split into {self.m} microbatches it "
-                    "would be computed over each microbatch's samples only (batch statistics such as BatchNorm in "
-                    "training, a normalisation over dim 0, comparisons between samples), so zb cannot give eager's "
-                    "result; compute it per sample, or use microbatches=1")
+            where = f" at {mixing.source}" if mixing.source else ""
+            target = nodes[mixing.node] if mixing.node in nodes else None
+            what = _describe(target) if target is not None else mixing.op
+            raise ZbUnsupportedError(
+                f"{mixing.node} ({what}, aten.{mixing.op}){where} mixes samples across the batch: it {mixing.why}. "
+                f"zb splits the batch into {self.m} parts (microbatches x data-parallel replicas) and each would "
+                "compute it over its own samples only, so zb cannot give eager's result. Compute it per sample "
+                "(normalise over features, not over dim 0), or use microbatches=1 without data parallelism")
+
+    def _auxiliary_only(self) -> set[fx.Node]:
+        """The nodes that feed the per-microbatch auxiliary terms and nothing else: not the per-sample path (the
+        router logits that also route the tokens), not another output; only the loss's own sums and scales may
+        read them."""
+        if not self.auxiliary:
+            return set()
+        mine = ancestors(self.auxiliary)
+        loss = ancestors([self.outputs[0]])
+        chain = {d for a in self.auxiliary for d in descendants(a)} & loss
+        others = [n for n in self.graph.nodes if n not in mine and n not in chain and n.op != "output"]
+        return mine - ancestors(others)
 
     # The loss as terms ---------------------------------------------------------------------------------------
     def terms(self, node: Any, parent: str) -> list[LossTerm]:
@@ -261,7 +288,7 @@ class _Analysis:
         raise self._unknown(node, f"a scale of {scale:g} per microbatch but {full_scale:g} for the whole batch")
 
     def _batch_constant(self, node: fx.Node, index: int) -> Any:
-        """The number at the same place in Dynamo's full-batch graph (None when there is none: microbatches=1)."""
+        """The number at the same place in the global batch's graph (None when there is none: one split)."""
         if self.batch_nodes is None:
             return None
         twin = self.batch_nodes.get(node.name)
@@ -298,17 +325,55 @@ class _Analysis:
         kind = self._leaf_kind(node)
         if kind is None:
             raise self._unknown(node, "an operation zb does not know the normalisation of")
+        reduced = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        if self.plan.batch is not None and isinstance(reduced, fx.Node) and reduced.name in self.plan.batch.stat:
+            return self._auxiliary(node, parent, reduced)
         self._verify_reduction(node)
         if kind == RATIO:
             return LossTerm(node.name, parent, RATIO, self._denominator(("targets", _bind(node))))
         return LossTerm(node.name, parent, kind)
 
+    def _auxiliary(self, node: fx.Node, parent: str, reduced: fx.Node) -> LossTerm:
+        """A loss term reducing a statistic of the batch: perhaps an auxiliary loss such as a router's
+        load-balancing loss (tokens per expert times mean router probability), which check_per_sample accepts
+        only under option aux_loss='per_microbatch' (each microbatch computes it over its own tokens, the step
+        averages them: Megatron's per-micro-batch aux loss) and only next to a main loss that is per sample."""
+        self.auxiliary.append(node)
+        self.auxiliary_reduced[node] = reduced
+        return LossTerm(node.name, parent, MEAN)
+
+    def _check_auxiliary(self, auxiliary: set[fx.Node]) -> None:
+        loss = ancestors([self.outputs[0]])
+        main = [n for n in self.verified if n in loss]
+        for node in self.auxiliary:
+            reduced = self.auxiliary_reduced[node]
+            within = ancestors([reduced])
+            names = {a.name for a in within}
+            mixing = [mx for mx in self.plan.batch.mixing if mx.node in names]
+            if not main or any(self.nodes[mx.node] not in auxiliary for mx in mixing):
+                self.check_per_sample(within=within, auxiliary=False)  # not an auxiliary term: name the cause
+                raise self._unknown(node, f"a reduction of {reduced.name}, which is computed from several samples")
+            if self.plan.options.aux_loss == "per_microbatch":
+                continue
+            first = mixing[0] if mixing else None
+            cause = (f" ({first.node}{' at ' + first.source if first.source else ''}: it {first.why})"
+                     if first is not None else "")
+            raise ZbUnsupportedError(
+                f"the loss term {node.name} reduces {reduced.name}, a statistic of the whole batch{cause}: split "
+                f"into {self.m} parts each would compute it over its own samples, so zb cannot give eager's value. "
+                "If it is an auxiliary loss such as a mixture-of-experts router's load-balancing loss, "
+                "options={'aux_loss': 'per_microbatch'} computes it per microbatch and averages the microbatches' "
+                "values (Megatron's per-micro-batch semantics, not eager's whole-batch value); or leave it out "
+                "(router_aux_loss_coef=0, output_router_logits=False)")
+
     def _verify_reduction(self, node: fx.Node) -> None:
         """A reduction the analysis understood must reduce one value per sample; check_per_sample then lets it be."""
         reduced = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
-        if isinstance(reduced, fx.Node) and self.ratio(reduced) not in (None, self.m):
-            raise self._unknown(node, f"a reduction of {reduced.name}, which is not one value per sample (its "
-                                      "full-batch value is not m times a microbatch's)")
+        batch = self.plan.batch
+        if isinstance(reduced, fx.Node) and batch is not None and reduced.name in batch.stat:
+            self.check_per_sample(within=ancestors([reduced]), auxiliary=False)  # name what mixed the samples
+            raise self._unknown(node, f"a reduction of {reduced.name}, which is not one value per sample (it is "
+                                      "computed from several samples of the batch)")
         self.verified.add(node)
 
     def _leaf_kind(self, node: fx.Node) -> str | None:
@@ -381,18 +446,16 @@ class _Analysis:
         return (RATIO, denominator) if kind == RATIO else kind
 
     def _batch_dim(self, j: int, node: fx.Node) -> int:
-        """The dimension along which the microbatches' values of an output make the full batch's."""
-        twin = self.twin(node)
-        mine = node.meta["example_value"].shape
-        theirs = twin.meta.get("example_value").shape if twin is not None else None
-        if theirs is not None and len(theirs) == len(mine):
-            grown = [d for d, (a, b) in enumerate(zip(mine, theirs)) if a != b]
-            if len(grown) == 1 and theirs[grown[0]] == self.m * mine[grown[0]]:
-                return grown[0]
+        """The dimension along which the microbatches' values of an output make the full batch's: its one batch
+        dim whose samples are contiguous (analyze_batch)."""
+        mine = list(node.meta["example_value"].shape)
+        dims = self.plan.batch.batch_dims(node.name) if self.plan.batch is not None else {}
+        if len(dims) == 1 and None not in dims.values():
+            return next(iter(dims))
         raise ZbUnsupportedError(
-            f"output {j} of the compiled function ({node.name}, shape {list(mine)} per microbatch) is not one row "
-            f"per sample along a dimension (the whole batch's is {list(theirs) if theirs else 'unknown'}), so zb "
-            "cannot put the microbatches' values together; return per-sample values or scalars")
+            f"output {j} of the compiled function ({node.name}, shape {mine} per microbatch) is not one row per "
+            f"sample along a dimension (its batch dims: {sorted(dims) or 'none'}), so zb cannot put the "
+            "microbatches' values together; return per-sample values or scalars")
 
     # The denominators as one graph ---------------------------------------------------------------------------
     def denominator_graph(self) -> fx.GraphModule | None:

@@ -112,6 +112,9 @@ class Plan:
     previous_cuts: tuple[int, ...] | None = None
     # Dynamo's graph at the full batch, when `graph` was re-traced at microbatch size (normalize_loss compares them).
     batch_graph: fx.GraphModule | None = None
+    # analyze_batch: the batch dims of every value and the operations that mix samples (a BatchAnalysis); None
+    # when the batch is not split.
+    batch: Any = None
     # normalize_loss: how microbatch losses make the step's loss (a LossSpec).
     loss: Any = None
     # The fraction of the total cost a cut may move from the even split to cross fewer bytes (None: the pass's

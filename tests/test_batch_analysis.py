@@ -1,0 +1,175 @@
+"""analyze_batch: which dims carry the batch, and the operations that mix samples, from the ops' semantics.
+
+Each op family runs along the batch dimension (refused, naming the op and its source line) and along another
+dimension (exact against eager): 2 stages, 4 microbatches, compiler="eager", in one process.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import zb
+from tests.helpers import assert_close
+from zb.core.errors import ZbError
+from zb.passes.batch_rules import view_dims
+
+B, H = 8, 16
+
+
+class Net(nn.Module):
+    """x [B, T, 8] -> linear -> op(h) -> linear -> [B, T, 4]; the op under test sits between two stages' worth of
+    layers, so the cut never hides it."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, H), nn.Linear(H, H)
+        self.c, self.d = nn.Linear(H, H), nn.Linear(H, 4)
+        self.op = op
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))
+        h = self.op(h)
+        return self.d(torch.tanh(self.c(h)))
+
+
+def run_op(op, loss=lambda o, y: F.mse_loss(o, y), microbatches=4, stages=2, **options):
+    """(zb loss, eager loss, zb model, eager model) after one step each; raises what zb raises."""
+    torch.manual_seed(0)
+    model = Net(op)
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(B, 6, 8), torch.randn(B, 6, 4)
+    step = torch.compile(lambda x, y: loss(model(x), y), backend="zb",
+                         options={"stages": stages, "microbatches": microbatches, "compiler": "eager", **options})
+    got = step(x, y)
+    got.backward()
+    want = loss(reference(x), y)
+    want.backward()
+    return got, want, model, reference
+
+
+def assert_exact(got, want, model, reference, what):
+    assert_close(got.detach(), want.detach(), f"{what}: loss")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, f"{what}: grad of {name}")
+
+
+# The issue's table: each silently wrong before, each refused now with the op and the line that wrote it.
+ALONG_BATCH = {
+    "softmax(0)": (lambda h: h.softmax(0), "softmax"),
+    "cumsum(0)": (lambda h: h.cumsum(0), "cumsum"),
+    "sort(0)": (lambda h: h.sort(0).values, "sort"),
+    "flip(0)": (lambda h: h.flip(0), "flip"),
+    "roll(1, 0)": (lambda h: h.roll(1, 0), "roll"),
+    "x - x.mean(0)": (lambda h: h - h.mean(0), "mean"),
+    "sum(0) broadcast back": (lambda h: h * h.sum(0, keepdim=True), "sum"),
+    "topk over the batch": (lambda h: h.topk(2, 0).values.mean(0) + h, "topk"),
+    "log_softmax(0)": (lambda h: F.log_softmax(h, 0), "log_softmax"),
+    "cat along the batch": (lambda h: torch.cat([h[1:], h[:1]]), "slice"),
+    "first sample": (lambda h: h + h[:1], "slice"),
+    "select one sample": (lambda h: h + h[0], "select"),
+    "index_select over the batch": (lambda h: h + h.index_select(0, torch.zeros(1, dtype=torch.long)),
+                                    "index_select"),
+    "samples times samples": (lambda h: (h.flatten(1) @ h.flatten(1).T).sum(-1)[:, None, None] + h, "mm"),
+    "arange over the batch": (lambda h: h + torch.arange(h.shape[0])[:, None, None], "add"),
+    "batch norm in training": (nn.BatchNorm1d(6), "batch_norm"),
+    "normalise over the flattened batch": (lambda h: F.layer_norm(h.flatten(0, 1).T, (h.shape[0] * 6,)).T
+                                           .reshape(h.shape), "layer_norm"),
+}
+
+ALONG_OTHER = {
+    "softmax(-1)": lambda h: h.softmax(-1),
+    "cumsum(1)": lambda h: h.cumsum(1),
+    "sort(-1)": lambda h: h.sort(-1).values,
+    "flip(1)": lambda h: h.flip(1),
+    "roll(1, 1)": lambda h: h.roll(1, 1),
+    "x - x.mean(-1)": lambda h: h - h.mean(-1, keepdim=True),
+    "topk(-1)": lambda h: h.topk(4, -1).values.repeat(1, 1, 4),
+    "layer_norm": lambda h: F.layer_norm(h, (H,)),
+    "cat along features": lambda h: torch.cat([h[..., 1:], h[..., :1]], -1),
+    "gather along features": lambda h: h.gather(-1, h.argsort(-1)),
+    "flatten(0, 1) and back": lambda h: torch.tanh(h.flatten(0, 1)).view(h.shape),
+    "transpose(0, 1), softmax over the batch's new dim... of time": lambda h: h.transpose(0, 1).softmax(0)
+    .transpose(0, 1),
+    "reshape(-1, H) @ W": lambda h: (h.reshape(-1, H) @ torch.eye(H)).view(h.shape),
+    "attention over time": lambda h: F.scaled_dot_product_attention(
+        *(h.view(h.shape[0], 6, 2, H // 2).transpose(1, 2),) * 3, is_causal=True).transpose(1, 2).reshape(h.shape),
+    "a position table": lambda h: h + torch.arange(h.shape[1])[None, :, None],
+    "dropout mask per sample": lambda h: h * (torch.ones(h.shape[0], 1, 1) * 0.5),
+    "einsum per sample": lambda h: torch.einsum("bth,bsh->bts", h, h).softmax(-1) @ h,
+    "interpolate along time (DTensor's rule)": lambda h: F.interpolate(h.transpose(1, 2), scale_factor=2.0)
+    .transpose(1, 2)[:, ::2],
+    "cumulative max over time": lambda h: h.cummax(1).values,
+}
+
+
+@pytest.mark.parametrize("name", list(ALONG_BATCH))
+def test_an_op_along_the_batch_is_refused_with_its_source_line(name):
+    op, what = ALONG_BATCH[name]
+    with pytest.raises(ZbError, match=rf"(?s)mixes samples across the batch.*{what}|{what}.*mixes samples") as e:
+        run_op(op)
+    assert "test_batch_analysis.py" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("name", list(ALONG_OTHER))
+def test_the_same_family_along_another_dimension_is_exact(name):
+    assert_exact(*run_op(ALONG_OTHER[name]), name)
+
+
+@pytest.mark.parametrize("microbatches, data_parallel", [(1, 2), (2, 2)])
+def test_data_parallel_replicas_split_the_batch_too(microbatches, data_parallel):
+    """With one microbatch but two replicas the batch is still split: the same op is refused."""
+    with pytest.raises(ZbError, match="softmax"):
+        run_op(lambda h: h.softmax(0), microbatches=microbatches, data_parallel=data_parallel)
+
+
+def test_one_microbatch_without_replicas_runs_any_op():
+    assert_exact(*run_op(lambda h: h.softmax(0), microbatches=1), "softmax(0) with one microbatch")
+
+
+def test_a_sum_over_the_batch_inside_the_loss_is_refused_unless_the_loss_analysis_reads_it():
+    """(o - y).pow(2).sum(0).mean() is linear in the samples, but the loss analysis reads sums and means of
+    per-sample values only: refused, never silently wrong."""
+    with pytest.raises(ZbError, match="sum"):
+        run_op(lambda h: h, loss=lambda o, y: (o - y).pow(2).sum(0).mean())
+
+
+def test_an_explicit_loss_reduction_answers_for_reductions_but_not_for_their_use_per_sample():
+    got, want, model, reference = run_op(lambda h: h, loss=lambda o, y: o.pow(2).sum(0).mean() / 4,
+                                         loss_reduction="mean")
+    assert got.shape == want.shape
+    with pytest.raises(ZbError, match="statistic over the batch"):
+        run_op(lambda h: h * h.mean(), loss_reduction="mean")
+
+
+def test_the_analysis_is_recorded_on_the_plan():
+    """Every value's batch dims (with the per-sample extent) and the rules that answered are on the plan."""
+    torch.manual_seed(0)
+    model = Net(lambda h: h.flatten(0, 1).view(h.shape))
+    backend = zb.ZbBackend({"stages": 2, "microbatches": 4, "compiler": "eager"})
+    step = torch.compile(lambda x: model(x).pow(2).mean(), backend=backend)
+    step(torch.randn(B, 6, 8)).backward()
+    (plan,) = backend.plans
+    dims = plan.batch.dims
+    flat = next(n for n in plan.graph.graph.nodes if n.name.startswith("flatten"))
+    assert dims[flat.name] == {0: 6}  # [2, 6, H] -> [12, H]: 6 rows per sample
+    assert all(d == {0: 1} for name, d in dims.items() if name.startswith("linear"))
+    assert [m.node for m in plan.batch.mixing] == ["mean"]  # the loss's own mean, excused by normalize_loss
+    assert plan.counters["analyze_batch.own"] > 0
+
+
+@pytest.mark.parametrize("src, out, dims, micro, expected", [
+    ((2, 6, 16), (12, 16), {0: 1}, 2, {0: 6}),  # [B, T, H] -> [B*T, H]: the batch stays outermost
+    ((12, 16), (2, 6, 16), {0: 6}, 2, {0: 1}),  # and back
+    ((6, 2, 16), (12, 16), {1: 1}, 2, {0: None}),  # [T, B, H] -> [T*B, H]: samples interleave
+    ((12, 16), (6, 2, 16), {0: None}, 2, {0: None, 1: None}),  # unknown layout: every piece may carry it
+    ((1, 6, 16), (6, 16), {0: 1}, 1, {0: 6}),  # a microbatch of one sample keeps its batch dim
+    ((8, 2), (4, 2, 2), {0: 2}, 4, {0: 1}),  # [T*k] -> [T, k]: the batch moves to T (MoE's top-k rows)
+    ((4, 4), (16,), {0: 1, 1: 1}, 4, {0: None}),  # two batch dims merged
+])
+def test_view_dims(src, out, dims, micro, expected):
+    assert view_dims(src, out, dims, micro) == (expected, None)
