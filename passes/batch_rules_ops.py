@@ -1,0 +1,498 @@
+"""Batch rules for contractions, normalisations, embeddings, losses, attention, indexing and mixture-of-experts
+routing, and the fallbacks for ops without a rule (DTensor's propagation, an empirical check): see batch_rules.py."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from zb.passes.batch_facts import NONE, Ctx, Value, tensors
+from zb.passes.batch_rules_shape import pointwise, remap
+
+aten = torch.ops.aten
+
+
+# Contractions ---------------------------------------------------------------------------------------------------
+def _contract(ctx: Ctx, a: torch.Tensor, b: torch.Tensor, a_map: dict[int, int | None],
+              b_map: dict[int, int | None], shared: list[tuple[int, int, int]]) -> Value | None:
+    """Out dims of a contraction: a_map / b_map send each input dim to its out dim (None: summed over); `shared`
+    lists (a dim, b dim, out dim) that are batch-of-matrices dims. Returns None after recording a mix."""
+    va, vb = ctx.v(a), ctx.v(b)
+    for v, mapping, name in ((va, a_map, "first"), (vb, b_map, "second")):
+        for d in v.dims:
+            if mapping.get(d) is None and not any(d == (s[0] if name == "first" else s[1]) for s in shared):
+                ctx.mix(f"sums over a batch dimension of its {name} operand ({ctx.name})", "reduction")
+                return None
+    dims: dict[int, int | None] = {}
+    for ad, bd, od in shared:
+        if ad in va.dims or bd in vb.dims:
+            for t, v, d in ((a, va, ad), (b, vb, bd)):
+                if d not in v.dims and t.shape[d] != 1 and d not in v.uniform:
+                    ctx.mix(f"pairs each sample with a matrix not split into microbatches ({ctx.name})")
+                    return None
+            dims[od] = va.dims.get(ad, vb.dims.get(bd))
+    a_out = {a_map[d] for d in va.dims if a_map.get(d) is not None}
+    b_out = {b_map[d] for d in vb.dims if b_map.get(d) is not None}
+    if a_out and b_out:
+        ctx.mix(f"pairs samples with samples (a {ctx.name} of two batched operands)")
+        return None
+    for d in va.dims:
+        if a_map.get(d) is not None:
+            dims[a_map[d]] = va.dims[d]
+    for d in vb.dims:
+        if b_map.get(d) is not None:
+            dims[b_map[d]] = vb.dims[d]
+    stat = va.stat or vb.stat
+    if stat and dims:
+        ctx.mix("computes a per-sample value from a statistic over the batch", "statistic")
+        return None
+    route = va.route if va.route is not None and va.route[0] == "rows" else None
+    if vb.route is not None and vb.route[0] in ("rows", "keys"):
+        ctx.mix(f"takes rows grouped by a sort over the batch as the second operand of {ctx.name}")
+        return None
+    return Value(dims, stat, frozenset(), route)
+
+
+def mm(ctx: Ctx) -> list[Value]:
+    packet = ctx.func.overloadpacket
+    if packet in (aten.addmm, aten.addmv, aten.baddbmm, aten.addbmm):
+        bias, a, b = ctx.args[0], ctx.args[1], ctx.args[2]
+    else:
+        bias, (a, b) = None, ctx.args[:2]
+    if packet in (aten.mm, aten.addmm):
+        value = _contract(ctx, a, b, {0: 0, 1: None}, {0: None, 1: 1}, [])
+    elif packet in (aten.mv, aten.addmv):
+        value = _contract(ctx, a, b, {0: 0, 1: None}, {0: None}, [])
+    elif packet is aten.dot:
+        value = _contract(ctx, a, b, {0: None}, {0: None}, [])
+    elif packet is aten.addbmm:
+        value = _contract(ctx, a, b, {0: None, 1: 0, 2: None}, {0: None, 1: None, 2: 1}, [])
+    else:  # bmm, baddbmm
+        value = _contract(ctx, a, b, {1: 1, 2: None}, {1: None, 2: 2}, [(0, 0, 0)])
+    if value is None:
+        return [Value(stat=True)] * len(ctx.outs)
+    if bias is not None and ctx.v(bias).facts:
+        return _merge_bias(ctx, value, bias)
+    return ctx.each(value)
+
+
+def _merge_bias(ctx: Ctx, value: Value, bias: torch.Tensor) -> list[Value]:
+    out = ctx.outs[0]
+    vb = ctx.v(bias)
+    off = out.dim() - bias.dim()
+    dims = dict(value.dims)
+    for d, extent in vb.dims.items():
+        if bias.shape[d] != out.shape[d + off]:
+            return ctx.mix(f"broadcasts a batch dimension of size {bias.shape[d]}")
+        dims[d + off] = extent
+    if (vb.stat or value.stat) and dims:
+        return ctx.mix("computes a per-sample value from a statistic over the batch", "statistic")
+    return ctx.each(Value(dims, vb.stat or value.stat, frozenset(), value.route))
+
+
+def grouped_mm(ctx: Ctx) -> list[Value]:
+    """torch._grouped_mm(x, w, offs) (and transformers' fallback op): row i of x times the weight of the group
+    that `offs` puts it in. Per sample when x's rows are in the order of a routing sort over the batch and offs
+    are that sort's cumulative group sizes: each row then meets the weight of its own key (its expert)."""
+    b = ctx.bound
+    x = b.get("self", b.get("input", ctx.args[0]))
+    w = b.get("mat2", b.get("weight", ctx.args[1]))
+    offs = b.get("offs")
+    vx, vw, vo = ctx.v(x), ctx.v(w), ctx.v(offs)
+    if vw.facts:
+        return ctx.mix(f"multiplies by batched expert weights ({ctx.name})")
+    if not vx.facts:
+        return ctx.each(NONE)
+    if vx.route is None or vx.route[0] not in ("rows", "keys") or vo.route != ("offsets", vx.route[1]):
+        return ctx.mix(f"groups batched rows (with {ctx.name}) by offsets that are not the cumulative group sizes of "
+                       "the sort that ordered those rows")
+    ctx.run.result.rules["routing"] += 1
+    return ctx.each(Value(dict(vx.dims), False, frozenset(), ("rows", vx.route[1])))
+
+
+def convolution(ctx: Ctx) -> list[Value]:
+    x, w = ctx.args[0], ctx.args[1]
+    vx = ctx.v(x)
+    if ctx.v(w).facts or (len(ctx.args) > 2 and ctx.v(ctx.args[2]).facts):
+        return ctx.mix("convolves with batched weights")
+    if set(vx.dims) - {0}:
+        return ctx.mix("convolves over a dimension that carries the batch")
+    if vx.stat and vx.dims:
+        return ctx.mix("computes a per-sample value from a statistic over the batch", "statistic")
+    return ctx.each(Value(dict(vx.dims), vx.stat))
+
+
+# Normalisation, embedding, losses, attention ----------------------------------------------------------------------
+def layer_norm(ctx: Ctx) -> list[Value]:
+    b = ctx.bound
+    x = b["input"]
+    normalized = len(b["normalized_shape"])
+    v = ctx.v(x)
+    if any(d >= x.dim() - normalized for d in v.dims):
+        return ctx.mix(f"normalises over a batch dimension ({ctx.name})")
+    for t in (b.get("weight"), b.get("bias")):
+        if isinstance(t, torch.Tensor) and ctx.v(t).facts:
+            return ctx.mix(f"normalises with batched weights ({ctx.name})")
+    if v.stat and v.dims:
+        return ctx.mix("computes a per-sample value from a statistic over the batch", "statistic")
+    return [Value(dict(v.dims), v.stat) for _ in ctx.outs]
+
+
+def group_norm(ctx: Ctx) -> list[Value]:
+    v = ctx.v(ctx.args[0])
+    if set(v.dims) - {0} or any(ctx.v(t).facts for t in ctx.args[1:3] if isinstance(t, torch.Tensor)):
+        return ctx.mix("normalises groups over a dimension that carries the batch (group_norm)")
+    return ctx.each(Value(dict(v.dims), v.stat))
+
+
+def batch_norm(ctx: Ctx) -> list[Value]:
+    b = ctx.bound
+    v = ctx.v(b["input"])
+    training = b.get("training", ctx.func.overloadpacket is not aten._native_batch_norm_legit_no_training)
+    if ctx.func.overloadpacket is aten._native_batch_norm_legit_no_training:
+        training = False
+    if training and v.dims:
+        return ctx.mix("is batch normalisation in training mode: it normalises with the statistics of the batch "
+                       "(use LayerNorm/GroupNorm, or put the module in eval mode)")
+    if 1 in v.dims:
+        return ctx.mix("normalises per channel over a channel dimension that carries the batch")
+    return [Value(dict(v.dims), v.stat) if t.shape == b["input"].shape else NONE for t in ctx.outs]
+
+
+def embedding(ctx: Ctx) -> list[Value]:
+    weight, indices = ctx.args[0], ctx.args[1]
+    if ctx.v(weight).facts:
+        return ctx.mix("looks up a batched embedding table")
+    v = ctx.v(indices)
+    return ctx.each(Value(dict(v.dims), v.stat, v.uniform))
+
+
+def loss(ctx: Ctx) -> list[Value]:
+    """nll_loss / mse_loss / ...: elementwise over the samples, then reduced (reduction 1 = mean, 2 = sum)."""
+    b = ctx.bound
+    reduction = b.get("reduction", 1)
+    x = b.get("self", b.get("input"))
+    target = b.get("target")
+    if ctx.func.overloadpacket in (aten.nll_loss_forward, aten.nll_loss2d_forward):
+        vx, vt = ctx.v(x), ctx.v(target)
+        class_dim = 1 if x.dim() > 1 else 0
+        if class_dim in vx.dims:
+            return ctx.mix("takes nll_loss over a class dimension that carries the batch")
+        kept = [d for d in range(x.dim()) if d != class_dim]
+        dims = {kept.index(d): e for d, e in vx.dims.items()}
+        dims.update(vt.dims)
+        per_sample = Value(dims, vx.stat or vt.stat)
+    else:
+        per_sample = pointwise(ctx)[0] if reduction == 0 else _elementwise_inputs(ctx)
+    if per_sample.stat and per_sample.dims:
+        return ctx.mix("computes a per-sample value from a statistic over the batch", "statistic")
+    if reduction == 0:
+        return ctx.each(per_sample)
+    if per_sample.dims:
+        return ctx.mix(f"reduces {ctx.name} over the batch", "reduction")
+    return ctx.each(Value(stat=per_sample.stat))
+
+
+def _elementwise_inputs(ctx: Ctx) -> Value:
+    dims: dict[int, int | None] = {}
+    for t in ctx.inputs():
+        dims.update(ctx.v(t).dims)
+    return Value(dims, any(ctx.v(t).stat for t in ctx.inputs()))
+
+
+def attention(ctx: Ctx) -> list[Value]:
+    """Scaled dot-product attention over [..., L, E]: per sample when the batch is in the leading dims of q, k,
+    v (and of the mask, aligned with the scores [..., L, S])."""
+    q, k, v = ctx.args[:3]
+    b = ctx.bound
+    mask = next((b[n] for n in ("attn_mask", "attn_bias", "bias") if isinstance(b.get(n), torch.Tensor)), None)
+    lead = q.dim() - 2
+    dims: dict[int, int | None] = {}
+    for t in (q, k, v):
+        vt = ctx.v(t)
+        if any(d >= lead for d in vt.dims):
+            return ctx.mix("attends over a sequence or feature dimension that carries the batch")
+        if vt.stat and vt.dims:
+            return ctx.mix("computes a per-sample value from a statistic over the batch", "statistic")
+        dims.update({d + lead - (t.dim() - 2): e for d, e in vt.dims.items()})
+    for t in (q, k, v):
+        vt = ctx.v(t)
+        off = lead - (t.dim() - 2)
+        for od in dims:
+            d = od - off
+            if 0 <= d < t.dim() - 2 and d not in vt.dims and t.shape[d] != 1 and d not in vt.uniform:
+                return ctx.mix("attends between samples and keys/values not split into microbatches")
+    if mask is not None:
+        vm = ctx.v(mask)
+        off = q.dim() - mask.dim()
+        if any(d + off >= lead for d in vm.dims) or (vm.stat and vm.dims):
+            return ctx.mix("attends with a mask that carries the batch along its sequence dimensions")
+        for od in dims:
+            d = od - off
+            if 0 <= d and d not in vm.dims and mask.shape[d] != 1 and d not in vm.uniform:
+                return ctx.mix("attends with a mask not split into microbatches along a batch dimension")
+    results = []
+    for t in ctx.outs:
+        results.append(Value({d: e for d, e in dims.items() if d < t.dim() and t.shape[d] == q.shape[d]}))
+    return results
+
+
+# Indexing -------------------------------------------------------------------------------------------------------
+def index(ctx: Ctx) -> list[Value]:
+    """x[i0, i1, ...] (advanced indexing): gathering along a batch dim picks samples by position, unless the index
+    is arange (every position in order) or undoes / follows a routing sort of those very rows."""
+    src, indices = ctx.args[0], list(ctx.args[1])
+    vs = ctx.v(src)
+    indexed = [d for d, i in enumerate(indices) if i is not None]
+    index_tensors = [indices[d] for d in indexed]
+    index_shape = torch.broadcast_shapes(*(t.shape for t in index_tensors))
+    n_index = len(index_shape)
+    contiguous = indexed == list(range(indexed[0], indexed[-1] + 1))
+    first = indexed[0] if contiguous else 0
+    dims: dict[int, int | None] = {}
+    route = None
+    for d, extent in vs.dims.items():
+        if d in indexed:
+            continue
+        o = d if d < first else d - len(indexed) + n_index
+        if not contiguous:
+            o = n_index + [e for e in range(src.dim()) if e not in indexed].index(d)
+        dims[o] = extent
+    for d in indexed:
+        t = indices[d]
+        vi = ctx.v(t)
+        if d in vs.dims:
+            if len(indexed) == 1 and vi.route is not None and vi.route[0] == "inverse" and vs.route is not None \
+                    and vs.route[0] in ("rows", "keys") and vs.route[1] is vi.route[1]:
+                ctx.run.result.rules["routing"] += 1
+                dims[first] = vi.route[1].extent
+                continue
+            if len(indexed) == 1 and vi.route is not None and vi.route[0] == "index" and vs.route is None \
+                    and src.shape[d] * vi.route[2] == vi.route[1].size and t.dim() == 1:
+                ctx.run.result.rules["routing"] += 1
+                dims[first] = None
+                route = ("rows", vi.route[1])
+                continue
+            if vi.route == ("iota",) and t.numel() == src.shape[d] and not vi.dims:
+                at = first + n_index - 1 - next(k for k, s in enumerate(reversed(t.shape)) if s != 1) \
+                    if t.numel() > 1 else first + n_index - 1
+                dims[at] = vs.dims[d]
+                continue
+            return ctx.mix("indexes along a batch dimension (picks samples by their position in the batch)")
+        off = n_index - t.dim()
+        for e, extent in vi.dims.items():
+            dims[first + e + off] = extent
+        if vi.route is not None and vi.route[0] in ("rows", "keys", "index"):
+            route = ("rows", vi.route[1])
+    if vs.stat and dims or any(ctx.v(t).stat for t in index_tensors) and dims:
+        return ctx.mix("computes a per-sample value from a statistic over the batch", "statistic")
+    if vs.route is not None and vs.route[0] in ("rows", "keys") and route is None and not \
+            any(ctx.v(t).route is not None and ctx.v(t).route[0] == "inverse" for t in index_tensors):
+        route = ("rows", vs.route[1])
+    return ctx.each(Value(dims, vs.stat, _index_uniform(ctx, src, indices, index_shape, first, contiguous), route))
+
+
+def _index_uniform(ctx: Ctx, src: torch.Tensor, indices: list, index_shape, first: int, contiguous: bool
+                   ) -> frozenset[int]:
+    """Output dims of x[i0, ...] along which the values are constant: a non-indexed dim along which x is, and an
+    index position where every index tensor is constant, or picks along a dim of x that is constant."""
+    vs = ctx.v(src)
+    indexed = [d for d, i in enumerate(indices) if i is not None]
+    n_index = len(index_shape)
+    uniform = set()
+    rest = [d for d in range(src.dim()) if d not in indexed]
+    for k, d in enumerate(rest):
+        if d in vs.uniform:
+            uniform.add((d if d < first else d - len(indexed) + n_index) if contiguous else n_index + k)
+    base = first if contiguous else 0
+    for p in range(n_index):
+        varies = False
+        for d in indexed:
+            t = indices[d]
+            e = p - (n_index - t.dim())
+            if e >= 0 and t.shape[e] != 1 and e not in ctx.v(t).uniform and d not in vs.uniform:
+                varies = True
+        if not varies:
+            uniform.add(base + p)
+    return frozenset(uniform)
+
+
+def index_select(ctx: Ctx) -> list[Value]:
+    src, dim, idx = ctx.args[0], ctx.args[1] % max(ctx.args[0].dim(), 1), ctx.args[2]
+    vs, vi = ctx.v(src), ctx.v(idx)
+    if dim in vs.dims:
+        return ctx.mix("selects along a batch dimension with index_select (picks samples by their position in "
+                       "the batch)")
+    dims = {d: e for d, e in vs.dims.items()}
+    if vi.dims:
+        dims[dim] = vi.dims.get(0)
+    if (vs.stat or vi.stat) and dims:
+        return ctx.mix("computes a per-sample value from a statistic over the batch", "statistic")
+    return ctx.each(Value(dims, vs.stat or vi.stat))
+
+
+def gather(ctx: Ctx) -> list[Value]:
+    src, dim = ctx.args[0], ctx.args[1] % max(ctx.args[0].dim(), 1)
+    if dim in ctx.v(src).dims:
+        return ctx.mix("gathers along a batch dimension (picks samples by their position in the batch)")
+    return pointwise(ctx, skip=dim)
+
+
+def scatter(ctx: Ctx) -> list[Value]:
+    b = ctx.bound
+    src = b["self"]
+    dim = b["dim"] % max(src.dim(), 1)
+    if any(dim in ctx.v(t).dims for t in ctx.inputs()):
+        return ctx.mix(f"computes {ctx.name} along a batch dimension (writes samples into each other's positions)")
+    return pointwise(ctx, skip=dim)
+
+
+def index_put(ctx: Ctx) -> list[Value]:
+    """x[i0, ...] = values. The inverse of a routing sort (`inv[perm] = arange(n)`) is recognised; writing along a
+    batch dim, or writing batched rows into a tensor not split into microbatches, mixes samples."""
+    src, indices, values = ctx.args[0], list(ctx.args[1]), ctx.args[2]
+    vs, vv = ctx.v(src), ctx.v(values)
+    indexed = [d for d, i in enumerate(indices) if i is not None]
+    vi = [ctx.v(indices[d]) for d in indexed]
+    if len(indexed) == 1 and src.dim() == 1 and vi[0].route is not None and vi[0].route[0] == "index" \
+            and vi[0].route[2] == 1 and vv.route == ("iota",) and values.numel() == src.numel():
+        ctx.run.result.rules["routing"] += 1
+        return ctx.each(Value({0: None}, route=("inverse", vi[0].route[1])))
+    if any(d in vs.dims for d in indexed) or any(v.facts for v in vi):
+        return ctx.mix("writes by index along a batch dimension (or by batched indices)")
+    merged = pointwise(ctx)
+    return merged
+
+
+def index_add(ctx: Ctx) -> list[Value]:
+    src, dim = ctx.args[0], ctx.args[1] % max(ctx.args[0].dim(), 1)
+    if dim in ctx.v(src).dims or any(ctx.v(t).dims for t in ctx.inputs()[1:2]):
+        return ctx.mix(f"computes {ctx.name} along a batch dimension")
+    return pointwise(ctx, skip=dim)
+
+
+def repeat_interleave(ctx: Ctx) -> list[Value]:
+    b = ctx.bound
+    src = b.get("self", b.get("input"))
+    if not isinstance(src, torch.Tensor) or ctx.func._overloadname == "Tensor":
+        return ctx.mix("repeats positions by per-position counts (repeat_interleave with tensor repeats)")
+    v = ctx.v(src)
+    dim = b.get("dim")
+    if dim is None:
+        return ctx.mix("repeats positions of the flattened batch (repeat_interleave)") if v.dims else ctx.each(NONE)
+    dim = dim % src.dim()
+    if isinstance(b.get("repeats"), torch.Tensor) and dim in v.dims:
+        return ctx.mix("repeats positions along a batch dimension by tensor counts (repeat_interleave)")
+    return ctx.each(Value({d: (e * ctx.outs[0].shape[d] // src.shape[d] if e is not None and d == dim else e)
+                           for d, e in v.dims.items()}, v.stat))
+
+
+def repeat(ctx: Ctx) -> list[Value]:
+    src, times = ctx.args[0], list(ctx.args[1])
+    v = ctx.v(src)
+    off = len(times) - src.dim()
+    if any(times[d + off] != 1 for d in v.dims):
+        return ctx.mix("repeats (tiles) a batch dimension: copies of all samples end to end")
+    return ctx.each(remap(v, {d: d + off for d in range(src.dim())}))
+
+
+def pad(ctx: Ctx) -> list[Value]:
+    src, widths = ctx.args[0], list(ctx.args[1])
+    v = ctx.v(src)
+    padded = {src.dim() - 1 - k // 2 for k, w in enumerate(widths) if w}
+    if padded & set(v.dims):
+        return ctx.mix("pads a batch dimension")
+    return ctx.each(Value(dict(v.dims), v.stat, frozenset(), None))
+
+
+# Without a local rule: DTensor's sharding propagation, then an empirical check -----------------------------------
+def fallback(ctx: Ctx) -> list[Value]:
+    found = _dtensor(ctx)
+    if found is not None:
+        ctx.run.result.rules["dtensor"] += 1
+        return found
+    found = _empirical(ctx)
+    if found is not None:
+        ctx.run.result.rules["empirical"] += 1
+        return found
+    return ctx.mix(f"calls {ctx.name}, which has no batch rule (zb's or DTensor's) and could not be checked on random "
+                   "data; register one with zb.passes.batch_rules.register")
+
+
+def _single_batch_dims(ctx: Ctx) -> dict[int, int] | None:
+    """Per tensor input, its one batch dim; None when some input has several, a statistic or a route."""
+    found = {}
+    for t in ctx.inputs():
+        v = ctx.v(t)
+        if v.stat or v.route is not None or len(v.dims) > 1:
+            return None
+        if v.dims:
+            found[id(t)] = next(iter(v.dims))
+    return found
+
+
+def _dtensor(ctx: Ctx) -> list[Value] | None:
+    from zb.passes import dtensor_rules
+
+    if ctx.func.namespace != "aten":
+        return None
+    shard = _single_batch_dims(ctx)
+    if shard is None:
+        return None
+    answer = dtensor_rules.propagate(ctx.func, ctx.args, ctx.kwargs, shard)
+    if answer is None:
+        return None
+    if answer == "redistribute":
+        return ctx.mix(f"computes {ctx.name}, which needs the whole batch (DTensor's rule redistributes it)")
+    if answer == "partial":
+        return ctx.mix(f"reduces over the batch ({ctx.name}: DTensor's rule gives a partial result)", "reduction")
+    if None in answer:
+        return ctx.mix(f"drops the batch dimension ({ctx.name}: DTensor's rule replicates its result)")
+    return [Value({d: None}) for d in answer]
+
+
+def _empirical(ctx: Ctx) -> list[Value] | None:
+    """Run the op on random data: two microbatches joined along their batch dims, and each alone; per sample when
+    the joined result is the two results joined along one output dim."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    shard = _single_batch_dims(ctx)
+    if shard is None or ctx.func.is_view or any(a.alias_info is not None and a.alias_info.is_write
+                                                  for a in ctx.func._schema.arguments):
+        return None
+    if any(not (t.dtype.is_floating_point or t.dtype == torch.bool) and id(t) in shard for t in ctx.inputs()):
+        return None
+    generator = torch.Generator().manual_seed(0)
+
+    def real(t: torch.Tensor) -> torch.Tensor:
+        shape = [int(s) for s in t.shape]
+        if t.dtype.is_floating_point:
+            return torch.randn(shape, generator=generator).to(t.dtype)
+        if t.dtype == torch.bool:
+            return torch.rand(shape, generator=generator) > 0.5
+        return torch.zeros(shape, dtype=t.dtype)
+
+    with unset_fake_temporarily():
+        try:
+            one = fx.node.map_aggregate((ctx.args, ctx.kwargs), lambda a: real(a) if isinstance(a, torch.Tensor) else a)
+            two = fx.node.map_aggregate((ctx.args, ctx.kwargs), lambda a: real(a) if isinstance(a, torch.Tensor) else a)
+            flat_fake, flat_one, flat_two = ctx.inputs(), tensors(one), tensors(two)
+            joined_of = {id(o): (torch.cat([o, w], shard[id(f)]) if id(f) in shard else o)
+                         for f, o, w in zip(flat_fake, flat_one, flat_two)}
+            shared = {id(w): o for f, o, w in zip(flat_fake, flat_one, flat_two) if id(f) not in shard}
+            two = fx.node.map_aggregate(two, lambda a: shared.get(id(a), a) if isinstance(a, torch.Tensor) else a)
+            joined = fx.node.map_aggregate(one, lambda a: joined_of.get(id(a), a) if isinstance(a, torch.Tensor)
+                                           else a)
+            outs = [tensors(ctx.func(*args, **kwargs)) for args, kwargs in (one, two, joined)]
+        except Exception:
+            return None
+    results = []
+    for a, b, j in zip(*outs):
+        grown = [d for d in range(j.dim()) if a.dim() == j.dim() and j.shape[d] == a.shape[d] + b.shape[d]
+                 and a.shape[d] > 0]
+        ok = [d for d in grown if torch.allclose(torch.cat([a, b], d), j, rtol=1e-5, atol=1e-6, equal_nan=True)]
+        if not ok:
+            return ctx.mix(f"calls {ctx.name} (no batch rule), which gives another result on two microbatches "
+                           "joined than on each alone (checked on random data)")
+        results.append(Value({ok[0]: None}))
+    return results
