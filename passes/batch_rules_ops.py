@@ -486,13 +486,18 @@ def _empirical(ctx: Ctx) -> list[Value] | None:
             outs = [tensors(ctx.func(*args, **kwargs)) for args, kwargs in (one, two, joined)]
         except Exception:
             return None
+        joined_along = [_joined_along(a, b, j) for a, b, j in zip(*outs)]
     results = []
-    for a, b, j in zip(*outs):
-        grown = [d for d in range(j.dim()) if a.dim() == j.dim() and j.shape[d] == a.shape[d] + b.shape[d]
-                 and a.shape[d] > 0]
-        ok = [d for d in grown if torch.allclose(torch.cat([a, b], d), j, rtol=1e-5, atol=1e-6, equal_nan=True)]
+    for ok in joined_along:
         if not ok:
             return ctx.mix(f"calls {ctx.name} (no batch rule), which gives another result on two microbatches "
                            "joined than on each alone (checked on random data)")
         results.append(Value({ok[0]: None}))
     return results
+
+
+def _joined_along(a: torch.Tensor, b: torch.Tensor, joined: torch.Tensor) -> list[int]:
+    """The dims d along which `joined` equals torch.cat([a, b], d)."""
+    grown = [d for d in range(joined.dim()) if a.dim() == joined.dim() and a.shape[d] > 0
+             and joined.shape[d] == a.shape[d] + b.shape[d]]
+    return [d for d in grown if torch.allclose(torch.cat([a, b], d), joined, rtol=1e-5, atol=1e-6, equal_nan=True)]

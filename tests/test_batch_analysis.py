@@ -173,3 +173,47 @@ def test_the_analysis_is_recorded_on_the_plan():
 ])
 def test_view_dims(src, out, dims, micro, expected):
     assert view_dims(src, out, dims, micro) == (expected, None)
+
+
+@torch.library.custom_op("zbtest::row_scale", mutates_args=())
+def row_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per sample: each row scaled by its own norm."""
+    return x / (1 + x.norm(dim=-1, keepdim=True))
+
+
+@torch.library.custom_op("zbtest::center", mutates_args=())
+def center(x: torch.Tensor) -> torch.Tensor:
+    """Mixes samples: subtracts the mean over dim 0."""
+    return x - x.mean(0)
+
+
+for _op in (row_scale, center):
+    _op.register_fake(lambda x: torch.empty_like(x))
+    _op.register_autograd(lambda ctx, grad: grad, setup_context=lambda ctx, inputs, output: None)
+
+
+def test_a_custom_op_without_a_rule_is_checked_on_random_data():
+    """No zb or DTensor rule: the op runs on two microbatches joined and on each alone; per sample, it is kept."""
+    backend = zb.ZbBackend({"stages": 2, "microbatches": 4, "compiler": "eager"})
+    torch.manual_seed(0)
+    model = Net(lambda h: torch.ops.zbtest.row_scale(h))
+    torch.compile(lambda x: model(x).pow(2).mean(), backend=backend)(torch.randn(B, 6, 8)).backward()
+    (plan,) = backend.plans
+    assert plan.counters["analyze_batch.empirical"] == 1
+
+
+def test_a_custom_op_that_mixes_samples_is_refused_after_the_check():
+    with pytest.raises(ZbError, match=r"zbtest.center|center.*two microbatches joined"):
+        run_op(lambda h: torch.ops.zbtest.center(h))
+
+
+def test_an_aten_op_without_a_zb_rule_is_answered_by_dtensors_sharding_rule():
+    """upsample_nearest1d has no zb rule; DTensor's propagation says Shard(0) in gives Shard(0) out."""
+    backend = zb.ZbBackend({"stages": 2, "microbatches": 4, "compiler": "eager"})
+    torch.manual_seed(0)
+    model = Net(ALONG_OTHER["interpolate along time (DTensor's rule)"])
+    torch.compile(lambda x: model(x).pow(2).mean(), backend=backend)(torch.randn(B, 6, 8)).backward()
+    (plan,) = backend.plans
+    assert plan.counters["analyze_batch.dtensor"] >= 1
+    with pytest.raises(ZbError, match="upsample"):  # the same op over the batch: DTensor asks to redistribute
+        run_op(lambda h: F.interpolate(h.transpose(0, 2), scale_factor=2.0)[..., ::2].transpose(0, 2))
