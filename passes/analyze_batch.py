@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from zb.passes import batch_rules
@@ -97,6 +98,7 @@ class _Run(fx.Interpreter):
         self.plan = plan
         self.result = result
         self.values: dict[int, tuple[torch.Tensor, Value]] = {}  # id(tensor) -> (tensor kept alive, its facts)
+        self.storages: dict[int, dict[int, torch.Tensor]] = {}  # storage -> the tensors on it
         self.current: fx.Node | None = None
         self.reported: set[str] = set()
         self.fake_mode = batch_rules.fake_mode()
@@ -135,6 +137,17 @@ class _Run(fx.Interpreter):
 
     def set(self, t: torch.Tensor, value: Value) -> None:
         self.values[id(t)] = (t, value)
+        self.track(t)
+
+    def track(self, t: torch.Tensor) -> None:
+        """Remember `t` under its storage, so a write through one alias reaches the others."""
+        key = StorageWeakRef(t.untyped_storage()).cdata
+        same = self.storages.setdefault(key, {})
+        same.setdefault(id(t), t)
+
+    def aliases(self, t: torch.Tensor) -> list[torch.Tensor]:
+        key = StorageWeakRef(t.untyped_storage()).cdata
+        return [o for o in self.storages.get(key, {}).values() if o is not t]
 
     def mix(self, op: str, why: str, kind: str) -> None:
         node = self.current

@@ -49,6 +49,38 @@ def apply(run, func, args, kwargs, out) -> None:
         if arg.alias_info is not None and arg.alias_info.is_write and i < len(args) and results:
             if isinstance(args[i], torch.Tensor):
                 run.set(args[i], results[0])
+                written(ctx, args[i], results[0])
+
+
+def written(ctx: Ctx, target: torch.Tensor, value: Value) -> None:
+    """`target` was written in place: every other tensor on its storage (the base it is a view of, other views)
+    now holds those values too. A batch dim of the write is found in the alias by its stride (unknown layout:
+    every dim of the alias may carry the batch); constant dims are constant no more."""
+    for other in ctx.run.aliases(target):
+        if (other.shape, other.stride(), other.storage_offset()) == \
+                (target.shape, target.stride(), target.storage_offset()):
+            ctx.run.set(other, value)  # the same view of the same storage
+            continue
+        old = ctx.run.get(other)
+        dims = dict(old.dims)
+        for d, extent in value.dims.items():
+            match = [e for e in range(other.dim()) if other.stride(e) == target.stride(d)
+                     and other.shape[e] >= target.shape[d] > 1]
+            if len(match) == 1:
+                dims[match[0]] = extent if other.shape[match[0]] == target.shape[d] and dims.get(match[0], extent) \
+                    == extent else None
+            else:
+                dims.update({e: None for e in range(other.dim()) if other.shape[e] != 1})
+        if value.stat and (dims or old.dims):
+            ctx.mix("writes a statistic of the batch into a per-sample tensor", "statistic")
+            ctx.run.set(other, Value(stat=True))
+            continue
+        if value.route not in (None, ("iota",)) or (old.route is not None and value.dims):
+            ctx.mix("writes rows grouped by a sort over the batch into another tensor")
+            ctx.run.set(other, Value(stat=True))
+            continue
+        uniform = old.uniform if len(value.uniform) == target.dim() else frozenset()
+        ctx.run.set(other, Value(dims, old.stat or value.stat, uniform, old.route if not value.dims else None))
 
 
 def _no_facts(ctx: Ctx, packet, ins: list[torch.Tensor]) -> list[Value]:

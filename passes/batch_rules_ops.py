@@ -250,6 +250,7 @@ def index(ctx: Ctx) -> list[Value]:
     contiguous = indexed == list(range(indexed[0], indexed[-1] + 1))
     first = indexed[0] if contiguous else 0
     dims: dict[int, int | None] = {}
+    sources: list[set[int]] = []  # the output batch dims each operand brings
     route = None
     for d, extent in vs.dims.items():
         if d in indexed:
@@ -268,22 +269,32 @@ def index(ctx: Ctx) -> list[Value]:
                 dims[first] = vi.route[1].extent
                 continue
             if len(indexed) == 1 and vi.route is not None and vi.route[0] == "index" and vs.route is None \
-                    and src.shape[d] * vi.route[2] == vi.route[1].size and t.dim() == 1:
+                    and src.shape[d] * vi.route[2] == vi.route[1].size and t.dim() == 1 \
+                    and vs.dims[d] is not None and vi.route[1].extent == vi.route[2] * vs.dims[d]:
                 ctx.run.result.rules["routing"] += 1
                 dims[first] = None
                 route = ("rows", vi.route[1])
                 continue
-            if vi.route == ("iota",) and t.numel() == src.shape[d] and not vi.dims:
-                at = first + n_index - 1 - next(k for k, s in enumerate(reversed(t.shape)) if s != 1) \
-                    if t.numel() > 1 else first + n_index - 1
+            vary = [e for e in range(t.dim()) if t.shape[e] != 1 and e not in vi.uniform]
+            if vi.route == ("iota",) and t.numel() == src.shape[d] and not vi.dims and len(vary) == 1:
+                at = first + n_index - t.dim() + vary[0]  # arange over this batch dim: every sample in order
                 dims[at] = vs.dims[d]
+                sources.append({at})
                 continue
             return ctx.mix("indexes along a batch dimension (picks samples by their position in the batch)")
         off = n_index - t.dim()
         for e, extent in vi.dims.items():
             dims[first + e + off] = extent
+        if vi.dims:
+            sources.append({first + e + off for e in vi.dims})
         if vi.route is not None and vi.route[0] in ("rows", "keys", "index"):
             route = ("rows", vi.route[1])
+    from_src = {o for o in dims if o not in set().union(*sources)} if sources else set(dims)
+    if from_src:
+        sources.append(from_src)
+    if any(a != sources[0] for a in sources):
+        return ctx.mix("pairs samples with samples (indexes a batched tensor with batched indices along other "
+                       "dimensions)")
     if vs.stat and dims or any(ctx.v(t).stat for t in index_tensors) and dims:
         return ctx.mix("computes a per-sample value from a statistic over the batch", "statistic")
     if vs.route is not None and vs.route[0] in ("rows", "keys") and route is None and not \

@@ -37,6 +37,12 @@ def pointwise(ctx: Ctx, skip: int | None = None) -> list[Value]:
             if t.shape[d] != shape[od]:
                 return ctx.mix(f"broadcasts a batch dimension of size {t.shape[d]} to {shape[od]}")
             dims[od] = extent if od not in dims or dims[od] == extent else None
+    for t in ins:
+        v = ctx.v(t)
+        own = {d + nd - t.dim() for d in v.dims} - {skip}
+        if own and own != set(dims):
+            return ctx.mix("pairs samples with samples (broadcasts batched tensors against each other along "
+                           "different dimensions)")
     for od in dims:
         for t in ins:
             v, d = ctx.v(t), od - (nd - t.dim())
@@ -328,7 +334,8 @@ def along(ctx: Ctx) -> list[Value]:
     else:
         worked = set(_dims_arg(b.get("dim", -1), src.dim()))
     if worked & set(v.dims):
-        if packet in (aten.sort, aten.argsort) and src.dim() == 1 and v.route is None and not v.stat:
+        if packet in (aten.sort, aten.argsort) and src.dim() == 1 and v.route is None and not v.stat \
+                and v.dims[0] is not None:
             order = Sort(v.dims[0], src.shape[0])
             ctx.run.result.rules["routing"] += 1
             found = [Value({0: None}, route=("keys", order)), Value({0: None}, route=("index", order, 1))]

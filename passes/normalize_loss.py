@@ -111,7 +111,7 @@ class LossSpec:
 
 
 def normalize_loss(plan: Plan) -> Plan:
-    n = plan.options.microbatches * plan.options.data_parallel  # splits of the global batch (module docstring)
+    splits = plan.options.microbatches * plan.options.data_parallel  # n in the module docstring
     reduction = plan.options.loss_reduction
     analysis = _Analysis(plan)
     outputs = analysis.outputs
@@ -124,8 +124,8 @@ def normalize_loss(plan: Plan) -> Plan:
     rules: list[Any] = ["loss"]
     for j, node in enumerate(outputs[1:], start=1):
         rules.append(analysis.output_rule(j, node))
-    terms = [] if n == 1 or reduction != "auto" else list(dict.fromkeys(analysis.terms(outputs[0], "output")))
-    if n == 1 or reduction == "mean" or (reduction == "auto" and all(t.kind == MEAN for t in terms)):
+    terms = [] if splits == 1 or reduction != "auto" else list(dict.fromkeys(analysis.terms(outputs[0], "output")))
+    if splits == 1 or reduction == "mean" or (reduction == "auto" and all(t.kind == MEAN for t in terms)):
         mode = "mean"
     else:
         mode = "sum" if reduction == "sum" else "weighted"

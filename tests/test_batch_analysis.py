@@ -77,6 +77,9 @@ ALONG_BATCH = {
     "samples times samples": (lambda h: (h.flatten(1) @ h.flatten(1).T).sum(-1)[:, None, None] + h, "mm"),
     "arange over the batch": (lambda h: h + torch.arange(h.shape[0])[:, None, None], "add"),
     "batch norm in training": (nn.BatchNorm1d(6), "batch_norm"),
+    "every sample minus every other": (lambda h: h + (h.mean((1, 2))[:, None] - h.mean((1, 2))[None, :])
+                                       .sum(1)[:, None, None], "sub"),
+    "a buffer written per sample, then flipped": (lambda h: _written(h).flip(0), "flip"),
     "normalise over the flattened batch": (lambda h: F.layer_norm(h.flatten(0, 1).T, (h.shape[0] * 6,)).T
                                            .reshape(h.shape), "layer_norm"),
 }
@@ -104,7 +107,16 @@ ALONG_OTHER = {
     "interpolate along time (DTensor's rule)": lambda h: F.interpolate(h.transpose(1, 2), scale_factor=2.0)
     .transpose(1, 2)[:, ::2],
     "cumulative max over time": lambda h: h.cummax(1).values,
+    "a buffer written per sample": lambda h: _written(h) + h,
+    "x[arange(B), i] per sample": lambda h: h + h[torch.arange(h.shape[0]), h.argmax(1)[:, 0]][:, None],
 }
+
+
+def _written(h):
+    """A zeros buffer of the batch's shape, written in place through a view."""
+    out = torch.zeros(h.shape)
+    out[:, :3].copy_(h[:, :3] * 2)
+    return out
 
 
 @pytest.mark.parametrize("name", list(ALONG_BATCH))
