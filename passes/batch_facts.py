@@ -25,7 +25,8 @@ class Value:
     uniform: frozenset[int] = frozenset()  # dims along which the values are constant (or random)
     # Routing: ("rows", Sort) rows in a sort's order; ("keys", Sort) the sorted keys themselves; ("index", Sort, k)
     # the sort's indices floor-divided by k; ("inverse", Sort) their inverse permutation; ("counts", Sort) and
-    # ("offsets", Sort) the group sizes of the sorted keys and their cumulative sums; ("iota",) arange(n).
+    # ("offsets", Sort) the group sizes of the sorted keys and their cumulative sums; ("iota",) arange(n);
+    # ("positional",) computed from an arange without the batch.
     route: tuple | None = None
 
     @property

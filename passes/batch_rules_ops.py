@@ -276,6 +276,8 @@ def index(ctx: Ctx) -> list[Value]:
                 route = ("rows", vi.route[1])
                 continue
             vary = [e for e in range(t.dim()) if t.shape[e] != 1 and e not in vi.uniform]
+            if t.numel() == 1 and t.dim() > 0:  # arange(1) over a microbatch of one sample
+                vary = [t.dim() - 1]
             if vi.route == ("iota",) and t.numel() == src.shape[d] and not vi.dims and len(vary) == 1:
                 at = first + n_index - t.dim() + vary[0]  # arange over this batch dim: every sample in order
                 dims[at] = vs.dims[d]

@@ -46,7 +46,12 @@ def pointwise(ctx: Ctx, skip: int | None = None) -> list[Value]:
     for od in dims:
         for t in ins:
             v, d = ctx.v(t), od - (nd - t.dim())
-            if d < 0 or d in v.dims or t.shape[d] == 1 or d in v.uniform:
+            if d < 0 or d in v.dims:
+                continue
+            if t.shape[d] == 1 and ctx.micro == 1 and _positional(v):
+                return ctx.mix(f"lines up a tensor computed from arange, of shape {list(t.shape)}, with batch "
+                               f"dimension {od}: with one sample per microbatch it may be arange(batch)")
+            if d in v.uniform or t.shape[d] == 1:
                 continue
             return ctx.mix(f"lines up a tensor of shape {list(t.shape)} that is not split into microbatches with "
                            f"batch dimension {od} (its values differ along it, as torch.arange(batch) would)")
@@ -63,7 +68,12 @@ def pointwise(ctx: Ctx, skip: int | None = None) -> list[Value]:
         (od - (nd - t.dim())) < 0 or t.shape[od - (nd - t.dim())] == 1 or (od - (nd - t.dim())) in ctx.v(t).uniform
         for t in ins))
     route = _pointwise_route(ctx, ins, routes)
-    return ctx.each(Value(dims, stat, uniform, route))
+    return ctx.each(Value(dims, stat, uniform - set(dims), route))
+
+
+def _positional(v: Value) -> bool:
+    """Computed from arange: with one sample per microbatch, a size-1 arange may be arange(batch)."""
+    return v.route in (("iota",), ("positional",))
 
 
 def _pointwise_route(ctx: Ctx, ins: list[torch.Tensor], routes: set) -> tuple | None:
@@ -77,6 +87,8 @@ def _pointwise_route(ctx: Ctx, ins: list[torch.Tensor], routes: set) -> tuple | 
             return ("index", first[1], first[2] * divisor)
     if routes:
         return ("rows", next(iter(routes)))
+    if any(_positional(ctx.v(t)) for t in ins) and not any(ctx.v(t).dims for t in ins):
+        return ("positional",)
     return None
 
 
@@ -132,7 +144,7 @@ def view(ctx: Ctx) -> list[Value]:
     if route is not None and route[0] != "iota" and (len(v.dims) != 1 or len(dims) != 1):
         return ctx.mix("reshapes rows grouped by a sort over the batch")
     if route == ("iota",) and sum(s != 1 for s in out.shape) > 1:
-        route = None
+        route = ("positional",)
     return ctx.each(Value(dims, v.stat, uniform, route))
 
 
@@ -170,6 +182,9 @@ def view_dims(src: tuple, out: tuple, dims: dict[int, int | None], micro: int
         batch = [d for d in gi if d in dims]
         if not batch:
             continue
+        if not go:  # size-1 dims that vanish: with one sample per microbatch, where would the batch go?
+            return {}, ("reshapes a microbatch of one sample so that zb cannot tell which dimension its batch "
+                        "dimension becomes (use microbatches of at least 2 samples)")
         block = None
         if len(batch) == 1 and dims[batch[0]] is not None and all(src[d] == 1 for d in gi if d < batch[0]):
             d = batch[0]
@@ -179,12 +194,14 @@ def view_dims(src: tuple, out: tuple, dims: dict[int, int | None], micro: int
                 if out[o] != 1:
                     result[o] = None
             continue
-        carrying = []
-        for k, o in enumerate(go):
-            stride = math.prod(out[e] for e in go[k + 1:])
-            span = stride * out[o]
-            if out[o] != 1 and (block % span != 0 or (micro == 1 and not carrying and span == pi)):
-                carrying.append((o, stride))
+        strides = [math.prod(out[e] for e in go[k + 1:]) for k in range(len(go))]
+        carrying = [(o, stride) for o, stride in zip(go, strides) if out[o] != 1 and block % (stride * out[o]) != 0]
+        if not carrying and micro == 1:
+            # One sample: no dim crosses samples here, but one would grow with the batch: a dim right outside one
+            # sample's block ([T*H] -> [1, T, H]), else the outermost dim that holds the sample ([1*T, H]).
+            outside = [(o, stride) for o, stride in zip(go, strides) if stride == block]
+            holding = [(o, stride) for o, stride in zip(go, strides) if out[o] != 1]
+            carrying = outside[-1:] or holding[:1]
         if not carrying:
             return {}, "reshapes the batch dimension away (a microbatch of one sample would lose it)"
         for o, stride in carrying:
@@ -257,9 +274,11 @@ def slice_(ctx: Ctx) -> list[Value]:
     src = b["self"]
     dim = b["dim"] % max(src.dim(), 1)
     v = ctx.v(src)
-    whole = ctx.outs[0].shape[dim] == src.shape[dim] and b.get("step", 1) in (1, None)
+    end = b.get("end")
+    whole = b.get("start") in (0, None) and (end is None or end >= 2 ** 62) and b.get("step", 1) in (1, None)
     if dim in v.dims and not whole:
-        return ctx.mix("slices a batch dimension (picks samples by their position in the batch)")
+        return ctx.mix("slices a batch dimension (picks samples by their position in the batch; a slice that "
+                       "happens to cover a microbatch, h[:n], cuts samples off the whole batch)")
     return ctx.each(v if whole else replace(v, route=None if v.route == ("iota",) else v.route))
 
 

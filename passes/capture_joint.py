@@ -9,6 +9,8 @@ Contract
                        Aten-level, functional, Inductor's decompositions.
           inference -> `stage.pieces["forward"]` directly (the stage's inputs -> its outputs).
   On the last stage, outputs other than the loss are detached before tracing: only the loss is differentiated.
+  A differentiable output that aliases a stage input or another output (a view of the stage's input, `h` and `h.T`
+  both sent on) is cloned before tracing, so every output gets a tangent of its own (see `_independent`).
 
     stage graph: in:0 (w), act:h          -> act:y
     joint:       in:0, act:h, tangent:act:y -> act:y, grad:in:0, grad:act:h
@@ -16,6 +18,7 @@ Contract
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import torch
@@ -69,21 +72,59 @@ def _custom_ops_opaque():
 
 
 class _AsTuple(torch.nn.Module):
+    """Calls the stage graph; every output is differentiated, each as a tensor of its own (`_independent`)."""
+
     def __init__(self, gm: fx.GraphModule):
         super().__init__()
         self.gm = gm
 
-    def forward(self, *args):
+    def _outputs(self, args) -> tuple:
         outs = self.gm(*args)
         return tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+
+    def forward(self, *args):
+        outs = self._outputs(args)
+        return _independent(outs, args, range(len(outs)))
 
 
 class _LossFirst(_AsTuple):
     """Calls the stage graph and detaches every output but the loss, so only the loss is differentiated."""
 
     def forward(self, *args):
-        outs = super().forward(*args)
-        return (outs[0], *(o.detach() if isinstance(o, torch.Tensor) else o for o in outs[1:]))
+        outs = self._outputs(args)
+        loss = _independent(outs, args, [0])[0]
+        return (loss, *(o.detach() if isinstance(o, torch.Tensor) else o for o in outs[1:]))
+
+
+def _independent(outs: tuple, inputs: tuple, differentiated) -> tuple:
+    """`outs` with each differentiated floating-point output that aliases an input or another output cloned.
+
+    AOTAutograd gives an output a tangent of its own only when it aliases nothing else: an output that is an input
+    or a view of one, a view of another output (`h` and `h.T`), or one of several views of the same intermediate
+    is regenerated from its base outside the compiled graph, and its gradient reaches the base through the
+    caller's autograd (Note [AOT Autograd: outputs aliasing inputs or intermediates!] in
+    torch/_functorch/_aot_autograd). zb runs the joint graph itself and keys one tangent per output, so such an
+    output would lose its gradient (or, for views of an intermediate, come with an extra base tangent zb cannot
+    feed). A clone makes it a value of its own, whose tangent flows back into its source inside the joint graph.
+    An output that is not a view keeps its storage (it is the base of the others, which are cloned). Runs inside
+    AOTAutograd's tracing, on its functional tensors, whose storages show the aliasing exactly as AOTAutograd
+    sees it."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def storage(t: torch.Tensor):
+        return StorageWeakRef(t.untyped_storage())
+
+    inputs_storages = {storage(a) for a in inputs if isinstance(a, torch.Tensor)}
+    shared = collections.Counter(storage(o) for o in outs if isinstance(o, torch.Tensor))
+    result = list(outs)
+    for i in differentiated:
+        o = outs[i]
+        if not (isinstance(o, torch.Tensor) and o.is_floating_point()):
+            continue
+        key = storage(o)
+        if key in inputs_storages or (shared[key] > 1 and o._base is not None):
+            result[i] = o.clone()
+    return tuple(result)
 
 
 def _check_outputs(plan: Plan) -> None:

@@ -180,6 +180,8 @@ def test_the_analysis_is_recorded_on_the_plan():
     ((6, 2, 16), (12, 16), {1: 1}, 2, {0: None}),  # [T, B, H] -> [T*B, H]: samples interleave
     ((12, 16), (6, 2, 16), {0: None}, 2, {0: None, 1: None}),  # unknown layout: every piece may carry it
     ((1, 6, 16), (6, 16), {0: 1}, 1, {0: 6}),  # a microbatch of one sample keeps its batch dim
+    ((6, 16), (1, 6, 16), {0: 6}, 1, {0: 1}),  # and finds it again (F.linear's view back)
+    ((1, 6, 16), (96,), {0: 1}, 1, {0: 96}),
     ((8, 2), (4, 2, 2), {0: 2}, 4, {0: 1}),  # [T*k] -> [T, k]: the batch moves to T (MoE's top-k rows)
     ((4, 4), (16,), {0: 1, 1: 1}, 4, {0: None}),  # two batch dims merged
 ])
@@ -229,3 +231,23 @@ def test_an_aten_op_without_a_zb_rule_is_answered_by_dtensors_sharding_rule():
     assert plan.counters["analyze_batch.dtensor"] >= 1
     with pytest.raises(ZbError, match="upsample"):  # the same op over the batch: DTensor asks to redistribute
         run_op(lambda h: F.interpolate(h.transpose(0, 2), scale_factor=2.0)[..., ::2].transpose(0, 2))
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "flatten(0, 1) and back", "attention over time",
+                                  "x[arange(B), i] per sample"])
+def test_one_sample_per_microbatch_keeps_the_batch_dim(name):
+    """microbatches = batch size: every batch dim has size 1, and views must still find it."""
+    assert_exact(*run_op(ALONG_OTHER[name], microbatches=B), f"{name}, one sample per microbatch")
+
+
+@pytest.mark.parametrize("op, what", [(lambda h: h.softmax(0), "softmax"), (lambda h: h + h[:1], "slice"),
+                                      (lambda h: h + torch.arange(h.shape[0])[:, None, None], "arange")])
+def test_one_sample_per_microbatch_still_refuses_what_mixes(op, what):
+    with pytest.raises(ZbError, match=what):
+        run_op(op, microbatches=B)
+
+
+def test_a_view_that_hides_where_one_samples_batch_dim_goes_is_refused_clearly():
+    """einsum permutes the size-1 batch dim behind the others and views it away: zb cannot tell where it goes."""
+    with pytest.raises(ZbError, match="cannot tell which dimension its batch dimension becomes"):
+        run_op(ALONG_OTHER["einsum per sample"], microbatches=B)

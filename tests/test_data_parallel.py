@@ -21,33 +21,57 @@ from tests.test_semantics import LOSSES, TokenNet, assert_same_step, padded_batc
 from zb.schedules import REDUCE, W
 
 
+REPLICA_LOSSES = ["token-mean cross entropy", "sum", "mean", "token mean plus a mean", "sum over a token count",
+                  "sum over the batch size, plus a regulariser"]
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+@pytest.mark.parametrize("microbatches", [1, 2])
 @pytest.mark.parametrize("stages", [1, 2])
-@pytest.mark.parametrize("name", ["token-mean cross entropy", "sum", "mean", "token mean plus a mean",
-                                  "sum over a token count"])
-def test_replicas_in_one_process_equal_eager_on_the_whole_batch(name, stages):
-    """2 replicas x 2 microbatches: a token mean is normalised by the tokens of both replicas' batches (the
-    microbatches of the padded batch hold 2, 8, 9 and 12 tokens, so a per-replica mean would differ)."""
-    assert_same_step(*run(LOSSES[name], stages, microbatches=2, data_parallel=2), f"{name}, {stages} stages")
+@pytest.mark.parametrize("name", REPLICA_LOSSES)
+def test_replicas_in_one_process_equal_eager_on_the_whole_batch(name, stages, microbatches, replicas):
+    """D replicas x m microbatches split the batch D*m ways: a token mean is normalised by the tokens of every
+    replica's batch (the quarters of the padded batch hold 2, 10, 9 and 12 tokens, so a per-replica or
+    per-microbatch mean would differ), also with one microbatch per replica."""
+    assert_same_step(*run(LOSSES[name], stages, microbatches=microbatches, data_parallel=replicas),
+                     f"{name}, {stages} stages, {microbatches} microbatches, {replicas} replicas")
 
 
-def test_a_per_replica_token_mean_would_differ():
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_a_per_replica_token_mean_would_differ(microbatches):
     """The check above is not vacuous: each replica averaging its own tokens gives another loss here."""
     x, y = padded_batch()
     torch.manual_seed(0)
     model = TokenNet()
     loss = LOSSES["token-mean cross entropy"]
     per_replica = torch.stack([loss(model(a), b) for a, b in zip(x.chunk(2), y.chunk(2))]).mean()
-    got, want, _, _ = run(loss, 2, microbatches=2, data_parallel=2)
+    got, want, _, _ = run(loss, 2, microbatches=microbatches, data_parallel=2)
     assert abs(per_replica.item() - got[0].item()) > 1e-3
 
 
-def test_extra_outputs_with_replicas_combine_over_the_whole_batch():
+def test_one_microbatch_per_replica_weighs_the_token_mean_globally():
+    """With microbatches=1 the loss is still split over the replicas: the plan weighs the token mean by the
+    global token count (a weighted loss), not by each replica's own."""
+    x, y = padded_batch()
+    torch.manual_seed(0)
+    model = TokenNet()
+    backend = zb.ZbBackend({"stages": 2, "microbatches": 1, "compiler": "eager", "data_parallel": 2})
+    loss_fn = LOSSES["token-mean cross entropy"]
+    torch.compile(lambda x, y: loss_fn(model(x), y), backend=backend)(x, y).backward()
+    (plan,) = backend.plans
+    assert plan.loss.mode == "weighted" and [w[1] for w in plan.loss.weights] == ["ratio"], plan.loss.describe()
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_extra_outputs_with_replicas_combine_over_the_whole_batch(microbatches, replicas):
     def loss_fn(o, y):
         ce = F.cross_entropy(o.flatten(0, 1), y.flatten())
         return ce, ce.detach() * 2, o.pow(2).mean(), (y != -100).sum(), o
 
-    got, want, model, reference = run(loss_fn, 2, microbatches=2, data_parallel=2)
-    assert_same_step(got, want, model, reference, "extra outputs with 2 replicas")
+    got, want, model, reference = run(loss_fn, 2, microbatches=microbatches, data_parallel=replicas)
+    assert_same_step(got, want, model, reference,
+                     f"extra outputs with {replicas} replicas of {microbatches} microbatches")
 
 
 @pytest.mark.parametrize("factory", ["tied_embedding", "mlp_input_grad", "gpt"])
@@ -113,6 +137,22 @@ def test_torchrun_two_replicas_of_two_ranks_equal_eager_on_the_global_batch():
     cases = ["gpt:1f1b", "gpt:zb-h1", "gpt:zb-v", "gpt:zb-auto", "mlp:1f1b", "mlp:zb-h1:mesh", "mlp:zb-v",
              "mlp:zb-auto"]
     assert _ok(torchrun(4, "data_parallel_check.py", "--replicas", "2", "--cases", ",".join(cases))) == cases
+
+
+def test_torchrun_every_loss_form_with_one_or_two_microbatches_per_replica():
+    """TokenNet on the padded batch (replica 0's rows hold 12 tokens, replica 1's 21): every loss form and extra
+    outputs equal eager's on the global batch with microbatches=1 (each process's graph is Dynamo's own) and 2;
+    and the MLP and GPT for 3 SGD steps with one microbatch per replica."""
+    forms = ["tokenmean", "sum", "mean", "tokenmean+mean", "sumovercount", "sumoverbatch", "extra"]
+    cases = [f"loss:{form}:{m}" for m in (1, 2) for form in forms] + ["mlp:1f1b:m1", "gpt:1f1b:m1"]
+    assert _ok(torchrun(4, "data_parallel_check.py", "--replicas", "2", "--cases", ",".join(cases))) == cases
+
+
+def test_torchrun_four_replicas_of_one_rank_with_one_microbatch():
+    """4 processes, each a whole replica of 2 rows (2, 10, 9 and 12 tokens) in one microbatch: the global batch
+    graph is traced at 4 times this process's batch."""
+    cases = ["loss:tokenmean:1", "loss:sumoverbatch:1", "loss:extra:1"]
+    assert _ok(torchrun(4, "data_parallel_check.py", "--replicas", "4", "--cases", ",".join(cases))) == cases
 
 
 def test_torchrun_replicas_with_the_fused_optimizer_and_sharded_state():

@@ -132,6 +132,7 @@ class CompiledGraph:
         outer = _split_axes([_with_requires_grad(s, a) for s, a in zip(self.inputs, args)], args,
                             self.options.unbatched)
         replicas = self.pipeline.local_replicas
+        batch = args  # this process's batch: every replica's with replicas in this process, else its own
         if replicas > 1:  # data parallelism in this process: the plan is one replica's
             args = _replica_part(outer, args, replicas, self.options.microbatches)
         first = split_microbatches(outer, args, self.options.microbatches)[0]
@@ -159,19 +160,31 @@ class CompiledGraph:
             measured_stage_times=measured,
             previous_cuts=previous,
             balance_window=balance_window,
-            batch_graph=self._batch_graph(gm, args, outer),
+            batch_graph=self._batch_graph(batch, outer),
             placement=self.pipeline.placement_summary,
         )
         return run_passes(plan, PASSES), arg_map
 
-    def _batch_graph(self, gm: fx.GraphModule, args: Sequence[Any], outer: list[InputSpec]) -> fx.GraphModule | None:
-        """The graph of this call's whole batch at static shapes (normalize_loss compares it with the microbatch
-        graph): Dynamo's own when it is static, else the frame traced again at the full batch."""
-        if gm is self.gm:
-            return None  # one microbatch: nothing to compare
-        if self.static and self.pipeline.local_replicas == 1:
+    def _batch_graph(self, batch: Sequence[Any], outer: list[InputSpec]) -> fx.GraphModule | None:
+        """The graph of the global batch at static shapes, which normalize_loss compares with the graph of one split
+        (passes/normalize_loss.py): the batch eager would see, every replica's batch together, n = microbatches x
+        data_parallel times a split's samples. None when n = 1 (nothing is split: nothing to compare).
+
+        `batch` is this process's: with the replicas in this process, the global batch itself; under torchrun,
+        this replica's, and the global batch is traced as D copies of it (the analysis reads only the graph's
+        shapes and the numbers baked into it, which depend on the batch size, not on the values). Dynamo's own
+        graph serves when it is static and there is one replica."""
+        replicas = self.pipeline.replicas
+        if self.options.microbatches * replicas == 1:
+            return None
+        if self.static and replicas == 1:
             return self.gm
-        full, _, _ = self.frame.capture({s.index: args[s.index] for s in outer if s.kind == "input"})
+        if self.frame is None:
+            raise ZbUnsupportedError("this graph was not captured by Dynamo, so zb cannot trace the global batch "
+                                     "it must weigh the loss against")
+        copies = replicas // self.pipeline.local_replicas  # this process's batches in the global one
+        full, _, _ = self.frame.capture({s.index: _tiled(batch[s.index], copies) if s.batched else batch[s.index]
+                                         for s in outer if s.kind == "input"})
         return full
 
     def _runner(self, plan: Plan, measure_first: bool | None = None) -> PipelineRunner:
@@ -212,6 +225,13 @@ def _replica_part(specs: list[InputSpec], args: Sequence[Any], replicas: int, mi
                 f"microbatches={microbatches} do not divide; use a batch size that is a multiple of "
                 f"{replicas * microbatches}")
     return split_microbatches(specs, args, replicas)[0]
+
+
+def _tiled(value: Any, copies: int) -> Any:
+    """`copies` replicas' batches of `value`'s shape, along dim 0 (a leaf, requiring grad as `value` does)."""
+    if copies == 1:
+        return value
+    return value.detach().repeat(copies, *([1] * (value.dim() - 1))).requires_grad_(value.requires_grad)
 
 
 def _with_requires_grad(spec: InputSpec, value: Any) -> InputSpec:

@@ -79,6 +79,16 @@ class FrameCapture:
             compiled(*positional, **keyword)
         except torch._dynamo.exc.Unsupported as e:
             raise ZbUnsupportedError(f"zb could not re-trace the model at microbatch size: {e}") from None
+        except Exception as e:  # the model itself fails at this batch size (a buffer or index sized to the batch)
+            sizes = sorted({tuple(a.shape)[:1] for a in args_by_position.values() if isinstance(a, torch.Tensor)})
+            cause = e.__cause__ if isinstance(e, torch._dynamo.exc.TorchRuntimeError) and e.__cause__ else e
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise ZbUnsupportedError(
+                f"zb traces the model at another batch size (dim 0 of {', '.join(str(s[0]) for s in sizes if s)}) "
+                f"to split the batch, and there it fails: {type(cause).__name__}: {first}. A model that works only "
+                "at one batch size (a buffer, index or mask sized to the batch; BatchNorm on a single sample) "
+                "cannot be split into microbatches or replicas: make it work for any batch size, or use "
+                "microbatches=1 without data parallelism") from e
         if len(captured) != 1:
             raise ZbUnsupportedError(f"re-tracing at microbatch size gave {len(captured)} graphs, expected one")
         return captured[0]

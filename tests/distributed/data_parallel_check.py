@@ -7,10 +7,16 @@ global batch (the same on every rank); replica d is handed rows [d*B/D, (d+1)*B/
 sharded by replica would. Each rank computes the eager reference itself, on the whole global batch.
 
 Cases:
-  model:schedule[:mesh]             3 steps of loss.backward() + SGD (momentum): the step's loss equals eager's
+  model:schedule[:mesh][:m1]        3 steps of loss.backward() + SGD (momentum): the step's loss equals eager's
                                     global loss, the gradient of every parameter this rank's stages produce equals
                                     eager's, and after the steps so do those parameters (rtol 1e-5); with
-                                    `mesh`, through a DeviceMesh the script builds and passes as option 'mesh'
+                                    `mesh`, through a DeviceMesh the script builds and passes as option 'mesh';
+                                    with `m1`, one microbatch per replica (else 2 per pipeline rank)
+  loss:form:microbatches            tests/test_semantics.py's TokenNet on its padded batch (replica 0's rows hold
+                                    far fewer tokens than replica 1's) with a loss form (LOSS_FORMS) or, for
+                                    `extra`, a token mean returned with extra outputs: the loss, the scalar
+                                    outputs (global), the per-sample output (this replica's rows) and the
+                                    gradients equal eager's on the global batch
   dead-rank                         the last rank exits after one step: every other rank raises a ZbError
   opt:kind:schedule:post:shard      options["optimizer"] + max_grad_norm (tests/optim_check.py's 20 steps, clipped
                                     and skipped ones), post-validation on/off, sharded optimizer state on/off:
@@ -41,13 +47,17 @@ from tests.optim_check import MAX_NORM, OPTIMIZERS, RTOL, ATOL, batches, referen
 from zb.runtime.optimizer import history  # noqa: E402
 
 FACTORIES = {"gpt": models.gpt, "mlp": models.deep_mlp}
+LOSS_FORMS = {"tokenmean": "token-mean cross entropy", "sum": "sum", "mean": "mean",
+              "tokenmean+mean": "token mean plus a mean", "sumovercount": "sum over a token count",
+              "sumoverbatch": "sum over the batch size, plus a regulariser"}
 
 
 def part(tensor: torch.Tensor, replica: int, replicas: int) -> torch.Tensor:
     return tensor.chunk(replicas)[replica]
 
 
-def check_gradients(model_name: str, schedule: str, replicas: int, compiler: str, mesh: bool = False) -> None:
+def check_gradients(model_name: str, schedule: str, replicas: int, compiler: str, mesh: bool = False,
+                    microbatches: int | None = None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     replica = rank // (world // replicas)
     torch._dynamo.reset()
@@ -55,7 +65,7 @@ def check_gradients(model_name: str, schedule: str, replicas: int, compiler: str
     model, args = FACTORIES[model_name]()
     args = [torch.cat([a] * replicas) for a in args]  # the global batch: BATCH rows per replica
     reference_model = copy.deepcopy(model)
-    options = {"schedule": schedule, "microbatches": 2 * (world // replicas), "compiler": compiler,
+    options = {"schedule": schedule, "microbatches": microbatches or 2 * (world // replicas), "compiler": compiler,
                "timeout": 120.0, "data_parallel": replicas}
     if mesh:  # the user's own DeviceMesh instead of data_parallel
         from torch.distributed.device_mesh import init_device_mesh
@@ -91,6 +101,49 @@ def check_gradients(model_name: str, schedule: str, replicas: int, compiler: str
         if name in owned:
             torch.testing.assert_close(p.detach(), q.detach(), rtol=RTOL, atol=ATOL,
                                        msg=lambda m, n=name: f"{what}: {n} after 3 steps: {m}")
+
+
+def check_loss(form: str, microbatches: int, replicas: int) -> None:
+    """One step of TokenNet with a loss form on the padded batch: every replica's weighting is global."""
+    import torch.nn.functional as F
+
+    from tests.test_semantics import LOSSES, TokenNet, padded_batch
+
+    def extra(o, y):
+        ce = F.cross_entropy(o.flatten(0, 1), y.flatten())
+        return ce, ce.detach() * 2, o.pow(2).mean(), (y != -100).sum(), o
+
+    loss_fn = extra if form == "extra" else LOSSES[LOSS_FORMS[form]]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    replica = rank // (world // replicas)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TokenNet()
+    reference_model = copy.deepcopy(model)
+    x, y = padded_batch()
+    step = torch.compile(lambda x, y: loss_fn(model(x), y), backend="zb", options={
+        "stages": world // replicas, "microbatches": microbatches, "compiler": "eager", "timeout": 120.0,
+        "data_parallel": replicas})
+    got = step(part(x, replica, replicas), part(y, replica, replicas))
+    want = loss_fn(reference_model(x), y)
+    got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+    got[0].backward()
+    want[0].backward()
+    what = f"loss {form}, microbatches={microbatches} on rank {rank} (replica {replica})"
+    for j, (a, b) in enumerate(zip(got, want)):
+        if b.dim() > 0:  # a per-sample output: this replica's rows
+            b = part(b, replica, replicas)
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, j=j: f"{what}: output {j}: {m}")
+    owned = {n for n, p in model.named_parameters() if p.grad is not None}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, owned)
+    missing = {n for n, _ in model.named_parameters()} - set().union(*everyone)
+    assert not missing, f"{what}: no rank got a gradient for {sorted(missing)}"
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        if name in owned:
+            torch.testing.assert_close(p.grad, q.grad, rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=name: f"{what}: grad of {n}: {m}")
 
 
 def check_optimizer(kind: str, schedule: str, post_validation: bool, shard: bool, replicas: int,
@@ -223,8 +276,11 @@ def main() -> None:
             _, kind, schedule, post, shard = fields
             check_optimizer(kind, schedule, post == "1", shard == "1", args.replicas,
                             "gpt" if fields[0] == "optgpt" else "mlp")
+        elif fields[0] == "loss":
+            check_loss(fields[1], int(fields[2]), args.replicas)
         else:
-            check_gradients(fields[0], fields[1], args.replicas, args.compiler, mesh="mesh" in fields[2:])
+            check_gradients(fields[0], fields[1], args.replicas, args.compiler, mesh="mesh" in fields[2:],
+                            microbatches=1 if "m1" in fields[2:] else None)
         dist.barrier()
         if rank == 0:
             print(f"ok {case} ({dist.get_world_size()} ranks, {args.replicas} replicas)", flush=True)
