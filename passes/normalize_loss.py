@@ -159,25 +159,25 @@ class _Analysis:
 
     # What a node depends on ----------------------------------------------------------------------------------
     def reads(self, node: fx.Node) -> frozenset[int]:
-        """The plan inputs a node's value depends on."""
-        if node not in self._reads:
-            if node in self.placeholders:
-                found = frozenset({self.placeholders[node]})
-            else:
-                found = frozenset().union(*(self.reads(a) for a in node.all_input_nodes))
-            self._reads[node] = found
+        """The plan inputs a node's value depends on (one pass over the graph in order: no recursion, so a chain
+        of thousands of nodes is fine)."""
+        if not self._reads:
+            for n in self.graph.nodes:
+                self._reads[n] = frozenset({self.placeholders[n]}) if n in self.placeholders else \
+                    frozenset().union(*(self._reads[a] for a in n.all_input_nodes))
         return self._reads[node]
 
     def batched(self, node: fx.Node) -> bool:
         """Its value depends on the batch: it reads a batched input, or the full-batch graph computes it with
         other numbers or sizes (a `torch.ones(x.shape[0])`, a `float(x.shape[0])`), or it reads such a value."""
-        if node not in self._batched:
-            twin = self.twin(node)
-            self._batched[node] = (
-                any(self.plan.inputs[i].batched for i in self.reads(node))
-                or (twin is not None and (_numbers(twin) != _numbers(node) or self.ratio(node) not in (None, 1)))
-                or any(self.batched(a) for a in node.all_input_nodes)
-            )
+        if not self._batched:
+            for n in self.graph.nodes:
+                twin = self.twin(n)
+                self._batched[n] = (
+                    any(self.plan.inputs[i].batched for i in self.reads(n))
+                    or (twin is not None and (_numbers(twin) != _numbers(n) or self.ratio(n) not in (None, 1)))
+                    or any(self._batched[a] for a in n.all_input_nodes)
+                )
         return self._batched[node]
 
     def learned(self, node: Any) -> bool:
