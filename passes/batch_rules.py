@@ -18,9 +18,9 @@ from zb.passes.batch_facts import NONE, Ctx, Value, fake_mode, tensors
 from zb.passes.batch_rules_ops import (attention, batch_norm, convolution, embedding, fallback, gather, group_norm,
                                        grouped_mm, index, index_add, index_put, index_select, layer_norm, loss, mm,
                                        pad, repeat, repeat_interleave, scatter)
-from zb.passes.batch_rules_shape import (alias, along, cat, copy_, counts, data_dependent, expand, fill, like,
-                                         new_filled, permute, pointwise, reduction, select, slice_, split, squeeze,
-                                         transpose, unsqueeze, view, view_dims)
+from zb.passes.batch_rules_shape import (alias, along, cat, complex_view, copy_, counts, data_dependent, expand,
+                                         fill, like, new_filled, permute, pointwise, reduction, select, slice_,
+                                         split, squeeze, transpose, unsqueeze, view, view_dims)
 
 aten = torch.ops.aten
 
@@ -160,7 +160,9 @@ for _names, _rule in [
     (("constant_pad_nd",), pad),
     (("where", "masked_fill", "masked_fill_", "clamp", "clamp_min", "clamp_max", "native_dropout", "floor_divide",
       "remainder", "fmod", "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not", "logical_and", "logical_or",
-      "logical_not", "logical_xor", "isnan", "isinf", "isfinite", "nan_to_num", "sign", "type_as"), pointwise),
+      "logical_not", "logical_xor", "isnan", "isinf", "isfinite", "nan_to_num", "sign", "type_as", "polar",
+      "complex"), pointwise),
+    (("view_as_real", "view_as_complex"), complex_view),
 ]:
     for _packet in _packets(*_names):
         RULES[_packet] = _rule

@@ -141,7 +141,7 @@ def view(ctx: Ctx) -> list[Value]:
         return ctx.mix(why)
     uniform = frozenset(range(out.dim())) if len(v.uniform) == src.dim() else frozenset()
     route = v.route
-    if route is not None and route[0] != "iota" and (len(v.dims) != 1 or len(dims) != 1):
+    if route is not None and not _positional(v) and (len(v.dims) != 1 or len(dims) != 1):
         return ctx.mix("reshapes rows grouped by a sort over the batch")
     if route == ("iota",) and sum(s != 1 for s in out.shape) > 1:
         route = ("positional",)
@@ -207,6 +207,17 @@ def view_dims(src: tuple, out: tuple, dims: dict[int, int | None], micro: int
         for o, stride in carrying:
             result[o] = block // stride if len(carrying) == 1 and block % stride == 0 else None
     return result, None
+
+
+def complex_view(ctx: Ctx) -> list[Value]:
+    """view_as_real adds a trailing dim of 2, view_as_complex drops it: the leading dims keep their batch."""
+    src, out = ctx.args[0], ctx.outs[0]
+    v = ctx.v(src)
+    kept = min(src.dim(), out.dim())
+    if any(d >= kept for d in v.dims):
+        return ctx.mix("reinterprets a batch dimension as complex parts")
+    return ctx.each(Value({d: e for d, e in v.dims.items()}, v.stat, frozenset(d for d in v.uniform if d < kept),
+                          v.route))
 
 
 def expand(ctx: Ctx) -> list[Value]:

@@ -510,6 +510,7 @@ def _weigh_terms(plan: Plan, analysis: _Analysis, terms: list[LossTerm]) -> None
     example = loss.meta["example_value"]
     fake_mode = example.fake_mode if hasattr(example, "fake_mode") else None
     weight_of: dict[tuple[str, int], fx.Node] = {}
+    replaced: list[fx.Node] = []
     for term in terms:
         key = (term.kind, term.denominator)
         if key not in weight_of:
@@ -548,9 +549,33 @@ def _weigh_terms(plan: Plan, analysis: _Analysis, terms: list[LossTerm]) -> None
             out.args = ((weighted, *values[1:]),) if isinstance(values, (tuple, list)) else (weighted,)
         else:
             nodes[term.parent].replace_input_with(node, weighted)
-    graph.eliminate_dead_code()  # the divisions whose numerators now carry the weight
+        replaced.append(node)
+    _erase_unused(graph, replaced)  # the divisions whose numerators now carry the weight
     graph.lint()
     plan.graph.recompile()
+
+
+def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase `nodes` once nothing reads them, and then what only they read. Not fx's eliminate_dead_code: on a
+    torch-level graph it counts every call_method as pure, so it would erase `mask.scatter_(...)`,
+    `out.add_(bias)` or `x[i] = v`, whose results nobody reads but whose effects the model needs."""
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if node.graph is not graph or node.users or node.op not in ("call_function", "call_method") \
+                or _mutates(node) or node.is_impure():
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        todo.extend(inputs)
+
+
+def _mutates(node: fx.Node) -> bool:
+    """An in-place call at torch level: a Tensor method or function ending in '_', or an item assignment."""
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") or target is operator.setitem or (
+        isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable)
 
 
 def _numbers(node: fx.Node) -> list[Any]:

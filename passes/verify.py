@@ -6,6 +6,8 @@ sets it); a violation raises `InvariantError` naming the pass, the stage, the gr
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 from zb.passes.plan import Plan, grad_key, input_keys, output_keys, output_values
@@ -41,7 +43,8 @@ def verify_graph(gm: fx.GraphModule, stage_index: int) -> None:
     for node in gm.graph.nodes:
         # Aten-level graphs carry meta["val"]; a stage's torch-level graph carries Dynamo's meta["example_value"].
         if node.op in ("placeholder", "call_function") and "val" not in node.meta and "example_value" not in node.meta \
-                and node.target is not torch._C._set_grad_enabled:  # a grad-mode switch (torch.no_grad()) has none
+                and node.target not in (torch._C._set_grad_enabled, operator.setitem, torch._C._log_api_usage_once):
+            # a grad-mode switch (torch.no_grad()), an item assignment (x[i] = v) and a usage log return nothing
             raise InvariantError(f"node {node.name} has no meta['val']")
         if node.op == "call_function":
             if node.meta.get("zb_stage") != stage_index:

@@ -1,9 +1,10 @@
-"""Run under torchrun: a Hugging Face Llama (small config, random weights) as a 2-rank zb pipeline.
+"""Run under torchrun: Hugging Face Llama and Mixtral (a mixture of experts; small configs, random weights) as
+2-rank zb pipelines.
 
     torchrun --nproc-per-node 2 tests/distributed/hf_check.py
 
-Two SGD steps with a token-mean loss over padded labels; the loss and every gradient a rank owns equal eager's.
-Prints `ok llama` on rank 0.
+Two SGD steps each with a token-mean loss over padded labels; the loss and every gradient a rank owns equal eager's.
+Prints `ok llama` and `ok mixtral` on rank 0.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 from tests import hf_models  # noqa: E402
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+def check(family: str, build) -> None:
     rank = dist.get_rank()
+    torch._dynamo.reset()
     torch.manual_seed(0)
-    model = hf_models.FAMILIES["llama"]()
+    model = build()
     reference = copy.deepcopy(model)
     step = torch.compile(lambda x, y: hf_models.loss_fn(model, x, y), backend="zb",
                          options={"schedule": "zb-h1", "microbatches": 4, "compiler": "eager", "timeout": 120.0})
@@ -38,17 +38,24 @@ def main() -> None:
         expected = hf_models.loss_fn(reference, input_ids, labels)
         expected.backward()
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m, i=i: f"loss of step {i} on rank {rank}: {m}")
+                                   msg=lambda m, i=i: f"{family}: loss of step {i} on rank {rank}: {m}")
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             if p.grad is not None:
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6,
-                                           msg=lambda m, n=name, i=i: f"step {i}: grad of {n} on rank {rank}: {m}")
+                                           msg=lambda m, n=name, i=i: f"{family}, step {i}, rank {rank}: {n}: {m}")
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
     dist.barrier()
     if rank == 0:
-        print("ok llama", flush=True)
+        print(f"ok {family}", flush=True)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    check("llama", hf_models.FAMILIES["llama"])
+    check("mixtral", hf_models.MOE_FAMILIES["mixtral"])
     dist.destroy_process_group()
 
 
