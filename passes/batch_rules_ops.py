@@ -3,11 +3,13 @@ routing, and the fallbacks for ops without a rule (DTensor's propagation, an emp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
 from zb.passes.batch_facts import NONE, Ctx, Value, tensors
-from zb.passes.batch_rules_shape import pointwise, remap
+from zb.passes.batch_rules_shape import pointwise, remap, tiling
 
 aten = torch.ops.aten
 
@@ -30,6 +32,10 @@ def _contract(ctx: Ctx, a: torch.Tensor, b: torch.Tensor, a_map: dict[int, int |
                 if d not in v.dims and t.shape[d] != 1 and d not in v.uniform:
                     ctx.mix(f"pairs each sample with a matrix not split into microbatches ({ctx.name})")
                     return None
+            if ad in va.dims and bd in vb.dims and (va.dims[ad] != vb.dims[bd] or va.dims[ad] is None) \
+                    and a is not b:
+                ctx.mix(f"pairs samples laid out differently in the two operands of {ctx.name}")
+                return None
             dims[od] = va.dims.get(ad, vb.dims.get(bd))
     a_out = {a_map[d] for d in va.dims if a_map.get(d) is not None}
     b_out = {b_map[d] for d in vb.dims if b_map.get(d) is not None}
@@ -404,9 +410,13 @@ def repeat(ctx: Ctx) -> list[Value]:
     src, times = ctx.args[0], list(ctx.args[1])
     v = ctx.v(src)
     off = len(times) - src.dim()
-    if any(times[d + off] != 1 for d in v.dims):
-        return ctx.mix("repeats (tiles) a batch dimension: copies of all samples end to end")
-    return ctx.each(remap(v, {d: d + off for d in range(src.dim())}))
+    value = remap(v, {d: d + off for d in range(src.dim())})
+    dims = dict(value.dims)
+    for d in v.dims:  # copies of all samples end to end: the batch repeats every src.shape[d] positions
+        if times[d + off] != 1:
+            layout = tiling(v.dims[d], src.shape[d])
+            dims[d + off] = ("tiled", *layout) if layout is not None else None
+    return ctx.each(Value(dims, value.stat, value.uniform, value.route))
 
 
 def pad(ctx: Ctx) -> list[Value]:
@@ -461,7 +471,17 @@ def _dtensor(ctx: Ctx) -> list[Value] | None:
         return ctx.mix(f"reduces over the batch ({ctx.name}: DTensor's rule gives a partial result)", "reduction")
     if None in answer:
         return ctx.mix(f"drops the batch dimension ({ctx.name}: DTensor's rule replicates its result)")
-    return [Value({d: None}) for d in answer]
+    return [Value({d: _same_layout(ctx, t, d)}) for t, d in zip(ctx.outs, answer)]
+
+
+def _same_layout(ctx: Ctx, out: torch.Tensor, dim: int) -> Any:
+    """The layout of an output's batch dim: the input's, when that input has its batch on the same dim with the
+    same size (an op that keeps the batch dim as it is); else unknown."""
+    for t in ctx.inputs():
+        v = ctx.v(t)
+        if dim in v.dims and t.dim() == out.dim() and t.shape[dim] == out.shape[dim]:
+            return v.dims[dim]
+    return None
 
 
 def _empirical(ctx: Ctx) -> list[Value] | None:
@@ -501,11 +521,11 @@ def _empirical(ctx: Ctx) -> list[Value] | None:
             return None
         joined_along = [_joined_along(a, b, j) for a, b, j in zip(*outs)]
     results = []
-    for ok in joined_along:
+    for fake, ok in zip(ctx.outs, joined_along):
         if not ok:
             return ctx.mix(f"calls {ctx.name} (no batch rule), which gives another result on two microbatches "
                            "joined than on each alone (checked on random data)")
-        results.append(Value({ok[0]: None}))
+        results.append(Value({ok[0]: _same_layout(ctx, fake, ok[0])}))
     return results
 
 

@@ -20,15 +20,15 @@ def pointwise(ctx: Ctx, skip: int | None = None) -> list[Value]:
     """Broadcasting elementwise ops (and, with `skip`, ops elementwise in every dim but `skip`: cat)."""
     shape = ctx.outs[0].shape
     nd = len(shape)
-    dims: dict[int, int | None] = {}
+    dims: dict[int, Any] = {}
+    layouts: dict[int, torch.Tensor] = {}  # which input gave each out dim its layout
     stat = False
-    routes: set = set()
     ins = [t for t in ctx.inputs() if t.dim() > 0 or ctx.v(t).facts]
+    routes: set = {ctx.v(t).route[1] for t in ins if ctx.v(t).route is not None and ctx.v(t).route[0] in
+                   ("rows", "keys")}
     for t in ins:
         v = ctx.v(t)
         stat |= v.stat
-        if v.route is not None and v.route[0] in ("rows", "keys"):
-            routes.add(v.route[1])
         off = nd - t.dim()
         for d, extent in v.dims.items():
             od = d + off
@@ -36,7 +36,11 @@ def pointwise(ctx: Ctx, skip: int | None = None) -> list[Value]:
                 continue
             if t.shape[d] != shape[od]:
                 return ctx.mix(f"broadcasts a batch dimension of size {t.shape[d]} to {shape[od]}")
-            dims[od] = extent if od not in dims or dims[od] == extent else None
+            if od in dims and (dims[od] != extent or extent is None) and not routes and layouts.get(od) is not t:
+                return ctx.mix(f"combines values whose samples are laid out differently along dimension {od} "
+                               f"({dims[od]} and {extent}: positions of one sample meet another's)")
+            dims[od] = extent
+            layouts[od] = t
     for t in ins:
         v = ctx.v(t)
         own = {d + nd - t.dim() for d in v.dims} - {skip}
@@ -148,16 +152,17 @@ def view(ctx: Ctx) -> list[Value]:
     return ctx.each(Value(dims, v.stat, uniform, route))
 
 
-def view_dims(src: tuple, out: tuple, dims: dict[int, int | None], micro: int
-              ) -> tuple[dict[int, int | None], str | None]:
-    """Batch dims of a reshape from `src` to `out`. Dims are grouped where their products meet; a batch dim that is
-    the outermost non-singleton dim of its group stays outermost in the merged block (per-sample extent times the
-    inner sizes), and the out dims of the block that cross a sample's block carry it."""
+def view_dims(src: tuple, out: tuple, dims: dict[int, Any], micro: int) -> tuple[dict[int, Any], str | None]:
+    """Batch dims of a reshape from `src` to `out`. Dims are grouped where their products meet. A batch dim's
+    layout says which sample each position belongs to: an int e (positions r // e), or ("tiled", I, e) when the
+    batch repeats every I positions (sample (r % I) // e: a [T, B] block flattened, or a batch tiled by repeat).
+    Merging keeps that form, scaled by the inner sizes; splitting gives it to the one out dim whose positions
+    cross samples; anything else is an unknown layout (None)."""
     if not dims:
         return {}, None
     if 0 in src or 0 in out:
         return {o: None for o, s in enumerate(out) if s != 1}, None
-    result: dict[int, int | None] = {}
+    result: dict[int, Any] = {}
     i = j = 0
     while i < len(src) or j < len(out):
         gi, go = [], []
@@ -185,18 +190,18 @@ def view_dims(src: tuple, out: tuple, dims: dict[int, int | None], micro: int
         if not go:  # size-1 dims that vanish: with one sample per microbatch, where would the batch go?
             return {}, ("reshapes a microbatch of one sample so that zb cannot tell which dimension its batch "
                         "dimension becomes (use microbatches of at least 2 samples)")
-        block = None
-        if len(batch) == 1 and dims[batch[0]] is not None and all(src[d] == 1 for d in gi if d < batch[0]):
-            d = batch[0]
-            block = dims[d] * math.prod(src[e] for e in gi if e > d)  # one sample's positions in the group
-        if block is None:
+        layout = tiling(dims[batch[0]], src[batch[0]]) if len(batch) == 1 else None
+        if layout is None:
             for o in go:
                 if out[o] != 1:
                     result[o] = None
             continue
+        after = math.prod(src[e] for e in gi if e > batch[0])
+        repeat, block = layout[0] * after, layout[1] * after  # the group's positions: sample (r % repeat) // block
         strides = [math.prod(out[e] for e in go[k + 1:]) for k in range(len(go))]
-        carrying = [(o, stride) for o, stride in zip(go, strides) if out[o] != 1 and block % (stride * out[o]) != 0]
-        if not carrying and micro == 1:
+        carrying = [(o, stride) for o, stride in zip(go, strides) if out[o] != 1 and stride % repeat != 0
+                    and block % (stride * out[o]) != 0]
+        if not carrying and micro == 1 and repeat == pi:
             # One sample: no dim crosses samples here, but one would grow with the batch: a dim right outside one
             # sample's block ([T*H] -> [1, T, H]), else the outermost dim that holds the sample ([1*T, H]).
             outside = [(o, stride) for o, stride in zip(go, strides) if stride == block]
@@ -205,8 +210,27 @@ def view_dims(src: tuple, out: tuple, dims: dict[int, int | None], micro: int
         if not carrying:
             return {}, "reshapes the batch dimension away (a microbatch of one sample would lose it)"
         for o, stride in carrying:
-            result[o] = block // stride if len(carrying) == 1 and block % stride == 0 else None
+            clean = len(carrying) == 1 and block % stride == 0 and repeat % stride == 0
+            result[o] = untiled(("tiled", repeat // stride, block // stride), out[o]) if clean else None
     return result, None
+
+
+def tiling(layout: Any, size: int) -> tuple[int, int] | None:
+    """(repeat, block) of a batch dim's layout on a dim of `size` positions; None when unknown."""
+    if isinstance(layout, int):
+        return size, layout
+    if isinstance(layout, tuple) and layout[0] == "tiled":
+        return layout[1], layout[2]
+    return None
+
+
+def untiled(layout: Any, size: int) -> Any:
+    """The simplest spelling of a layout: an int when the batch does not repeat along the dim."""
+    if isinstance(layout, tuple) and layout[0] == "tiled" and layout[1] == size:
+        return layout[2]
+    if isinstance(layout, tuple) and size % layout[1] != 0:
+        return None
+    return layout
 
 
 def complex_view(ctx: Ctx) -> list[Value]:

@@ -77,6 +77,8 @@ ALONG_BATCH = {
     "samples times samples": (lambda h: (h.flatten(1) @ h.flatten(1).T).sum(-1)[:, None, None] + h, "mm"),
     "arange over the batch": (lambda h: h + torch.arange(h.shape[0])[:, None, None], "add"),
     "batch norm in training": (nn.BatchNorm1d(6), "batch_norm"),
+    "batch-major meets time-major": (lambda h: (h.reshape(-1, H) + h.transpose(0, 1).reshape(-1, H)).view(h.shape),
+                                     "add"),
     "every sample minus every other": (lambda h: h + (h.mean((1, 2))[:, None] - h.mean((1, 2))[None, :])
                                        .sum(1)[:, None, None], "sub"),
     "a buffer written per sample, then flipped": (lambda h: _written(h).flip(0), "flip"),
@@ -107,6 +109,11 @@ ALONG_OTHER = {
     "interpolate along time (DTensor's rule)": lambda h: F.interpolate(h.transpose(1, 2), scale_factor=2.0)
     .transpose(1, 2)[:, ::2],
     "cumulative max over time": lambda h: h.cummax(1).values,
+    "time-major flatten, linear, residual": lambda h: (lambda f: (f + torch.tanh(f @ torch.eye(H)))
+                                                       .view(6, h.shape[0], H).transpose(0, 1))(
+        h.transpose(0, 1).reshape(-1, H)),
+    "tiled by repeat, weighted, summed back": lambda h: (h.repeat(3, 1, 1) * torch.sigmoid(h.mean(-1, True))
+                                                         .repeat(3, 1, 1)).view(3, h.shape[0], 6, H).sum(0),
     "a buffer written per sample": lambda h: _written(h) + h,
     "x[arange(B), i] per sample": lambda h: h + h[torch.arange(h.shape[0]), h.argmax(1)[:, 0]][:, None],
 }
@@ -177,13 +184,15 @@ def test_the_analysis_is_recorded_on_the_plan():
 @pytest.mark.parametrize("src, out, dims, micro, expected", [
     ((2, 6, 16), (12, 16), {0: 1}, 2, {0: 6}),  # [B, T, H] -> [B*T, H]: the batch stays outermost
     ((12, 16), (2, 6, 16), {0: 6}, 2, {0: 1}),  # and back
-    ((6, 2, 16), (12, 16), {1: 1}, 2, {0: None}),  # [T, B, H] -> [T*B, H]: samples interleave
     ((12, 16), (6, 2, 16), {0: None}, 2, {0: None, 1: None}),  # unknown layout: every piece may carry it
     ((1, 6, 16), (6, 16), {0: 1}, 1, {0: 6}),  # a microbatch of one sample keeps its batch dim
     ((6, 16), (1, 6, 16), {0: 6}, 1, {0: 1}),  # and finds it again (F.linear's view back)
     ((1, 6, 16), (96,), {0: 1}, 1, {0: 96}),
     ((8, 2), (4, 2, 2), {0: 2}, 4, {0: 1}),  # [T*k] -> [T, k]: the batch moves to T (MoE's top-k rows)
     ((4, 4), (16,), {0: 1, 1: 1}, 4, {0: None}),  # two batch dims merged
+    ((6, 2, 16), (12, 16), {1: 1}, 2, {0: ("tiled", 2, 1)}),  # [T, B] flattened: the batch repeats every 2 rows
+    ((12, 16), (6, 2, 16), {0: ("tiled", 2, 1)}, 2, {1: 1}),  # and splits back onto B
+    ((4, 6, 8), (24, 8), {1: ("tiled", 3, 1)}, 3, {0: ("tiled", 3, 1)}),  # tiles stay tiles when merged outside
 ])
 def test_view_dims(src, out, dims, micro, expected):
     assert view_dims(src, out, dims, micro) == (expected, None)
