@@ -124,7 +124,11 @@ def normalize_loss(plan: Plan) -> Plan:
     rules: list[Any] = ["loss"]
     for j, node in enumerate(outputs[1:], start=1):
         rules.append(analysis.output_rule(j, node))
-    terms = [] if splits == 1 or reduction != "auto" else list(dict.fromkeys(analysis.terms(outputs[0], "output")))
+    try:
+        terms = [] if splits == 1 or reduction != "auto" else list(dict.fromkeys(analysis.terms(outputs[0], "output")))
+    except ZbUnsupportedError:  # a loss zb cannot read: if something before it mixes samples, that is the cause
+        analysis.check_per_sample(explicit=True, within=ancestors([outputs[0]]), auxiliary=False)
+        raise
     if splits == 1 or reduction == "mean" or (reduction == "auto" and all(t.kind == MEAN for t in terms)):
         mode = "mean"
     else:
