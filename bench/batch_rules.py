@@ -22,6 +22,7 @@ def main() -> None:
     print("| model | zb's rules | DTensor | random-data check | routing steps | mixing (the loss's own) | time |")
     print("|---|---|---|---|---|---|---|")
     for name, build in families.items():
+        torch._dynamo.reset()  # one compiled lambda per model: stay under Dynamo's recompile limit
         torch.manual_seed(0)
         model = build()
         ids, labels = hf_models.batch()

@@ -20,7 +20,7 @@ from zb.passes.batch_rules_ops import (attention, batch_norm, convolution, embed
                                        pad, repeat, repeat_interleave, scatter)
 from zb.passes.batch_rules_shape import (alias, along, cat, complex_view, copy_, counts, data_dependent, expand,
                                          fill, like, new_filled, permute, pointwise, reduction, select, slice_,
-                                         split, squeeze, transpose, unsqueeze, view, view_dims)
+                                         split, squeeze, stack, transpose, unsqueeze, view, view_dims)
 
 aten = torch.ops.aten
 
@@ -131,6 +131,7 @@ for _names, _rule in [
       "topk", "kthvalue", "mode", "median", "nanmedian", "flip", "roll", "tril", "triu", "glu", "_safe_softmax",
       "renorm"), along),
     (("cat",), cat),
+    (("stack",), stack),
     (("histc", "bincount"), counts),
     (("nonzero", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "masked_select",
       "_local_scalar_dense", "nonzero_static"), data_dependent),

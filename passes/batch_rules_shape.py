@@ -410,6 +410,19 @@ def cat(ctx: Ctx) -> list[Value]:
     return pointwise(ctx, skip=dim)
 
 
+def stack(ctx: Ctx) -> list[Value]:
+    """torch.stack(tensors, dim): a new dim, so never along the batch; the inputs must agree on their batch dims."""
+    parts = list(ctx.args[0])
+    at = ctx.bound.get("dim", 0) % ctx.outs[0].dim()
+    values = [remap(ctx.v(t), {d: d + (d >= at) for d in range(t.dim())}) for t in parts]
+    layouts = {tuple(v.dims.items()) for v in values if v.dims}
+    batched = {id(t) for t, v in zip(parts, values) if v.dims}
+    if len(layouts) > 1 or (layouts and None in dict(next(iter(layouts))).values() and len(batched) > 1):
+        return ctx.mix("stacks values whose samples are laid out differently")
+    uniform = frozenset.intersection(*(v.uniform for v in values)) - {at}
+    return ctx.each(Value(dict(next(iter(layouts))) if layouts else {}, any(v.stat for v in values), uniform))
+
+
 def counts(ctx: Ctx) -> list[Value]:
     """histc / bincount: tokens per group. Of the sorted keys of a routing sort: that sort's group sizes."""
     v = ctx.v(ctx.args[0])
