@@ -18,9 +18,9 @@ def _compile(model, **options):
 
 def test_unknown_option_lists_the_valid_ones():
     with pytest.raises(zb.ZbOptionError, match=r"unknown zb option 'microbatch' \(did you mean 'microbatches'\?\); "
-                       r"valid options: compiler, data_parallel, fuse_attention, group, loss_reduction, max_grad_norm, "
-                       r"memory_limit, mesh, microbatches, optimizer, post_validation, profile, rebalance, schedule, "
-                       r"shard_optimizer, split_points, stages, timeout, unbatched"):
+                       r"valid options: aux_loss, compiler, data_parallel, fuse_attention, group, loss_reduction, "
+                       r"max_grad_norm, memory_limit, mesh, microbatches, optimizer, post_validation, profile, "
+                       r"rebalance, schedule, shard_optimizer, split_points, stages, timeout, unbatched"):
         zb.Options.from_dict({"microbatch": 2})
 
 
@@ -127,3 +127,8 @@ def test_loss_is_the_mean_over_microbatches():
     expected = torch.stack([F.mse_loss(model.fc2(F.gelu(model.fc1(a))), b)
                             for a, b in zip(x.chunk(4), y.chunk(4))]).mean()
     torch.testing.assert_close(loss, expected)
+
+
+def test_a_wrong_aux_loss_value_lists_the_choices():
+    with pytest.raises(zb.ZbOptionError, match="'aux_loss' must be one of 'refuse', 'per_microbatch'"):
+        zb.Options.from_dict({"aux_loss": "global"})
