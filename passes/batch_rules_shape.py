@@ -304,11 +304,15 @@ def squeeze(ctx: Ctx) -> list[Value]:
     return ctx.each(remap(v, {d: k for k, d in enumerate(kept)}))
 
 
-def slice_(ctx: Ctx) -> list[Value]:
+def _along_dim(ctx: Ctx) -> tuple[torch.Tensor, int, Value, dict[str, Any]]:
+    """(the tensor, its `dim` argument made non-negative, its facts, the bound arguments)."""
     b = ctx.bound
     src = b["self"]
-    dim = b["dim"] % max(src.dim(), 1)
-    v = ctx.v(src)
+    return src, b["dim"] % max(src.dim(), 1), ctx.v(src), b
+
+
+def slice_(ctx: Ctx) -> list[Value]:
+    src, dim, v, b = _along_dim(ctx)
     end = b.get("end")
     whole = b.get("start") in (0, None) and (end is None or end >= 2 ** 62) and b.get("step", 1) in (1, None)
     if dim in v.dims and not whole:
@@ -328,10 +332,7 @@ def select(ctx: Ctx) -> list[Value]:
 
 
 def split(ctx: Ctx) -> list[Value]:
-    b = ctx.bound
-    src = b["self"]
-    dim = b["dim"] % max(src.dim(), 1)
-    v = ctx.v(src)
+    src, dim, v, _ = _along_dim(ctx)
     if dim in v.dims and len(ctx.outs) > 1:
         return ctx.mix("splits a batch dimension into pieces (groups samples by their position in the batch)")
     if ctx.func.overloadpacket is aten.unbind:

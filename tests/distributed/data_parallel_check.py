@@ -85,15 +85,7 @@ def check_gradients(model_name: str, schedule: str, replicas: int, compiler: str
         expected.backward()
         torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL,
                                    msg=lambda m, i=i: f"{what}: loss of step {i}: {m}")
-        owned = {n for n, p in model.named_parameters() if p.grad is not None}
-        everyone: list = [None] * world
-        dist.all_gather_object(everyone, owned)
-        missing = {n for n, _ in model.named_parameters()} - set().union(*everyone)
-        assert not missing, f"{what}: no rank got a gradient for {sorted(missing)}"
-        for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
-            if name in owned:
-                torch.testing.assert_close(p.grad, q.grad, rtol=RTOL, atol=ATOL,
-                                           msg=lambda m, n=name, i=i: f"{what}: grad of {n} in step {i}: {m}")
+        owned = assert_owned_grads(model, reference_model, f"{what}, step {i}")
         for opt in optimizers:
             opt.step()
             opt.zero_grad()
@@ -135,8 +127,13 @@ def check_loss(form: str, microbatches: int, replicas: int) -> None:
             b = part(b, replica, replicas)
         torch.testing.assert_close(a.detach(), b.detach(), rtol=RTOL, atol=ATOL,
                                    msg=lambda m, j=j: f"{what}: output {j}: {m}")
+    assert_owned_grads(model, reference_model, what)
+
+
+def assert_owned_grads(model, reference_model, what: str) -> set[str]:
+    """Every parameter has a gradient on some rank, and each rank's equals eager's; returns this rank's names."""
     owned = {n for n, p in model.named_parameters() if p.grad is not None}
-    everyone: list = [None] * world
+    everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, owned)
     missing = {n for n, _ in model.named_parameters()} - set().union(*everyone)
     assert not missing, f"{what}: no rank got a gradient for {sorted(missing)}"
@@ -144,6 +141,7 @@ def check_loss(form: str, microbatches: int, replicas: int) -> None:
         if name in owned:
             torch.testing.assert_close(p.grad, q.grad, rtol=RTOL, atol=ATOL,
                                        msg=lambda m, n=name: f"{what}: grad of {n}: {m}")
+    return owned
 
 
 def check_optimizer(kind: str, schedule: str, post_validation: bool, shard: bool, replicas: int,
