@@ -18,12 +18,13 @@ Contract
     h = h.flatten(0,1) [B, T, H]    ->  [B*T, H]: {0}   (the batch stays outermost)
     h = h.softmax(0)   {0}          ->  Mixing("softmax over a batch dimension")
 
-The per-value facts: `dims` maps each batch-carrying dimension to its per-sample extent (how many consecutive
-positions along it one sample covers; None when samples interleave there), `stat` marks a value computed from
-several samples (a reduction over the batch), `filled` a value that is constant or random along every dimension
-(zeros, ones, dropout masks), which may line up with the batch without mixing, and `route` the mixture-of-experts
-routing facts (rows grouped by a sort over the batch, the sort's indices, its inverse, the group counts) that
-make a token's result depend on that token alone.
+The per-value facts (`batch_facts.Value`): `dims` maps each batch-carrying dimension to its layout (the
+per-sample extent: how many consecutive positions along it one sample covers; ("tiled", repeat, block) when the
+batch repeats along it; None when unknown), `stat` marks a value computed from several samples (a reduction over
+the batch), `uniform` the dims along which a value is constant or random (zeros, an expanded position table, a
+dropout mask), which may line up with the batch without mixing, and `route` the mixture-of-experts routing facts
+(rows grouped by a sort over the batch, the sort's indices, its inverse, the group counts) that make a token's
+result depend on that token alone.
 
 Rules come from three places, in order: zb's own (`batch_rules.py`), DTensor's sharding propagation for aten
 operations zb has no rule for (a batch dimension is `Shard(d)`: an operation that keeps `Shard` without
@@ -44,7 +45,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from zb.passes import batch_rules
-from zb.passes.batch_rules import Value
+from zb.passes.batch_facts import NONE, Layout, Value, tensors
 from zb.passes.plan import Plan
 
 
@@ -64,18 +65,17 @@ class BatchAnalysis:
     """What analyze_batch found (see the module docstring)."""
 
     microbatch: int  # samples per microbatch
-    dims: dict[str, dict[int, int | None]] = field(default_factory=dict)  # node name -> batch dim -> extent
+    dims: dict[str, dict[int, Layout]] = field(default_factory=dict)  # node name -> batch dim -> layout
     stat: set[str] = field(default_factory=set)  # nodes whose value is computed from several samples
     mixing: list[Mixing] = field(default_factory=list)
     rules: collections.Counter = field(default_factory=collections.Counter)  # which rule source answered
 
-    def batch_dims(self, node: str) -> dict[int, int | None]:
+    def batch_dims(self, node: str) -> dict[int, Layout]:
         return self.dims.get(node, {})
 
 
 def analyze_batch(plan: Plan) -> Plan:
-    replicas = max(plan.options.data_parallel, 1)
-    if plan.options.microbatches * replicas == 1:
+    if plan.splits == 1:
         return plan
     batched = [s.index for s in plan.inputs if s.batched]
     sizes = {plan.example_inputs[i].shape[0] for i in batched}
@@ -113,7 +113,7 @@ class _Run(fx.Interpreter):
             outputs = super().run(*fake)
         (node,) = self.plan.graph.graph.find_nodes(op="output")
         self.current = node
-        for t in _tensors(outputs):  # a value left in the order of a routing sort is not the batch's order
+        for t in tensors(outputs):  # a value left in the order of a routing sort is not the batch's order
             route = self.get(t).route
             if route is not None and route[0] in ("rows", "keys", "index", "inverse"):
                 self.mix("output", "returns values in the order of a sort over the batch, not the batch's order",
@@ -122,7 +122,7 @@ class _Run(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
         out = super().run_node(n)
-        first = next((t for t in _tensors(out)), None)
+        first = next(iter(tensors(out)), None)
         if first is not None:
             value = self.get(first)
             if value.dims:
@@ -133,7 +133,7 @@ class _Run(fx.Interpreter):
 
     def get(self, t: torch.Tensor) -> Value:
         held = self.values.get(id(t))
-        return held[1] if held is not None and held[0] is t else batch_rules.NONE
+        return held[1] if held is not None and held[0] is t else NONE
 
     def set(self, t: torch.Tensor, value: Value) -> None:
         self.values[id(t)] = (t, value)
@@ -169,12 +169,6 @@ class _Dispatch(TorchDispatchMode):
         if isinstance(func, torch._ops.OpOverload):
             batch_rules.apply(self.run, func, args, kwargs, out)
         return out
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    fx.node.map_aggregate(out, lambda x: found.append(x) if isinstance(x, torch.Tensor) else None)
-    return found
 
 
 def source_line(node: fx.Node | None) -> str:

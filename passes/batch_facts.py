@@ -8,6 +8,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+# A batch dim's layout: an int e (position r belongs to sample r // e), ("tiled", repeat, block) (sample
+# (r % repeat) // block: the batch repeats along the dim), or None (unknown).
+Layout = int | tuple | None
+
+
 @dataclass(frozen=True, eq=False)
 class Sort:
     """A sort of a 1-D batch-carrying tensor: the order in which mixture-of-experts routing groups its rows."""
@@ -20,7 +25,7 @@ class Sort:
 class Value:
     """What analyze_batch knows of one tensor (see analyze_batch's docstring)."""
 
-    dims: dict[int, int | None] = field(default_factory=dict)  # batch dim -> per-sample extent (None: unknown)
+    dims: dict[int, Layout] = field(default_factory=dict)  # batch dim -> its layout
     stat: bool = False  # computed from several samples
     uniform: frozenset[int] = frozenset()  # dims along which the values are constant (or random)
     # Routing: ("rows", Sort) rows in a sort's order; ("keys", Sort) the sorted keys themselves; ("index", Sort, k)

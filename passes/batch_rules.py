@@ -89,9 +89,7 @@ def _no_facts(ctx: Ctx, packet, ins: list[torch.Tensor]) -> list[Value]:
         return [Value(uniform=frozenset(range(t.dim()))) for t in ctx.outs]
     if packet is aten.arange and ctx.outs[0].dim() == 1:
         bound = ctx.bound
-        start, step = bound.get("start", 0), bound.get("step", 1)
-        if packet is aten.arange and len(ctx.args) == 1:
-            start, step = 0, 1
+        start, step = bound.get("start", 0), bound.get("step", 1)  # arange(end) has neither: 0 and 1
         if start in (0, None) and step in (1, None):
             return [Value(route=("iota",))]
     return [NONE] * len(ctx.outs)

@@ -75,8 +75,6 @@ MUL = (operator.mul, torch.mul)
 DIV = (operator.truediv, torch.div, torch.true_divide)
 NEG = (operator.neg, torch.neg)
 MEAN, SUM, RATIO = "mean", "sum", "ratio"
-# Methods that read only the dtype and device of the tensor they are called on (a mask built with x.new_ones).
-SHAPE_ONLY = ("new_ones", "new_zeros", "new_empty", "new_full", "new_tensor")
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,7 @@ class LossSpec:
 
 
 def normalize_loss(plan: Plan) -> Plan:
-    splits = plan.options.microbatches * plan.options.data_parallel  # n in the module docstring
+    splits = plan.splits  # n in the module docstring
     reduction = plan.options.loss_reduction
     analysis = _Analysis(plan)
     outputs = analysis.outputs
@@ -147,7 +145,7 @@ class _Analysis:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.m = plan.options.microbatches * plan.options.data_parallel  # the splits n (module docstring)
+        self.m = plan.splits  # n in the module docstring
         self.graph = plan.graph.graph
         (out,) = self.graph.find_nodes(op="output")
         self.outputs = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
@@ -329,7 +327,7 @@ class _Analysis:
         kind = self._leaf_kind(node)
         if kind is None:
             raise self._unknown(node, "an operation zb does not know the normalisation of")
-        reduced = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        reduced = _reduced(node)
         if self.plan.batch is not None and isinstance(reduced, fx.Node) and reduced.name in self.plan.batch.stat:
             return self._auxiliary(node, parent, reduced)
         self._verify_reduction(node)
@@ -372,7 +370,7 @@ class _Analysis:
 
     def _verify_reduction(self, node: fx.Node) -> None:
         """A reduction the analysis understood must reduce one value per sample; check_per_sample then lets it be."""
-        reduced = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        reduced = _reduced(node)
         batch = self.plan.batch
         if isinstance(reduced, fx.Node) and batch is not None and reduced.name in batch.stat:
             self.check_per_sample(within=ancestors([reduced]), auxiliary=False)  # name what mixed the samples
@@ -557,6 +555,11 @@ def _weigh_terms(plan: Plan, analysis: _Analysis, terms: list[LossTerm]) -> None
     _erase_unused(graph, replaced)  # the divisions whose numerators now carry the weight
     graph.lint()
     plan.graph.recompile()
+
+
+def _reduced(node: fx.Node) -> Any:
+    """What a reduction (a leaf of the loss) reduces: its first argument."""
+    return node.args[0] if node.args else next(iter(node.kwargs.values()), None)
 
 
 def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:

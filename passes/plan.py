@@ -136,6 +136,11 @@ class Plan:
     history: list[PassRecord] = field(default_factory=list)
 
     @property
+    def splits(self) -> int:
+        """How many parts the global batch is cut into: microbatches x data-parallel replicas."""
+        return self.options.microbatches * self.options.data_parallel
+
+    @property
     def parameters(self) -> list[InputSpec]:
         return [s for s in self.inputs if s.kind == "parameter"]
 

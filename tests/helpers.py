@@ -43,6 +43,22 @@ def assert_close(actual, expected, what):
         torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
 
 
+def assert_owned_grads(model, reference, what: str) -> set[str]:
+    """Under torch.distributed: every parameter has a gradient on some rank, and each rank's equals eager's;
+    returns the names this rank holds gradients for."""
+    import torch.distributed as dist
+
+    owned = {n for n, p in model.named_parameters() if p.grad is not None}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, owned)
+    missing = {n for n, _ in model.named_parameters()} - set().union(*everyone)
+    assert not missing, f"{what}: no rank got a gradient for {sorted(missing)}"
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if name in owned:
+            assert_close(p.grad, q.grad, f"{what}: grad of {name}")
+    return owned
+
+
 def assert_matches_eager(factory, **options):
     zb, eager = run_both(factory, **options)
     assert_close(zb["loss"], eager["loss"], "loss")

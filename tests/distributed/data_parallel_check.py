@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import zb  # noqa: E402
 from tests import models  # noqa: E402
+from tests.helpers import assert_owned_grads  # noqa: E402
 from tests.optim_check import MAX_NORM, OPTIMIZERS, RTOL, ATOL, batches, reference  # noqa: E402
 from zb.runtime.optimizer import history  # noqa: E402
 
@@ -128,20 +129,6 @@ def check_loss(form: str, microbatches: int, replicas: int) -> None:
         torch.testing.assert_close(a.detach(), b.detach(), rtol=RTOL, atol=ATOL,
                                    msg=lambda m, j=j: f"{what}: output {j}: {m}")
     assert_owned_grads(model, reference_model, what)
-
-
-def assert_owned_grads(model, reference_model, what: str) -> set[str]:
-    """Every parameter has a gradient on some rank, and each rank's equals eager's; returns this rank's names."""
-    owned = {n for n, p in model.named_parameters() if p.grad is not None}
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, owned)
-    missing = {n for n, _ in model.named_parameters()} - set().union(*everyone)
-    assert not missing, f"{what}: no rank got a gradient for {sorted(missing)}"
-    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
-        if name in owned:
-            torch.testing.assert_close(p.grad, q.grad, rtol=RTOL, atol=ATOL,
-                                       msg=lambda m, n=name: f"{what}: grad of {n}: {m}")
-    return owned
 
 
 def check_optimizer(kind: str, schedule: str, post_validation: bool, shard: bool, replicas: int,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
+from tests.helpers import assert_owned_grads  # noqa: E402
 from zb import ZbError  # noqa: E402
 
 OPTIONS = {"schedule": "zb-h1", "microbatches": 4, "compiler": "eager", "timeout": 60.0}
@@ -70,7 +71,7 @@ def token_mean(rank: int) -> None:
     for j in range(2):
         torch.testing.assert_close(got[j].detach(), want[j].detach(), rtol=1e-5, atol=1e-6,
                                    msg=lambda m, j=j: f"output {j} on rank {rank}: {m}")
-    _same_grads(model, reference, rank)
+    assert_owned_grads(model, reference, f"rank {rank}")
 
 
 def input_grad(rank: int) -> None:
@@ -83,7 +84,7 @@ def input_grad(rank: int) -> None:
     torch.compile(model, backend="zb", options=options)(x, y).backward()
     reference(x_ref, y).backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"x.grad on rank {rank}: {m}")
-    _same_grads(model, reference, rank)
+    assert_owned_grads(model, reference, f"rank {rank}")
 
 
 def one_batch(rank: int) -> None:
@@ -129,18 +130,6 @@ def dropout(rank: int) -> None:
     assert not same, f"rank {rank}: microbatch masks repeated (early 0-3, late 4-7): {same}"
     again = masks(1)
     assert torch.equal(again[0], early) and torch.equal(again[1], late), "the same seed gave other masks"
-
-
-def _same_grads(model, reference, rank: int) -> None:
-    owned = {n for n, p in model.named_parameters() if p.grad is not None}
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, owned)
-    missing = {n for n, _ in model.named_parameters()} - set().union(*everyone)
-    assert not missing, f"no rank got a gradient for {sorted(missing)}"
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        if name in owned:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, n=name: f"grad of {n} on rank {rank}: {m}")
 
 
 def main() -> None:
