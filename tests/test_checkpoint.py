@@ -24,7 +24,7 @@ import torch
 import zb
 from tests import models
 from tests.distributed.checkpoint_check import batch as token_batch
-from tests.test_pipeline import ROOT, _free_port, torchrun
+from tests.test_pipeline import ROOT, launch, torchrun
 from zb.schedules import Schedule, generate
 
 OPTIMIZERS = {
@@ -164,9 +164,11 @@ def test_zb_checkpoint_command_lists_what_a_checkpoint_holds(tmp_path):
 
 
 # Under torchrun ---------------------------------------------------------------------------------------------------
-def _run(tmp_path: pathlib.Path, name: str, *args: str, ranks: int = 2):
+def _run(tmp_path: pathlib.Path, name: str, *args: str, ranks: int = 2, agent: bool = True):
     out_file = tmp_path / f"{name}.pt"
-    if ranks == 1:
+    if not agent:  # a rank dies on purpose: see tests.test_pipeline.launch
+        out = launch(ranks, ROOT / "tests" / "distributed" / "checkpoint_check.py", *args, "--out", str(out_file))
+    elif ranks == 1:
         env_args = [sys.executable, str(ROOT / "tests" / "distributed" / "checkpoint_check.py")]
         out = subprocess.run([*env_args, *args, "--out", str(out_file)], cwd=ROOT, capture_output=True, text=True,
                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -218,7 +220,7 @@ def test_torchrun_two_stages_per_rank_resume_with_one(tmp_path):
 def test_torchrun_a_rank_dying_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     out, _ = _run(tmp_path, "dies", "--schedule", "zb-h1", "--steps", "6", "--save-at", "2,4", "--die-in-save",
-                  "--save", str(ckpt))
+                  "--save", str(ckpt), agent=False)
     assert out.returncode != 0
     assert "writing checkpoint" in out.stderr and "previous checkpoint" in out.stderr, out.stderr[-3000:]
     torch.manual_seed(0)
@@ -234,11 +236,8 @@ def test_torchrun_a_lost_rank_and_resume_finish_with_the_uninterrupted_loss(tmp_
     common = ["--preset", "tiny", "--compiler", "eager", "--steps", "6", "--corpus-mb", "0.5", "--batch-size", "8",
               "--microbatches", "4", "--log-every", "2", "--json", "--timeout", "10", "--schedule", "zb-h1"]
 
-    def run(*extra: str):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                   str(_free_port()), str(ROOT / "examples" / "train_gpt.py"), *common, *extra]
-        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    def run(*extra: str):  # without torchrun's agent, which would kill the survivor (tests.test_pipeline.launch)
+        return launch(2, ROOT / "examples" / "train_gpt.py", *common, *extra, cwd=tmp_path)
 
     whole = run()
     assert whole.returncode == 0, whole.stderr[-3000:]

@@ -102,6 +102,33 @@ def torchrun(ranks: int, script: str, *args: str, timeout: int = 600) -> subproc
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def launch(ranks: int, script: pathlib.Path, *args: str, cwd: pathlib.Path = ROOT,
+           timeout: int = 600) -> subprocess.CompletedProcess:
+    """Start `ranks` processes of `script` with torchrun's environment variables but without its agent, and wait
+    for all of them. For tests where a rank dies on purpose: torchrun's agent sends SIGTERM to the others as soon as
+    one exits non-zero, which races the survivors' own error report (seen in CI: the survivor was killed before it
+    printed). Returns one CompletedProcess: the outputs joined in rank order, the first non-zero exit code."""
+    port = str(_free_port())
+    processes = []
+    for rank in range(ranks):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks),
+                   LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        processes.append(subprocess.Popen([sys.executable, str(script), *args], cwd=cwd, env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=timeout))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    codes = [process.returncode for process in processes]
+    return subprocess.CompletedProcess(processes[0].args, next((c for c in codes if c != 0), 0),
+                                       "".join(out for out, _ in outputs), "".join(err for _, err in outputs))
+
+
 @pytest.mark.parametrize("ranks", [2, 4])
 @pytest.mark.parametrize("model", ["gpt", "mlp"])
 def test_torchrun_pipeline_matches_eager(model, ranks):
