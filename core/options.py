@@ -212,6 +212,11 @@ class Options:
         "computes the term over its own tokens and the step averages them: Megatron's per-micro-batch aux loss, not "
         "eager's whole-batch value)", _choice("refuse", "per_microbatch"),
     )
+    plan_cache: int = _option(
+        8, "how many input signatures (batch shapes, sequence lengths) keep their compiled pipeline; the least "
+        "recently used one is freed when another arrives (Dynamo's recompiles of the same function share them)",
+        _positive_int,
+    )
     fuse_attention: bool = _option(
         True, "replace attention (F.scaled_dot_product_attention and hand-written softmax(q @ k^T) @ v) with zb's "
         "flash-attention operator", _boolean,

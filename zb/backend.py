@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from zb import adapt, checkpoint
+from zb import adapt, checkpoint, plan_cache
 from zb.codegen import build_program, compile_plan
 from zb.core.errors import ZbError, ZbOptionError, ZbUnsupportedError
 from zb.core.options import Options
@@ -44,12 +44,13 @@ class ZbBackend:
 
     @property
     def plans(self) -> list[Plan]:
-        return [plan for graph in self.graphs for plan in graph.plans.values()]
+        return list({id(p): p for graph in self.graphs for p in graph.plans.values()}.values())
 
     @property
     def runners(self) -> list[PipelineRunner]:
         """What runs each compiled signature: its schedule, measured timeline, memory, per graph in order."""
-        return [runner for graph in self.graphs for runner, _ in graph.built.values() if runner is not None]
+        runners = {id(r): r for graph in self.graphs for r, _ in graph.built.values() if r is not None}
+        return list(runners.values())
 
 
 def explain(model: Any, *example_inputs: Any, **options: Any) -> Plan:
@@ -75,7 +76,8 @@ class CompiledGraph:
     """What Dynamo calls in place of one graph: builds (once per input signature) and runs a plan.
 
     Dynamo's graph is traced at the full batch. When the batch is split (microbatches > 1) or Dynamo made the
-    graph dynamic, the plan is built from the same frame re-traced at microbatch size (see zb/frame.py).
+    graph dynamic, the plan is built from the same frame re-traced at microbatch size (zb/dynamo.py). The built
+    pipelines live in a cache shared with Dynamo's other graphs of the same function (zb/plan_cache.py).
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
@@ -90,37 +92,68 @@ class CompiledGraph:
         nodes = gm.graph.find_nodes(op="placeholder")
         self.static = not any(s.kind == "constant" or has_symbolic_shape(n) for s, n in zip(self.inputs, nodes))
         self.pipeline = Pipeline(options)
-        self.plans: dict[tuple, Plan] = {}
-        self.built: dict[tuple, tuple[PipelineRunner | None, list[int]]] = {}
-        self.rebalanced: set[tuple] = set()  # signatures whose stages were (or were decided not to be) re-cut
+        modules = frame_modules(tx, example_inputs)
+        # Planning only (codegen=False, zb.explain) keeps its plans to itself: they have nothing to run.
+        self.cache = plan_cache.shared(tx.f_code if tx is not None and codegen else None, options, modules)
         # The models this graph trains: their state_dict() on a pipeline rank holds only what the rank owns.
-        for module in frame_modules(tx, example_inputs):
+        for module in modules:
             checkpoint.guard(module)
+
+    @property
+    def plans(self) -> dict[tuple, Plan]:
+        """Signature -> its plan, for the signatures the cache holds."""
+        return {key: entry.plan for key, entry in self.cache.entries.items()}
+
+    @property
+    def built(self) -> dict[tuple, tuple[PipelineRunner | None, list[int]]]:
+        """Signature -> (what runs it, the position in this graph's arguments of each of the plan's inputs)."""
+        return {key: (entry.runner, self._arg_map(entry)) for key, entry in self.cache.entries.items()}
+
+    @property
+    def rebalanced(self) -> set[tuple]:
+        """Signatures whose stages were (or were decided not to be) re-cut."""
+        return self.cache.rebalanced
 
     def __call__(self, *args: Any) -> Any:
         training = torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args
         )
-        key = (training, *(_signature(a) for a in args))
-        if key not in self.built:
+        key = self._key(args, training)
+        entry = self.cache.get(key)
+        if entry is None:
             plan, arg_map = self.build_plan(args, training)
-            self.plans[key] = plan
-            self.built[key] = (self._runner(plan) if self.codegen else None, arg_map)
-            if self.built[key][0] is not None:
-                checkpoint.resume(self.built[key][0], [args[i] for i in arg_map])
-        runner, arg_map = self.built[key]
-        if runner is None:
+            entry = plan_cache.Entry(plan, self._runner(plan) if self.codegen else None,
+                                     [self.inputs[i].source for i in arg_map])
+            self.cache.put(key, entry)
+            if entry.runner is not None:
+                checkpoint.resume(entry.runner, [args[i] for i in arg_map])
+        if entry.runner is None:
             return self.gm(*args)
-        result = runner(*[args[i] for i in arg_map])
-        adapt.after_step(self, key, runner, args)
+        arg_map = self._arg_map(entry)
+        result = entry.runner(*[args[i] for i in arg_map])
+        adapt.after_step(self, key, entry.runner, args)
         return result
+
+    def _key(self, args: Sequence[Any], training: bool) -> tuple:
+        """The call's signature, the same in every graph Dynamo makes of this function: each input's shape, dtype,
+        device (a non-tensor's value) by its source; the sizes a dynamic graph takes as arguments are left out
+        (the tensors' shapes say them)."""
+        named = ((spec.source, _signature(value)) for spec, value in zip(self.inputs, args)
+                 if isinstance(value, torch.Tensor) or not _is_size(spec.source))
+        return (training, *sorted(named, key=lambda item: item[0]))
+
+    def _arg_map(self, entry: plan_cache.Entry) -> list[int]:
+        position = {spec.source: spec.index for spec in self.inputs}
+        missing = [source for source in entry.sources if source not in position]
+        if missing:
+            raise ZbError(f"a pipeline built for this function reads inputs this graph of it does not: {missing}")
+        return [position[source] for source in entry.sources]
 
     def install(self, key: tuple, plan: Plan, arg_map: list[int], steps: int) -> PipelineRunner:
         """Run `plan` for this input signature from now on (a re-cut: zb/adapt.py)."""
         fresh = self._runner(plan, measure_first=False)
         fresh.steps = steps  # zb-auto re-plans at the same step as without the re-cut
-        self.plans[key] = plan
-        self.built[key] = (fresh, arg_map)
+        self.cache.put(key, plan_cache.Entry(plan, fresh, [self.inputs[i].source for i in arg_map]))
         return fresh
 
     def build_plan(self, args: Sequence[Any], training: bool, measured: tuple[float, ...] | None = None,
@@ -254,6 +287,11 @@ def _split_axes(specs: list[InputSpec], args: Sequence[Any], unbatched: tuple[st
             f"zb cannot tell the batch size: the tensor arguments have dim 0 of sizes {sizes}; name the arguments "
             "that are not split into microbatches (passed whole to each) with options={'unbatched': [...]}")
     return [replace(s, batched=s in candidates) for s in specs]
+
+
+def _is_size(source: str) -> bool:
+    """A graph input Dynamo reads from a tensor's shape (a dynamic graph's sizes): L['x'].size()[1], ..."""
+    return any(part in source for part in (".size()", ".stride()", ".storage_offset()"))
 
 
 def _signature(value: Any) -> Any:

@@ -70,13 +70,15 @@ class FrameCapture:
         def capture_backend(gm, example_inputs, **_):
             # Dynamo drops the placeholders' sources once the backend returns: describe the inputs now.
             captured.append((gm, list(example_inputs), describe_inputs(gm, example_inputs)))
-            return gm.forward
+            return _stop  # the graph is all zb wants: the model is not run (no whole-model pass at this size)
 
         compiled = torch.compile(
             self.function, backend=capture_backend, fullgraph=True, dynamic=False, isolate_recompiles=True
         )
         try:
             compiled(*positional, **keyword)
+        except _Captured:
+            pass
         except torch._dynamo.exc.Unsupported as e:
             raise ZbUnsupportedError(f"zb could not re-trace the model at microbatch size: {e}") from None
         except Exception as e:  # the model itself fails at this batch size (a buffer or index sized to the batch)
@@ -92,6 +94,14 @@ class FrameCapture:
         if len(captured) != 1:
             raise ZbUnsupportedError(f"re-tracing at microbatch size gave {len(captured)} graphs, expected one")
         return captured[0]
+
+
+class _Captured(Exception):
+    """Raised in place of running a re-traced graph: capturing it was the point."""
+
+
+def _stop(*_: Any) -> None:
+    raise _Captured
 
 
 def _arg_names(code: types.CodeType) -> list[str]:

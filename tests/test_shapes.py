@@ -1,0 +1,72 @@
+"""Changing input shapes (dynamic padding: another sequence length per batch) against eager PyTorch.
+
+Dynamo compiles the function again for a new shape (static first, then with the changed sizes symbolic); the
+pipelines zb builds per signature live in one cache that all those graphs share (zb/plan_cache.py), bounded by
+option plan_cache (least recently used freed first).
+"""
+
+import copy
+
+import pytest
+import torch
+
+import zb
+from tests import models
+from zb.backend import CompiledGraph
+
+LENGTHS = [16, 12, 8, 12, 16, 10]
+
+
+def _train(lengths, plan_cache, monkeypatch):
+    built = []
+    original = CompiledGraph.build_plan
+
+    def counting(self, args, training, *rest, **kwargs):
+        built.append(tuple(args[-1].shape))
+        return original(self, args, training, *rest, **kwargs)
+
+    monkeypatch.setattr(CompiledGraph, "build_plan", counting)
+    torch.manual_seed(0)
+    model, _ = models.gpt()
+    reference = copy.deepcopy(model)
+    backend = zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager", "schedule": "zb-h1",
+                            "plan_cache": plan_cache})
+    step = torch.compile(model, backend=backend)
+    generator = torch.Generator().manual_seed(1)
+    for length in lengths:
+        ids = torch.randint(0, 256, (8, length), generator=generator)
+        labels = torch.randint(0, 256, (8, length), generator=generator)
+        loss = step(ids, labels)
+        loss.backward()
+        expected = reference(ids, labels)
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"length {length}: {name}")
+        model.zero_grad()
+        reference.zero_grad()
+    return backend, built
+
+
+def test_changing_lengths_equal_eager_and_a_length_seen_before_builds_nothing(monkeypatch):
+    backend, built = _train(LENGTHS, plan_cache=8, monkeypatch=monkeypatch)
+    assert len(backend.graphs) == 2  # Dynamo's static graph, then its dynamic one
+    assert built == [(8, 16), (8, 12), (8, 8), (8, 10)], built  # 12 and 16 again: from the shared cache
+    assert backend.graphs[0].cache is backend.graphs[1].cache
+
+
+def test_the_cache_is_bounded_least_recently_used_first(monkeypatch):
+    backend, built = _train([16, 12, 8, 12, 16], plan_cache=2, monkeypatch=monkeypatch)
+    cache = backend.graphs[-1].cache
+    # 16, 12, 8 (16 freed), 12 (kept), 16 again (built anew; 8 freed)
+    assert built == [(8, 16), (8, 12), (8, 8), (8, 16)], built
+    assert len(cache.entries) == 2 and cache.evicted == 2
+    kept = {sig[0][1] for key in cache.entries for source, sig in key[1:]
+            if source.startswith("L['") and "_modules" not in source and len(sig[0]) == 2}
+    assert kept == {12, 16}, kept
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_plan_cache_option_is_checked(bad):
+    with pytest.raises(zb.ZbOptionError, match="plan_cache"):
+        zb.ZbBackend({"plan_cache": bad})
