@@ -212,6 +212,11 @@ class Options:
         "computes the term over its own tokens and the step averages them: Megatron's per-micro-batch aux loss, not "
         "eager's whole-batch value)", _choice("refuse", "per_microbatch"),
     )
+    release: bool = _option(
+        True, "on a pipeline rank, free the storage of the parameters and buffers only other ranks' stages read "
+        "(each rank then holds its own stages' share of the model); using one outside zb is an error naming its "
+        "owner. False keeps every tensor on every rank", _boolean,
+    )
     plan_cache: int = _option(
         8, "how many input signatures (batch shapes, sequence lengths) keep their compiled pipeline; the least "
         "recently used one is freed when another arrives (Dynamo's recompiles of the same function share them)",

@@ -25,6 +25,7 @@ from zb.runtime.executor import StepExecutor, combine
 from zb.runtime.microbatch import fingerprint, split_microbatches
 from zb.runtime.optimizer import OptimizerStep, synchronize
 from zb.runtime.profile import measured_costs, measured_timeline, modelled_costs
+from zb.runtime.released import is_released, release, zb_internal
 from zb.schedules import Action, Costs, F, Schedule, Timeline, lower
 
 
@@ -109,6 +110,33 @@ class PipelineRunner:
         return measured_timeline(self.trace, self.schedule, self.costs)
 
     def __call__(self, *args: Any) -> Any:
+        with zb_internal():  # the other ranks' released parameters pass through as arguments, never read
+            return self._call(args)
+
+    def release_foreign(self, args: Sequence[Any]) -> int:
+        """Free the parameters and buffers among `args` (the plan's inputs) that only other pipeline ranks' stages
+        read (runtime/released.py); returns the bytes freed. Tensors sharing storage with one this process reads
+        stay."""
+        program = self.program
+        readers = program.readers(self.schedule.placement)
+        mine = set(self.ranks)
+        state = [s for s in program.inputs if s.kind in ("parameter", "buffer")]
+        kept = {args[s.index].untyped_storage().data_ptr() for s in state
+                if readers.get(s.index, set()) & mine and not is_released(args[s.index])}
+        freed = 0
+        for spec in state:
+            tensor, ranks = args[spec.index], readers.get(spec.index, set())
+            if not ranks or ranks & mine or is_released(tensor):
+                continue
+            if tensor.untyped_storage().data_ptr() in kept:
+                continue
+            stages = [s for s, stage in enumerate(program.stages) if spec.index in stage.reads]
+            owner = (f"pipeline rank {min(ranks)} (stage{'s' if len(stages) > 1 else ''} "
+                     f"{', '.join(map(str, stages))})")
+            freed += release(tensor, owner)
+        return freed
+
+    def _call(self, args: Sequence[Any]) -> Any:
         if self.optimizer is not None:
             return self._optimizer_step(args)
         if self.program.training:
@@ -394,6 +422,11 @@ class _TrainingStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, *extra: Any):
+        with zb_internal():
+            return _TrainingStep._backward(ctx, grad_loss, *extra)
+
+    @staticmethod
+    def _backward(ctx, grad_loss: torch.Tensor, *extra: Any):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise ZbError(

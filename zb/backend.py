@@ -7,6 +7,7 @@ graph, the plan it built for each input signature, so tests and `zb.explain` can
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -24,6 +25,9 @@ from zb.dynamo import (
 from zb.passes import PASSES, InputSpec, Plan, run_passes
 from zb.pipeline import Pipeline
 from zb.runtime import PipelineRunner, split_microbatches
+from zb.runtime.released import zb_internal
+
+log = logging.getLogger(__name__)
 
 
 class ZbBackend:
@@ -115,6 +119,11 @@ class CompiledGraph:
         return self.cache.rebalanced
 
     def __call__(self, *args: Any) -> Any:
+        # Other ranks' released tensors (runtime/released.py) are planned with and passed on, never read.
+        with zb_internal():
+            return self._call(args)
+
+    def _call(self, args: Sequence[Any]) -> Any:
         training = torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args
         )
@@ -127,6 +136,8 @@ class CompiledGraph:
             self.cache.put(key, entry)
             if entry.runner is not None:
                 checkpoint.resume(entry.runner, [args[i] for i in arg_map])
+                if entry.runner.distributed and self.options.release:
+                    _release(entry.runner, [args[i] for i in arg_map])
         if entry.runner is None:
             return self.gm(*args)
         arg_map = self._arg_map(entry)
@@ -233,6 +244,13 @@ class CompiledGraph:
         runner = PipelineRunner(program, schedule, local, pipeline.comm(), pipeline.replicas, pipeline.replica_comm(),
                                 pipeline.replica)
         return adapt.configure(runner, measure_first=measure_first)
+
+
+def _release(runner: PipelineRunner, values: list[Any]) -> None:
+    freed = runner.release_foreign(values)
+    if freed:
+        log.info("zb: pipeline rank %d released %.1f MiB of parameters and buffers other ranks own (option "
+                 "release=False keeps them)", runner.ranks[0], freed / 2**20)
 
 
 def _reject_autocast(gm: fx.GraphModule) -> None:

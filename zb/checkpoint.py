@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from zb.core.errors import ZbError
 from zb.runtime.optimizer import synchronize
+from zb.runtime.released import is_released
 from zb.runtime.runner import LIVE
 from zb.schedules import Schedule
 
@@ -259,14 +260,15 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     tensors = _named_state(model)
     _check_model(saved, tensors, path)
     group, rank, world = _group()
-    state: dict[str, Any] = {f"model.{k}": t.detach() for k, t in tensors.items()}
+    # Released tensors (another rank's, runtime/released.py) are not read: their owner loads them.
+    state: dict[str, Any] = {f"model.{k}": t.detach() for k, t in tensors.items() if not is_released(t)}
     names = _parameter_names(model)
     if optimizer is not None:
         if manifest.get("optimizer") != type(optimizer).__name__:
             raise ZbError(f"checkpoint {path} holds the state of a {manifest.get('optimizer')} optimizer, not of a "
                           f"{type(optimizer).__name__}; build the optimizer the run was saved with")
         state["optim.groups"] = b""
-        for p in (p for g in optimizer.param_groups for p in g["params"]):
+        for p in (p for g in optimizer.param_groups for p in g["params"] if not is_released(p)):
             name = names.get(id(p))
             for key, meta in saved.items():
                 if name is not None and key.startswith(f"optim.{name}.") and "." not in key[len(name) + 7:]:
