@@ -23,6 +23,19 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ZbOptionError(f"option {name!r} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _init_source(name: str, value: Any) -> Any:
+    if value is None or value == "reset_parameters" or callable(value) or isinstance(value, dict):
+        return value
+    raise ZbOptionError(f"option {name!r} takes 'reset_parameters', a callable fn(module) or a state dict (names "
+                        f"to tensors), got {value!r}")
+
+
 def _choice(*choices: str) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if value not in choices:
@@ -216,6 +229,15 @@ class Options:
         True, "on a pipeline rank, free the storage of the parameters and buffers only other ranks' stages read "
         "(each rank then holds its own stages' share of the model); using one outside zb is an error naming its "
         "owner. False keeps every tensor on every rank", _boolean,
+    )
+    init: Any = _option(
+        None, "how a model built on the meta device (zb.defer) gets its values, on each rank for its own stages: "
+        "'reset_parameters' (each module's own), a callable fn(module) called for every module holding tensors, "
+        "or a state dict (the model's state_dict() names to tensors)", _init_source,
+    )
+    init_seed: int = _option(
+        0, "the seed of option init: each module's values come from this seed and the module's name, the same "
+        "whatever the number of ranks or stages", _non_negative_int,
     )
     plan_cache: int = _option(
         8, "how many input signatures (batch shapes, sequence lengths) keep their compiled pipeline; the least "

@@ -113,27 +113,35 @@ class PipelineRunner:
         with zb_internal():  # the other ranks' released parameters pass through as arguments, never read
             return self._call(args)
 
-    def release_foreign(self, args: Sequence[Any]) -> int:
-        """Free the parameters and buffers among `args` (the plan's inputs) that only other pipeline ranks' stages
-        read (runtime/released.py); returns the bytes freed. Tensors sharing storage with one this process reads
-        stay."""
+    def foreign(self, args: Sequence[Any]) -> dict[int, str]:
+        """The parameters and buffers among `args` (the plan's inputs) that only other pipeline ranks' stages read:
+        id -> who holds it ("pipeline rank 1 (stage 1)")."""
         program = self.program
         readers = program.readers(self.schedule.placement)
         mine = set(self.ranks)
-        state = [s for s in program.inputs if s.kind in ("parameter", "buffer")]
-        kept = {args[s.index].untyped_storage().data_ptr() for s in state
-                if readers.get(s.index, set()) & mine and not is_released(args[s.index])}
+        found = {}
+        for spec in program.inputs:
+            ranks = readers.get(spec.index, set())
+            if spec.kind in ("parameter", "buffer") and ranks and not ranks & mine:
+                stages = [s for s, stage in enumerate(program.stages) if spec.index in stage.reads]
+                found[id(args[spec.index])] = (f"pipeline rank {min(ranks)} (stage{'s' if len(stages) > 1 else ''} "
+                                               f"{', '.join(map(str, stages))})")
+        return found
+
+    def release_foreign(self, args: Sequence[Any]) -> int:
+        """Free the parameters and buffers only other pipeline ranks' stages read (runtime/released.py); returns
+        the bytes freed. Tensors sharing storage with one this process reads stay."""
+        foreign = self.foreign(args)
+        state = [args[s.index] for s in self.program.inputs if s.kind in ("parameter", "buffer")]
+        kept = {t.untyped_storage().data_ptr() for t in state if id(t) not in foreign and not is_released(t)}
         freed = 0
-        for spec in state:
-            tensor, ranks = args[spec.index], readers.get(spec.index, set())
-            if not ranks or ranks & mine or is_released(tensor):
+        for tensor in state:
+            if id(tensor) not in foreign:
                 continue
-            if tensor.untyped_storage().data_ptr() in kept:
-                continue
-            stages = [s for s, stage in enumerate(program.stages) if spec.index in stage.reads]
-            owner = (f"pipeline rank {min(ranks)} (stage{'s' if len(stages) > 1 else ''} "
-                     f"{', '.join(map(str, stages))})")
-            freed += release(tensor, owner)
+            if is_released(tensor):  # never materialised here (a meta-built model): say who holds it now
+                tensor._zb_owner = foreign[id(tensor)]
+            elif tensor.untyped_storage().data_ptr() not in kept:
+                freed += release(tensor, foreign[id(tensor)])
         return freed
 
     def _call(self, args: Sequence[Any]) -> Any:

@@ -30,11 +30,13 @@ _LAZY = {
     "load_checkpoint": ("zb.checkpoint", "load_checkpoint"),
     "full_state_dict": ("zb.checkpoint", "full_state_dict"),
     "checkpoint_exists": ("zb.checkpoint", "checkpoint_exists"),
+    "defer": ("zb.materialize", "defer"),
+    "initialize": ("zb.materialize", "initialize"),
 }
 
 __all__ = ["Options", "Plan", "ZbBackend", "ZbError", "ZbOptionError", "ZbUnsupportedError", "checkpoint_exists",
-           "explain", "full_optimizer_state_dict", "full_state_dict", "load_checkpoint", "save_checkpoint",
-           "step_history", "synchronize", "zb_backend"]
+           "defer", "explain", "full_optimizer_state_dict", "full_state_dict", "load_checkpoint", "save_checkpoint",
+           "initialize", "step_history", "synchronize", "zb_backend"]
 
 
 def __getattr__(name: str) -> Any:

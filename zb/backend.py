@@ -22,6 +22,7 @@ from zb.core.options import Options
 from zb.dynamo import (
     FrameCapture, describe_inputs, frame_modules, has_symbolic_shape, input_source, reject_graph_break,
 )
+from zb.materialize import materialize
 from zb.passes import PASSES, InputSpec, Plan, run_passes
 from zb.pipeline import Pipeline
 from zb.runtime import PipelineRunner, split_microbatches
@@ -97,6 +98,7 @@ class CompiledGraph:
         self.static = not any(s.kind == "constant" or has_symbolic_shape(n) for s, n in zip(self.inputs, nodes))
         self.pipeline = Pipeline(options)
         modules = frame_modules(tx, example_inputs)
+        self.modules = modules
         # Planning only (codegen=False, zb.explain) keeps its plans to itself: they have nothing to run.
         self.cache = plan_cache.shared(tx.f_code if tx is not None and codegen else None, options, modules)
         # The models this graph trains: their state_dict() on a pipeline rank holds only what the rank owns.
@@ -135,7 +137,12 @@ class CompiledGraph:
                                      [self.inputs[i].source for i in arg_map])
             self.cache.put(key, entry)
             if entry.runner is not None:
-                checkpoint.resume(entry.runner, [args[i] for i in arg_map])
+                values = [args[i] for i in arg_map]
+                # Deferred tensors (a meta-built model) get values where they are held: with release, their stages'.
+                foreign = entry.runner.foreign(values) if entry.runner.distributed and self.options.release else {}
+                materialize(self.modules, {id(t) for t in _tensors(self.modules)} - set(foreign),
+                            self.options.init, self.options.init_seed)
+                checkpoint.resume(entry.runner, values)
                 if entry.runner.distributed and self.options.release:
                     _release(entry.runner, [args[i] for i in arg_map])
         if entry.runner is None:
@@ -244,6 +251,10 @@ class CompiledGraph:
         runner = PipelineRunner(program, schedule, local, pipeline.comm(), pipeline.replicas, pipeline.replica_comm(),
                                 pipeline.replica)
         return adapt.configure(runner, measure_first=measure_first)
+
+
+def _tensors(modules: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
+    return [t for m in modules for t in [*m.parameters(), *m.buffers()]]
 
 
 def _release(runner: PipelineRunner, values: list[Any]) -> None:

@@ -1,0 +1,140 @@
+"""Models built on the meta device (zb/materialize.py): zb.defer, then option 'init' gives the held tensors values
+after planning; against the same model materialised eagerly with the same values.
+
+In one process every tensor is held, so the whole model is filled; tests/distributed/meta_check.py runs 2 ranks,
+where each fills only its own stages' tensors.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import zb
+from examples.gpt import GPT, PRESETS
+from tests.models import MLP
+from zb.runtime.released import is_released
+
+
+def _batch(length=16, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (8, length), generator=generator),
+            torch.randint(0, 256, (8, length), generator=generator))
+
+
+def _meta_gpt():
+    with torch.device("meta"):
+        return GPT(PRESETS["tiny"])
+
+
+def _check(init, stages, reference):
+    model = zb.defer(_meta_gpt(), "cpu")
+    assert all(is_released(p) for p in model.parameters())
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": stages, "microbatches": 2, "compiler": "eager",
+                                                       "schedule": "1f1b" if stages > 1 else "zb-auto",
+                                                       "init": init}))
+    ids, labels = _batch()
+    loss = step(ids, labels)
+    assert not any(is_released(t) for t in [*model.parameters(), *model.buffers()])
+    loss.backward()
+    expected = reference(ids, labels)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    return model
+
+
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_reset_parameters_gives_what_zb_initialize_gives(stages):
+    reference = zb.initialize(GPT(PRESETS["tiny"]), "reset_parameters", seed=0)
+    _check("reset_parameters", stages, reference)
+
+
+def init_gpt(module):
+    """GPT's own init, plus the LayerNorms (whose ones and zeros __init__ wrote, lost on the meta device)."""
+    GPT._init(module)
+    if isinstance(module, torch.nn.LayerNorm):
+        module.reset_parameters()
+
+
+def test_a_callable_init_and_the_seed():
+    reference = zb.initialize(GPT(PRESETS["tiny"]), init_gpt, seed=0)
+    model = _check(init_gpt, 2, reference)
+    other = zb.initialize(GPT(PRESETS["tiny"]), init_gpt, seed=1)
+    assert not torch.equal(other.tok_emb.weight, reference.tok_emb.weight)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name  # the same values, not only the same gradients
+
+
+def test_a_state_dict():
+    torch.manual_seed(3)
+    reference = GPT(PRESETS["tiny"])
+    _check(copy.deepcopy(reference.state_dict()), 2, reference)
+
+
+def test_a_callable_that_leaves_tensors_unwritten():
+    step = torch.compile(zb.defer(_meta_gpt(), "cpu"), backend=zb.ZbBackend(
+        {"stages": 2, "microbatches": 2, "compiler": "eager", "init": GPT._init}))  # the LayerNorms forgotten
+    with pytest.raises(zb.ZbOptionError, match=r"left 10 tensors .*without values.*blocks.0.ln1.weight"):
+        step(*_batch())
+
+
+def test_a_meta_model_without_init_names_the_ways():
+    model = zb.defer(_meta_gpt(), "cpu")
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager"}))
+    with pytest.raises(zb.ZbOptionError, match="reset_parameters.*init.*fn.*state_dict"):
+        step(*_batch())
+
+
+def test_a_state_dict_missing_keys_or_with_a_wrong_shape():
+    state = GPT(PRESETS["tiny"]).state_dict()
+    missing = {k: v for k, v in state.items() if not k.startswith("ln_f")}
+    step = torch.compile(zb.defer(_meta_gpt(), "cpu"), backend=zb.ZbBackend(
+        {"stages": 2, "microbatches": 2, "compiler": "eager", "init": missing}))
+    with pytest.raises(zb.ZbOptionError, match=r"missing \['ln_f.weight', 'ln_f.bias'\].*Nothing was loaded"):
+        step(*_batch())
+    wrong = dict(state, **{"ln_f.bias": torch.zeros(5)})
+    step = torch.compile(zb.defer(_meta_gpt(), "cpu"), backend=zb.ZbBackend(
+        {"stages": 2, "microbatches": 2, "compiler": "eager", "init": wrong}))
+    with pytest.raises(zb.ZbOptionError, match=r"ln_f.bias: torch.float32\[5\] for torch.float32\[32\]"):
+        step(*_batch())
+
+
+def test_reset_parameters_on_a_module_without_one():
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(16))
+
+        def forward(self, x, y):
+            return torch.nn.functional.mse_loss(x * self.gain, y)
+
+    with torch.device("meta"):
+        model = Scale()
+    step = torch.compile(zb.defer(model, "cpu"), backend=zb.ZbBackend({"compiler": "eager",
+                                                                        "init": "reset_parameters"}))
+    with pytest.raises(zb.ZbOptionError, match=r"no reset_parameters\(\): \['Scale'\]"):
+        step(torch.randn(4, 16), torch.randn(4, 16))
+
+
+def test_a_deferred_model_refuses_reads_before_its_first_call():
+    model = zb.defer(_meta_gpt(), "cpu")
+    with pytest.raises(zb.ZbError, match="meta device and not materialised"):
+        model(*_batch())
+    plain = MLP()  # a materialised model is untouched by defer
+    before = plain.fc1.weight.clone()
+    zb.defer(plain, "cpu")
+    assert torch.equal(plain.fc1.weight, before) and not is_released(plain.fc1.weight)
+
+
+@pytest.mark.parametrize("init", ["reset_parameters", "callable", "state_dict"])
+def test_torchrun_each_rank_fills_only_its_own_stages(init):
+    from tests.test_pipeline import torchrun
+
+    out = torchrun(2, "meta_check.py", "--init", init)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    lines = [line.split() for line in out.stdout.splitlines() if line.startswith("ok meta")]
+    assert len(lines) == 2, out.stdout
+    for _, _, _rank, held, own, total in lines:
+        assert int(held) == int(own) < int(total), lines

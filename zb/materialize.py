@@ -1,0 +1,178 @@
+"""Models built on the meta device: each rank gives values only to the parameters and buffers its stages read.
+
+    with torch.device("meta"):
+        model = GPT(config)                       # no memory: shapes and dtypes only
+    zb.defer(model, device="cuda")                # placeholders Dynamo can trace, still no memory
+    step = torch.compile(model, backend="zb", options={"init": "reset_parameters", ...})
+    loss = step(x, y)                             # plan on the placeholders, then fill this rank's own
+
+`defer` turns every meta parameter and buffer into a placeholder on `device`: the object's storage is empty and it
+is a released tensor (runtime/released.py) whose owner is "not materialised yet", so Dynamo traces the model as
+if it were real (a meta tensor next to a real input is a device mismatch in Dynamo's tracing), and reading one
+outside zb is an error. At its first call zb plans the pipeline on them (planning never reads values), then each
+process gives storage and values to the placeholders its stages read (and to those no stage reads), from option
+`init`:
+
+  * "reset_parameters": every module that directly holds such a tensor calls its own `reset_parameters()`;
+  * a callable `init(module)`, called the same way (a Hugging Face model's `model._init_weights`, or your own);
+  * a state dict (name -> tensor, the model's `state_dict()` names): only the held entries are copied.
+
+Each module is initialised under its own seed, derived from option `init_seed` and the module's name, so a module
+gets the same values whatever the number of ranks or stages (and `zb.initialize(model, init, seed)` gives a
+materialised model the same values, for a reference). The placeholders other ranks read stay released.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from zb.core.errors import ZbOptionError
+from zb.runtime.released import is_released, release, restore, zb_internal
+
+DEFERRED = "nobody yet (the model was built on the meta device and not materialised)"
+
+WAYS = ("options={'init': 'reset_parameters'} (each module's own reset_parameters()), options={'init': fn} "
+        "(fn(module) for every module holding tensors, e.g. a Hugging Face model's model._init_weights), or "
+        "options={'init': state_dict} (a dict of the model's state_dict() names to tensors)")
+
+
+def defer(model: torch.nn.Module, device: str | torch.device | None = None) -> torch.nn.Module:
+    """Replace `model`'s meta parameters and buffers by storage-less placeholders on `device` (default: the current
+    CUDA device if there is one, else the CPU); returns the model. Shared (tied) tensors stay shared."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or not tensor.is_meta:
+                    continue
+                if id(tensor) not in made:
+                    made[id(tensor)] = _placeholder(tensor, device)
+                table[name] = made[id(tensor)]
+    return model
+
+
+def _placeholder(meta: torch.Tensor, device: torch.device) -> torch.Tensor:
+    value = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=device)
+    if isinstance(meta, torch.nn.Parameter):
+        value = torch.nn.Parameter(value, requires_grad=meta.requires_grad)
+    release(value, DEFERRED)
+    value._zb_deferred = True
+    return value
+
+
+def is_deferred(tensor: Any) -> bool:
+    return getattr(tensor, "_zb_deferred", False)
+
+
+def materialize(modules: Iterable[torch.nn.Module], held: set[int], init: Any, seed: int) -> int:
+    """Give storage and values to the deferred tensors of `modules` whose id is in `held` (this process's); the
+    others stay released. Returns how many were filled. Raises ZbOptionError without a way to initialise."""
+    filled = 0
+    for model in modules:
+        names = _names(model)
+        todo = [t for t in names if is_deferred(t) and id(t) in held]
+        if not todo:
+            continue
+        if init is None:
+            raise ZbOptionError(f"the model was built on the meta device and zb does not know how to give its "
+                                f"{len(todo)} parameters and buffers values; pass {WAYS}")
+        if isinstance(init, dict):
+            _load(todo, names, init)
+        elif init == "reset_parameters" or callable(init):
+            _run_init(model, {id(t) for t in todo}, init, seed)
+            _check_written(todo, names)
+        else:
+            raise ZbOptionError(f"option 'init' takes 'reset_parameters', a callable or a state dict, got "
+                                f"{type(init).__name__}; the ways are: {WAYS}")
+        for tensor in todo:
+            del tensor._zb_deferred
+        filled += len(todo)
+    return filled
+
+
+def initialize(model: torch.nn.Module, init: Any = "reset_parameters", seed: int = 0) -> torch.nn.Module:
+    """Give a materialised model the values `materialize` gives a deferred one with the same `init` and seed (a
+    reference model for comparison, or a single-process run)."""
+    _run_init(model, {id(t) for t in _names(model)}, init, seed)
+    return model
+
+
+def _names(model: torch.nn.Module) -> dict[torch.Tensor, list[str]]:
+    """Each parameter and buffer (tied ones once) -> its state_dict() names."""
+    found: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        found.setdefault(id(tensor), (tensor, []))[1].append(name)
+    return {tensor: names for tensor, names in found.values()}
+
+
+def _run_init(model: torch.nn.Module, todo: set[int], init: Any, seed: int) -> None:
+    missing = []
+    for qualname, module in model.named_modules():
+        direct = [t for t in [*module._parameters.values(), *module._buffers.values()] if t is not None]
+        if not any(id(t) in todo for t in direct):
+            continue
+        function: Callable | None = init if callable(init) else getattr(module, "reset_parameters", None)
+        if function is None:
+            missing.append(qualname or type(module).__name__)
+            continue
+        others = [t for t in direct if is_released(t) and id(t) not in todo]  # another rank's, same module
+        for tensor in direct:
+            if is_released(tensor):
+                restore(tensor)
+                _poison(tensor)
+        devices = sorted({t.device.index or 0 for t in direct if t.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed * 1_000_003 + zlib.crc32(qualname.encode()))
+            function(module) if callable(init) else function()
+        for tensor in others:
+            release(tensor, DEFERRED)
+    if missing:
+        raise ZbOptionError(f"option init='reset_parameters', but these modules hold parameters or buffers and have "
+                            f"no reset_parameters(): {missing[:5]}{' ...' if len(missing) > 5 else ''}; pass "
+                            "options={'init': fn} with fn(module) initialising every module, or a state dict")
+
+
+def _poison(tensor: torch.Tensor) -> None:
+    """Fresh storage holds whatever memory held: NaN instead, so that a value init does not write is seen."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        with torch.no_grad():
+            tensor.fill_(float("nan"))
+
+
+def _check_written(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]]) -> None:
+    unwritten = [names[t][0] for t in todo if (t.is_floating_point() or t.is_complex()) and bool(t.isnan().any())]
+    if unwritten:
+        raise ZbOptionError(f"option 'init' left {len(unwritten)} tensors of this rank's stages without values "
+                            f"(or set NaN): {unwritten[:6]}{' ...' if len(unwritten) > 6 else ''}; a model built on "
+                            "the meta device has no values until init writes them (norm weights, rotary buffers "
+                            "included)")
+
+
+def _load(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]], state: dict[str, Any]) -> None:
+    """Copy each held tensor's entry of `state` (under any of its names); every held one must be there."""
+    missing, wrong = [], []
+    for tensor in todo:
+        key = next((n for n in names[tensor] if n in state), None)
+        if key is None:
+            missing.append(names[tensor][0])
+            continue
+        value = state[key]
+        if tuple(value.shape) != tuple(tensor.shape) or value.dtype != tensor.dtype:
+            wrong.append(f"{key}: {value.dtype}{list(value.shape)} for {tensor.dtype}{list(tensor.shape)}")
+    if missing or wrong:
+        raise ZbOptionError("the state dict given as option 'init' cannot fill this rank's stages: "
+                            + (f"missing {missing}" if missing else "")
+                            + ("; " if missing and wrong else "") + (f"wrong shape or dtype: {wrong}" if wrong else "")
+                            + ". Nothing was loaded.")
+    with zb_internal(), torch.no_grad():
+        for tensor in todo:
+            restore(tensor)
+            key = next(n for n in names[tensor] if n in state)
+            tensor.copy_(state[key])
