@@ -8,6 +8,7 @@ docs all come from the same place. A later capability adds a field here and noth
 from __future__ import annotations
 
 import dataclasses
+import os
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +33,10 @@ def _non_negative_int(name: str, value: Any) -> int:
 def _init_source(name: str, value: Any) -> Any:
     if value is None or value == "reset_parameters" or callable(value) or isinstance(value, dict):
         return value
-    raise ZbOptionError(f"option {name!r} takes 'reset_parameters', a callable fn(module) or a state dict (names "
-                        f"to tensors), got {value!r}")
+    if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
+        return os.fspath(value)
+    raise ZbOptionError(f"option {name!r} takes 'reset_parameters', a callable fn(module), a state dict (names "
+                        f"to tensors) or the path of a checkpoint or safetensors directory, got {value!r}")
 
 
 def _choice(*choices: str) -> Callable[[str, Any], str]:
@@ -142,8 +145,8 @@ def _optional_boolean(name: str, value: Any) -> bool | None:
 FUSED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
 
-def _option(default: Any, doc: str, check: Callable[[str, Any], Any]) -> Any:
-    return field(default=default, metadata={"doc": doc, "check": check})
+def _option(default: Any, doc: str, check: Callable[[str, Any], Any], compare: bool = True) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check}, compare=compare)
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,9 @@ class Options:
     init: Any = _option(
         None, "how a model built on the meta device (zb.defer) gets its values, on each rank for its own stages: "
         "'reset_parameters' (each module's own), a callable fn(module) called for every module holding tensors, "
-        "or a state dict (the model's state_dict() names to tensors)", _init_source,
+        "a state dict (the model's state_dict() names to tensors), or a directory: a torch.distributed.checkpoint "
+        "or zb checkpoint, or a Hugging Face save_pretrained one (safetensors, read lazily per tensor)",
+        _init_source, compare=False,  # (a state dict's tensors do not compare as booleans)
     )
     init_seed: int = _option(
         0, "the seed of option init: each module's values come from this seed and the module's name, the same "

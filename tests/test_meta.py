@@ -6,6 +6,7 @@ where each fills only its own stages' tensors.
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -138,3 +139,46 @@ def test_torchrun_each_rank_fills_only_its_own_stages(init):
     assert len(lines) == 2, out.stdout
     for _, _, _rank, held, own, total in lines:
         assert int(held) == int(own) < int(total), lines
+
+
+def test_a_zb_checkpoint_or_dcp_directory(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    import zb.materialize
+
+    torch.manual_seed(4)
+    reference = GPT(PRESETS["tiny"])
+    zb.save_checkpoint(tmp_path / "zb", reference)
+    dcp.save({k: v for k, v in reference.state_dict().items()}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    for directory in ("zb", "dcp"):
+        _check(str(tmp_path / directory), 2, reference)
+        reference.zero_grad()
+        prefix = "model." if directory == "zb" else ""
+        assert sorted(zb.materialize.READ) == sorted(prefix + k for k in reference.state_dict()
+                                                     if k != "head.weight")  # tied: read once
+
+
+def test_a_hugging_face_safetensors_directory_is_read_per_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    import zb.materialize
+
+    torch.manual_seed(6)
+    reference = GPT(PRESETS["tiny"])
+    state = {k: v.clone() for k, v in reference.state_dict().items() if k != "head.weight"}  # tied, saved once
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for file, names in shards.items():
+        save_file({k: state[k] for k in names}, str(tmp_path / file))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 0}, "weight_map": {k: f for f, names in shards.items() for k in names}}))
+    _check(str(tmp_path), 2, reference)
+    assert sorted(zb.materialize.READ) == keys
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    save_file({k: state[k] for k in shards["model-00002-of-00002.safetensors"] if k != "ln_f.bias"},
+              str(tmp_path / "model-00002-of-00002.safetensors"))
+    step = torch.compile(zb.defer(_meta_gpt(), "cpu"), backend=zb.ZbBackend(
+        {"stages": 2, "microbatches": 2, "compiler": "eager", "init": str(tmp_path)}))
+    with pytest.raises(zb.ZbOptionError, match=r"missing \['ln_f.bias'\]"):
+        step(*_batch())

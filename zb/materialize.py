@@ -15,7 +15,11 @@ process gives storage and values to the placeholders its stages read (and to tho
 
   * "reset_parameters": every module that directly holds such a tensor calls its own `reset_parameters()`;
   * a callable `init(module)`, called the same way (a Hugging Face model's `model._init_weights`, or your own);
-  * a state dict (name -> tensor, the model's `state_dict()` names): only the held entries are copied.
+  * a state dict (name -> tensor, the model's `state_dict()` names): only the held entries are copied;
+  * a directory: a `torch.distributed.checkpoint` one (zb's own checkpoints included; keys `name` or
+    `model.name`), read with DCP for the held keys only; or a Hugging Face `save_pretrained` one (`*.safetensors`,
+    with `model.safetensors.index.json` when sharded), each held tensor read lazily with `safetensors.safe_open`
+    from the one file that has it. `READ` lists the keys this process read (tests check it).
 
 Each module is initialised under its own seed, derived from option `init_seed` and the module's name, so a module
 gets the same values whatever the number of ranks or stages (and `zb.initialize(model, init, seed)` gives a
@@ -24,6 +28,9 @@ materialised model the same values, for a reference). The placeholders other ran
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -36,8 +43,12 @@ from zb.runtime.released import is_released, release, restore, zb_internal
 DEFERRED = "nobody yet (the model was built on the meta device and not materialised)"
 
 WAYS = ("options={'init': 'reset_parameters'} (each module's own reset_parameters()), options={'init': fn} "
-        "(fn(module) for every module holding tensors, e.g. a Hugging Face model's model._init_weights), or "
-        "options={'init': state_dict} (a dict of the model's state_dict() names to tensors)")
+        "(fn(module) for every module holding tensors, e.g. a Hugging Face model's model._init_weights), "
+        "options={'init': state_dict} (a dict of the model's state_dict() names to tensors), or options={'init': "
+        "path} (a torch.distributed.checkpoint or zb checkpoint directory, or a Hugging Face save_pretrained "
+        "directory of safetensors files)")
+
+READ: list[str] = []  # the keys the last materialisation read from a checkpoint or safetensors directory
 
 
 def defer(model: torch.nn.Module, device: str | torch.device | None = None) -> torch.nn.Module:
@@ -85,6 +96,8 @@ def materialize(modules: Iterable[torch.nn.Module], held: set[int], init: Any, s
                                 f"{len(todo)} parameters and buffers values; pass {WAYS}")
         if isinstance(init, dict):
             _load(todo, names, init)
+        elif isinstance(init, (str, os.PathLike)) and init != "reset_parameters":
+            _load_directory(todo, names, pathlib.Path(init))
         elif init == "reset_parameters" or callable(init):
             _run_init(model, {id(t) for t in todo}, init, seed)
             _check_written(todo, names)
@@ -155,24 +168,99 @@ def _check_written(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]
                             "included)")
 
 
-def _load(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]], state: dict[str, Any]) -> None:
-    """Copy each held tensor's entry of `state` (under any of its names); every held one must be there."""
-    missing, wrong = [], []
+def _keys(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]], available: dict[str, tuple],
+          what: str) -> dict[int, str]:
+    """Each held tensor's key among `available` (key -> (shape, dtype)): every one present, with its shape and
+    dtype, or a ZbOptionError listing what is missing or wrong (before anything is loaded)."""
+    found, missing, wrong = {}, [], []
     for tensor in todo:
-        key = next((n for n in names[tensor] if n in state), None)
+        key = next((n for n in names[tensor] if n in available), None)
         if key is None:
             missing.append(names[tensor][0])
             continue
-        value = state[key]
-        if tuple(value.shape) != tuple(tensor.shape) or value.dtype != tensor.dtype:
-            wrong.append(f"{key}: {value.dtype}{list(value.shape)} for {tensor.dtype}{list(tensor.shape)}")
+        shape, dtype = available[key]
+        if tuple(shape) != tuple(tensor.shape) or dtype != tensor.dtype:
+            wrong.append(f"{key}: {dtype}{list(shape)} for {tensor.dtype}{list(tensor.shape)}")
+        found[id(tensor)] = key
     if missing or wrong:
-        raise ZbOptionError("the state dict given as option 'init' cannot fill this rank's stages: "
+        raise ZbOptionError(f"{what} given as option 'init' cannot fill this rank's stages: "
                             + (f"missing {missing}" if missing else "")
                             + ("; " if missing and wrong else "") + (f"wrong shape or dtype: {wrong}" if wrong else "")
                             + ". Nothing was loaded.")
+    return found
+
+
+def _load(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]], state: dict[str, Any]) -> None:
+    """Copy each held tensor's entry of `state` (under any of its names)."""
+    keys = _keys(todo, names, {k: (v.shape, v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)},
+                 "the state dict")
     with zb_internal(), torch.no_grad():
         for tensor in todo:
             restore(tensor)
-            key = next(n for n in names[tensor] if n in state)
-            tensor.copy_(state[key])
+            tensor.copy_(state[keys[id(tensor)]])
+
+
+def _load_directory(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]], path: pathlib.Path) -> None:
+    READ.clear()
+    if not path.is_dir():
+        raise ZbOptionError(f"option 'init' names {path}, which is not a directory; {WAYS}")
+    if (path / ".metadata").exists():
+        _load_dcp(todo, names, path)
+    elif list(path.glob("*.safetensors")):
+        _load_safetensors(todo, names, path)
+    else:
+        raise ZbOptionError(f"option 'init' names {path}, which holds neither a torch.distributed.checkpoint "
+                            "(.metadata) nor safetensors files (*.safetensors)")
+
+
+def _load_dcp(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]], path: pathlib.Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = "model." if (path / "zb.json").exists() else ""  # zb's checkpoints keep the model under model.<name>
+    available = {k[len(prefix):]: (m.size, m.properties.dtype) for k, m in metadata.items()
+                 if isinstance(m, TensorStorageMetadata) and k.startswith(prefix)}
+    keys = _keys(todo, names, available, f"the checkpoint {path}")
+    with zb_internal():
+        for tensor in todo:
+            restore(tensor)
+        state = {prefix + keys[id(t)]: t.detach() for t in todo}
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)  # this rank's keys only, no collective
+    READ.extend(sorted(state))
+
+
+def _load_safetensors(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]], path: pathlib.Path) -> None:
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = json.loads(index.read_text())["weight_map"]
+    else:
+        files = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as reader:
+                files.update({k: file.name for k in reader.keys()})
+    available = {}
+    for file in sorted(set(files.values())):  # headers only: names, shapes, dtypes
+        with safe_open(str(path / file), framework="pt") as reader:
+            for key in reader.keys():
+                if files.get(key) == file:
+                    piece = reader.get_slice(key)
+                    available[key] = (piece.get_shape(), _DTYPES.get(piece.get_dtype()))
+    keys = _keys(todo, names, available, f"the safetensors in {path}")
+    by_file: dict[str, list[torch.Tensor]] = {}
+    for tensor in todo:
+        by_file.setdefault(files[keys[id(tensor)]], []).append(tensor)
+    with zb_internal(), torch.no_grad():
+        for file, tensors in sorted(by_file.items()):
+            with safe_open(str(path / file), framework="pt", device=str(tensors[0].device)) as reader:
+                for tensor in tensors:
+                    restore(tensor)
+                    tensor.copy_(reader.get_tensor(keys[id(tensor)]))
+                    READ.append(keys[id(tensor)])
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
