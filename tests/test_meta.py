@@ -182,3 +182,62 @@ def test_a_hugging_face_safetensors_directory_is_read_per_tensor(tmp_path):
         {"stages": 2, "microbatches": 2, "compiler": "eager", "init": str(tmp_path)}))
     with pytest.raises(zb.ZbOptionError, match=r"missing \['ln_f.bias'\]"):
         step(*_batch())
+
+
+@pytest.mark.parametrize("source", ["save_pretrained", "init_weights"])
+def test_a_hugging_face_llama_built_on_meta(source, tmp_path):
+    """A save_pretrained directory (the rotary buffers, in no file, computed by the model's _init_weights as
+    transformers' loading does), or the model's own _init_weights as the init callable."""
+    from safetensors import safe_open
+
+    import zb.materialize
+    from tests import hf_models
+
+    torch.manual_seed(0)
+    reference = hf_models.FAMILIES["llama"]()
+    with torch.device("meta"):
+        model = hf_models.FAMILIES["llama"]()
+    if source == "save_pretrained":
+        reference.save_pretrained(tmp_path)
+        init = str(tmp_path)
+    else:
+        init = model._init_weights
+        zb.initialize(reference, reference._init_weights, seed=0)
+    zb.defer(model, "cpu")
+    step = torch.compile(lambda ids, labels: hf_models.loss_fn(model, ids, labels), backend=zb.ZbBackend(
+        {"stages": 2, "microbatches": 2, "compiler": "eager", "init": init}))
+    ids, labels = hf_models.batch()
+    loss = step(ids, labels)
+    loss.backward()
+    expected = hf_models.loss_fn(reference, ids, labels)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, b), c in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, rtol=0, atol=0, msg=name)
+    if source == "save_pretrained":
+        files = sorted(tmp_path.glob("*.safetensors"))
+        stored = set()
+        for file in files:
+            with safe_open(str(file), framework="pt") as reader:
+                stored |= set(reader.keys())
+        assert sorted(zb.materialize.READ) == sorted(stored)
+
+
+def test_torchrun_the_meta_init_example(tmp_path):
+    """examples/meta_init.py as the README runs it: each rank holds about half the parameters."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.test_pipeline import ROOT, launch
+
+    subprocess.run([sys.executable, str(ROOT / "examples" / "meta_init.py"), "--preset", "small",
+                    "--save-safetensors", str(tmp_path / "hf")], check=True, capture_output=True)
+    out = launch(2, ROOT / "examples" / "meta_init.py", "--preset", "small", "--steps", "1", "--init",
+                 str(tmp_path / "hf"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    pattern = r"holds ([0-9.]+) MiB of the model's ([0-9.]+) MiB"
+    held = [(float(a), float(b)) for a, b in re.findall(pattern, out.stdout)]
+    assert len(held) == 2 and all(mine < 0.55 * whole for mine, whole in held), out.stdout

@@ -94,10 +94,16 @@ def materialize(modules: Iterable[torch.nn.Module], held: set[int], init: Any, s
         if init is None:
             raise ZbOptionError(f"the model was built on the meta device and zb does not know how to give its "
                                 f"{len(todo)} parameters and buffers values; pass {WAYS}")
-        if isinstance(init, dict):
-            _load(todo, names, init)
-        elif isinstance(init, (str, os.PathLike)) and init != "reset_parameters":
-            _load_directory(todo, names, pathlib.Path(init))
+        if isinstance(init, dict) or isinstance(init, (str, os.PathLike)) and init != "reset_parameters":
+            computed = _non_persistent(model)  # not in any state dict: computed by the model (rotary frequencies)
+            stored = [t for t in todo if id(t) not in computed]
+            if isinstance(init, dict):
+                _load(stored, names, init)
+            else:
+                _load_directory(stored, names, pathlib.Path(init))
+            rest = [t for t in todo if id(t) in computed]
+            if rest:
+                _compute(model, rest, names, seed)
         elif init == "reset_parameters" or callable(init):
             _run_init(model, {id(t) for t in todo}, init, seed)
             _check_written(todo, names)
@@ -108,6 +114,24 @@ def materialize(modules: Iterable[torch.nn.Module], held: set[int], init: Any, s
             del tensor._zb_deferred
         filled += len(todo)
     return filled
+
+
+def _non_persistent(model: torch.nn.Module) -> set[int]:
+    return {id(m._buffers[n]) for m in model.modules() for n in m._non_persistent_buffers_set
+            if m._buffers.get(n) is not None}
+
+
+def _compute(model: torch.nn.Module, rest: list[torch.Tensor], names: dict[torch.Tensor, list[str]],
+             seed: int) -> None:
+    """Non-persistent buffers (no state dict has them): the model's own per-module init computes them, as
+    Hugging Face's loading does (`_init_weights`); without one, an error that says what to pass."""
+    function = getattr(model, "_init_weights", None)
+    if not callable(function):
+        raise ZbOptionError(f"the model's non-persistent buffers {[names[t][0] for t in rest][:6]} are in no state "
+                            "dict or checkpoint, and the model has no _init_weights(module) to compute them; load "
+                            "the weights with options={'init': fn}, fn(module) computing them as __init__ does")
+    _run_init(model, {id(t) for t in rest}, function, seed)
+    _check_written(rest, names)
 
 
 def initialize(model: torch.nn.Module, init: Any = "reset_parameters", seed: int = 0) -> torch.nn.Module:
