@@ -246,7 +246,7 @@ class Options:
     )
     plan_cache: int = _option(
         8, "how many input signatures (batch shapes, sequence lengths) keep their compiled pipeline; the least "
-        "recently used one is freed when another arrives (Dynamo's recompiles of the same function share them)",
+        "recently used one is freed when another arrives (per Dynamo graph)",
         _positive_int,
     )
     fuse_attention: bool = _option(

@@ -48,8 +48,10 @@ class _Released:
         raise ZbError(
             f"this {tuple(released.shape) if released is not None else ''} tensor was released on this process: "
             f"{owner} holds and trains it (zb frees the parameters and buffers only other ranks' stages read). "
-            f"'{name}' would read its values here. Use zb.full_state_dict(model) for the whole model's values, or "
-            "compile with options={'release': False} to keep every tensor on every rank")
+            f"'{name}' would read or write its values here. For the whole model's values use "
+            "zb.full_state_dict(model); to load weights use zb.load_checkpoint (each rank loads what it holds) or, "
+            "for a model built on the meta device, option init; to keep every tensor on every rank compile with "
+            "options={'release': False}")
 
 
 class ReleasedParameter(_Released, torch.nn.Parameter):
@@ -94,6 +96,8 @@ def restore(tensor: torch.Tensor) -> None:
         tensor.untyped_storage().resize_(needed)
     tensor.__class__ = torch.nn.Parameter if isinstance(tensor, ReleasedParameter) else torch.Tensor
     del tensor._zb_owner
+    if hasattr(tensor, "_zb_deferred"):  # it gets its values from whoever restores it, not from option init
+        del tensor._zb_deferred
 
 
 def _extent(tensor: torch.Tensor) -> int:
@@ -110,3 +114,13 @@ def zb_internal() -> Iterator[None]:
         yield
     finally:
         _INSIDE[0] -= 1
+
+
+@contextlib.contextmanager
+def user_code() -> Iterator[None]:
+    """The user's code called from inside zb (option init): released tensors refuse reads again."""
+    saved, _INSIDE[0] = _INSIDE[0], 0
+    try:
+        yield
+    finally:
+        _INSIDE[0] = saved

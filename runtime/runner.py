@@ -111,7 +111,24 @@ class PipelineRunner:
 
     def __call__(self, *args: Any) -> Any:
         with zb_internal():  # the other ranks' released parameters pass through as arguments, never read
+            self._check_held(args)
             return self._call(args)
+
+    def _check_held(self, args: Sequence[Any]) -> None:
+        """Every parameter and buffer this process's stages read must have its values here."""
+        readers = self.program.readers(self.schedule.placement)
+        mine = set(self.ranks)
+        for spec in self.program.inputs:
+            if spec.kind in ("parameter", "buffer") and readers.get(spec.index, set()) & mine \
+                    and is_released(args[spec.index]):
+                owner = getattr(args[spec.index], "_zb_owner", "another rank")
+                raise ZbError(
+                    f"{spec.kind} {spec.name!r} is read by this rank's stages, but its values are not on this "
+                    f"process ({owner} holds it). Either a pipeline built for another input shape cut the model "
+                    "elsewhere and this rank released it (use options={'release': False}, or fixed "
+                    "'split_points'), or a model built on the meta device was not materialised (zb materialises "
+                    "the models the compiled function reaches directly: compile the model or a function whose "
+                    "arguments, closure or globals hold it)")
 
     def foreign(self, args: Sequence[Any]) -> dict[int, str]:
         """The parameters and buffers among `args` (the plan's inputs) that only other pipeline ranks' stages read:

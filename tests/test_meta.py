@@ -241,3 +241,37 @@ def test_torchrun_the_meta_init_example(tmp_path):
     pattern = r"holds ([0-9.]+) MiB of the model's ([0-9.]+) MiB"
     held = [(float(a), float(b)) for a, b in re.findall(pattern, out.stdout)]
     assert len(held) == 2 and all(mine < 0.55 * whole for mine, whole in held), out.stdout
+
+
+def test_a_bool_mask_the_init_does_not_write_is_an_error():
+    with torch.device("meta"):
+        model = GPT(PRESETS["tiny"].with_(attention="manual"))
+    step = torch.compile(zb.defer(model, "cpu"), backend=zb.ZbBackend(
+        {"stages": 2, "microbatches": 2, "compiler": "eager", "fuse_attention": False, "init": init_gpt}))
+    with pytest.raises(zb.ZbOptionError, match=r"left \['blocks.0.attn.causal_mask'\] without values"):
+        step(*_batch())
+
+
+def test_loading_a_checkpoint_into_a_deferred_model_says_to_use_init(tmp_path):
+    zb.save_checkpoint(tmp_path / "ck", GPT(PRESETS["tiny"]))
+    model = zb.defer(_meta_gpt(), "cpu")
+    with pytest.raises(zb.ZbError, match=r"not materialised yet.*options=\{'init'"):
+        zb.load_checkpoint(tmp_path / "ck", model)
+
+
+def test_a_deferred_model_the_compiled_function_does_not_reach_directly():
+    """zb finds the models among the function's arguments, closure and globals; one held by another object is not
+    materialised, and the step says so instead of reading storage that does not exist."""
+
+    class Trainer:
+        def __init__(self, model):
+            self.model = model
+
+        def step(self, ids, labels):
+            return self.model(ids, labels)
+
+    trainer = Trainer(zb.defer(_meta_gpt(), "cpu"))
+    step = torch.compile(trainer.step, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager",
+                                                             "init": "reset_parameters"}))
+    with pytest.raises(zb.ZbError, match="was not materialised"):
+        step(*_batch())

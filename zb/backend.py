@@ -82,7 +82,7 @@ class CompiledGraph:
 
     Dynamo's graph is traced at the full batch. When the batch is split (microbatches > 1) or Dynamo made the
     graph dynamic, the plan is built from the same frame re-traced at microbatch size (zb/dynamo.py). The built
-    pipelines live in a cache shared with Dynamo's other graphs of the same function (zb/plan_cache.py).
+    pipelines live in a bounded cache, one per graph (zb/plan_cache.py).
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
@@ -99,8 +99,7 @@ class CompiledGraph:
         self.pipeline = Pipeline(options)
         modules = frame_modules(tx, example_inputs)
         self.modules = modules
-        # Planning only (codegen=False, zb.explain) keeps its plans to itself: they have nothing to run.
-        self.cache = plan_cache.shared(tx.f_code if tx is not None and codegen else None, options, modules)
+        self.cache = plan_cache.PlanCache(options.plan_cache)
         # The models this graph trains: their state_dict() on a pipeline rank holds only what the rank owns.
         for module in modules:
             checkpoint.guard(module)
@@ -153,9 +152,9 @@ class CompiledGraph:
         return result
 
     def _key(self, args: Sequence[Any], training: bool) -> tuple:
-        """The call's signature, the same in every graph Dynamo makes of this function: each input's shape, dtype,
-        device (a non-tensor's value) by its source; the sizes a dynamic graph takes as arguments are left out
-        (the tensors' shapes say them)."""
+        """The call's signature: each input's shape, dtype, device (a non-tensor's value) by its source; the sizes
+        a dynamic graph takes as arguments are left out (the tensors' shapes say them). What Dynamo baked into the
+        graph (flags, module.training, Python constants) is fixed per graph by its guards, so the cache is too."""
         named = ((spec.source, _signature(value)) for spec, value in zip(self.inputs, args)
                  if isinstance(value, torch.Tensor) or not _is_size(spec.source))
         return (training, *sorted(named, key=lambda item: item[0]))

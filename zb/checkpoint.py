@@ -258,6 +258,12 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     manifest = read_manifest(path)
     saved = _metadata(path)
     tensors = _named_state(model)
+    deferred = [k for k, t in tensors.items() if getattr(t, "_zb_deferred", False)]
+    if deferred:
+        raise ZbError(f"the model was built on the meta device and is not materialised yet ({deferred[0]!r} and "
+                      f"{len(deferred) - 1} more have no storage): load this checkpoint with "
+                      f"options={{'init': {str(path)!r}}} (each rank reads its own stages' tensors), or load it "
+                      "after the first step")
     _check_model(saved, tensors, path)
     group, rank, world = _group()
     # Released tensors (another rank's, runtime/released.py) are not read: their owner loads them.

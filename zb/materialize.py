@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from zb.core.errors import ZbOptionError
-from zb.runtime.released import is_released, release, restore, zb_internal
+from zb.runtime.released import is_released, release, restore, user_code, zb_internal
 
 DEFERRED = "nobody yet (the model was built on the meta device and not materialised)"
 
@@ -111,7 +111,8 @@ def materialize(modules: Iterable[torch.nn.Module], held: set[int], init: Any, s
             raise ZbOptionError(f"option 'init' takes 'reset_parameters', a callable or a state dict, got "
                                 f"{type(init).__name__}; the ways are: {WAYS}")
         for tensor in todo:
-            del tensor._zb_deferred
+            if hasattr(tensor, "_zb_deferred"):  # (restore already dropped it)
+                del tensor._zb_deferred
         filled += len(todo)
     return filled
 
@@ -160,14 +161,31 @@ def _run_init(model: torch.nn.Module, todo: set[int], init: Any, seed: int) -> N
             missing.append(qualname or type(module).__name__)
             continue
         others = [t for t in direct if is_released(t) and id(t) not in todo]  # another rank's, same module
+        # Values the module already has (loaded from a state dict, say) are put back after its init ran.
+        kept = [(t, t.detach().clone()) for t in direct if not is_released(t) and id(t) not in todo]
         for tensor in direct:
             if is_released(tensor):
                 restore(tensor)
-                _poison(tensor)
         devices = sorted({t.device.index or 0 for t in direct if t.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed * 1_000_003 + zlib.crc32(qualname.encode()))
-            function(module) if callable(init) else function()
+        fresh = [t for t in direct if id(t) in todo or any(t is o for o in others)]
+        exact = [t for t in fresh if not (t.is_floating_point() or t.is_complex())]
+        runs = [0, 1] if exact else [None]  # integer / bool tensors: run twice from two fillings, must agree
+        seen = []
+        for filling in runs:
+            for tensor in fresh:
+                _poison(tensor, filling)
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), user_code():
+                torch.manual_seed(seed * 1_000_003 + zlib.crc32(qualname.encode()))
+                function(module) if callable(init) else function()
+            seen.append([t.detach().clone() for t in exact])
+        unwritten = [qualname + "." + _local_name(module, t) for i, t in enumerate(exact)
+                     if id(t) in todo and not torch.equal(seen[0][i], seen[-1][i])]
+        if unwritten:
+            raise ZbOptionError(f"option 'init' left {unwritten} without values: a model built on the meta device "
+                                "has no values until init writes them (masks and index buffers included)")
+        with torch.no_grad():
+            for tensor, value in kept:
+                tensor.copy_(value)
         for tensor in others:
             release(tensor, DEFERRED)
     if missing:
@@ -176,11 +194,18 @@ def _run_init(model: torch.nn.Module, todo: set[int], init: Any, seed: int) -> N
                             "options={'init': fn} with fn(module) initialising every module, or a state dict")
 
 
-def _poison(tensor: torch.Tensor) -> None:
-    """Fresh storage holds whatever memory held: NaN instead, so that a value init does not write is seen."""
-    if tensor.is_floating_point() or tensor.is_complex():
-        with torch.no_grad():
+def _poison(tensor: torch.Tensor, filling: int | None) -> None:
+    """Fresh storage holds whatever memory held: NaN instead (floating point), so that a value init does not write
+    is seen; integer and bool tensors get `filling` (0 or 1: two runs of init must agree)."""
+    with torch.no_grad():
+        if tensor.is_floating_point() or tensor.is_complex():
             tensor.fill_(float("nan"))
+        elif filling is not None:
+            tensor.fill_(filling)
+
+
+def _local_name(module: torch.nn.Module, tensor: torch.Tensor) -> str:
+    return next(n for n, t in [*module._parameters.items(), *module._buffers.items()] if t is tensor)
 
 
 def _check_written(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]]) -> None:
