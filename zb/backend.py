@@ -8,6 +8,7 @@ graph, the plan it built for each input signature, so tests and `zb.explain` can
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -82,7 +83,7 @@ class CompiledGraph:
 
     Dynamo's graph is traced at the full batch. When the batch is split (microbatches > 1) or Dynamo made the
     graph dynamic, the plan is built from the same frame re-traced at microbatch size (zb/dynamo.py). The built
-    pipelines live in a bounded cache, one per graph (zb/plan_cache.py).
+    pipelines live in a bounded cache, shared only with graphs of the same code (zb/plan_cache.py).
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
@@ -99,7 +100,10 @@ class CompiledGraph:
         self.pipeline = Pipeline(options)
         modules = frame_modules(tx, example_inputs)
         self.modules = modules
-        self.cache = plan_cache.PlanCache(options.plan_cache)
+        # Planning only (codegen=False, zb.explain) keeps its plans to itself: they have nothing to run.
+        # The graph's code without its inputs' type annotations (a released parameter's class shows there).
+        identity = (tx.f_code, re.sub(r" : [\w.]+(?=[,)])", "", gm.code)) if tx is not None and codegen else None
+        self.cache = plan_cache.shared(identity, options, modules)
         # The models this graph trains: their state_dict() on a pipeline rank holds only what the rank owns.
         for module in modules:
             checkpoint.guard(module)

@@ -4,16 +4,20 @@ A graph Dynamo made dynamic (a new sequence length under dynamic padding) serves
 pipeline per shape it sees (trace at that shape, plan, compile). They are kept here, keyed by the call's signature
 (the shapes, dtypes and devices of its tensors, named by where Dynamo read them from), so a length seen before costs
 nothing. At most `options.plan_cache` signatures are kept; the least recently used one is dropped (its plan,
-compiled pieces and runner freed) when another arrives. The cache is per graph, never shared between Dynamo's
-graphs of one function: each graph bakes in its own constants (flags, `module.training`), which the signature does
-not see.
+compiled pieces and runner freed) when another arrives. Dynamo's graphs of one function share a cache only when
+their code is the same (with the same models and options): each graph bakes in its own constants (a flag,
+`module.training`, static sizes) that the signature does not see, and the code shows them. Identical code comes
+back when Dynamo traces again only because a guard on a tensor's type failed (zb releasing a parameter, or
+materialising a meta-built one), and that trace then finds its pipelines built.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from zb.passes import Plan
 from zb.runtime import PipelineRunner
@@ -34,8 +38,10 @@ class Entry:
 class PlanCache:
     """An LRU map from signature to Entry."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, options: Any, modules: list[Any]):
+        self.options = options
+        self.modules = [weakref.ref(m) for m in modules]
+        self.size = options.plan_cache
         self.entries: collections.OrderedDict[tuple, Entry] = collections.OrderedDict()
         self.rebalanced: set[tuple] = set()  # signatures whose stages were (or were decided not to be) re-cut
         self.evicted = 0
@@ -54,6 +60,26 @@ class PlanCache:
             self.evicted += 1  # (its re-cut decision stays: a signature built again is not re-cut again)
             log.info("zb: freed the pipeline of the least recently used input signature (option plan_cache=%d): %s",
                      self.size, _describe(old))
+
+
+    def serves(self, options: Any, modules: list[Any]) -> bool:
+        """Whether this cache belongs to these options and exactly these (live) models."""
+        return options == self.options and len(modules) == len(self.modules) and all(
+            r() is m for r, m in zip(self.modules, modules))
+
+
+_CACHES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def shared(key: Any, options: Any, modules: list[Any]) -> PlanCache:
+    """The cache of the graph `key` (the frame's code and the graph's code) with these options and models: the
+    existing one when an identical graph made one, else a new one. Kept alive by the graphs that use it."""
+    cache = _CACHES.get(key) if key is not None else None
+    if cache is None or not cache.serves(options, modules):
+        cache = PlanCache(options, modules)
+        if key is not None:
+            _CACHES[key] = cache
+    return cache
 
 
 def _describe(key: tuple) -> str:
