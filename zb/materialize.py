@@ -280,7 +280,11 @@ def _load_dcp(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]], pa
 
 
 def _load_safetensors(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]], path: pathlib.Path) -> None:
-    from safetensors import safe_open
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ZbOptionError(f"option 'init' names {path}, a directory of safetensors files; reading them needs the "
+                            "safetensors package: pip install safetensors (or zb[safetensors])") from None
 
     index = path / "model.safetensors.index.json"
     if index.exists():
