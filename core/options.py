@@ -231,7 +231,7 @@ class Options:
     release: bool = _option(
         True, "on a pipeline rank, free the storage of the parameters and buffers only other ranks' stages read "
         "(each rank then holds its own stages' share of the model); using one outside zb is an error naming its "
-        "owner. False keeps every tensor on every rank", _boolean,
+        "owner. False keeps every tensor on every rank; so does rebalance=True (not combined yet)", _boolean,
     )
     init: Any = _option(
         None, "how a model built on the meta device (zb.defer) gets its values, on each rank for its own stages: "

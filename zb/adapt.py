@@ -36,7 +36,6 @@ from zb.core.errors import ZbError
 from zb.passes import Plan, partition_stages
 from zb.passes.partition_stages import split_points_for
 from zb.runtime import PipelineRunner
-from zb.runtime.released import is_released, release, restore
 from zb.schedules import replan
 
 if TYPE_CHECKING:
@@ -217,7 +216,6 @@ def migrate(planned: list[Move], rank: int, comm, values: Sequence[torch.Tensor]
         offset = 0
         for move, what in parts:
             target = values[move.index]
-            restore(target)  # released here until now: it gets storage, the values follow
             piece = flat[offset: offset + target.numel()].view(target.shape).to(target.device)
             offset += target.numel()
             if what == "value":
@@ -231,14 +229,6 @@ def migrate(planned: list[Move], rank: int, comm, values: Sequence[torch.Tensor]
     for index in before:
         if rank in before[index] and rank not in after.get(index, set()):
             grads[index] = None
-    if new.options.release:  # what this rank no longer reads is freed, as after the first step
-        mine = {i for i, ranks in after.items() if rank in ranks}
-        kept = {values[i].untyped_storage().data_ptr() for i in mine if not is_released(values[i])}
-        for index, ranks in after.items():
-            tensor = values[index]
-            if ranks and rank not in ranks and not is_released(tensor) and new.inputs[index].kind in (
-                    "parameter", "buffer") and tensor.untyped_storage().data_ptr() not in kept:
-                release(tensor, f"pipeline rank {min(ranks)}")
 
 
 def _part(move: Move, what: str, values, grads) -> torch.Tensor:

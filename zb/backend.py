@@ -142,11 +142,11 @@ class CompiledGraph:
             if entry.runner is not None:
                 values = [args[i] for i in arg_map]
                 # Deferred tensors (a meta-built model) get values where they are held: with release, their stages'.
-                foreign = entry.runner.foreign(values) if entry.runner.distributed and self.options.release else {}
+                foreign = entry.runner.foreign(values) if entry.runner.distributed and _releases(self.options) else {}
                 materialize(self.modules, {id(t) for t in _tensors(self.modules)} - set(foreign),
                             self.options.init, self.options.init_seed)
                 checkpoint.resume(entry.runner, values)
-                if entry.runner.distributed and self.options.release:
+                if entry.runner.distributed and _releases(self.options):
                     _release(entry.runner, [args[i] for i in arg_map])
         if entry.runner is None:
             return self.gm(*args)
@@ -254,6 +254,13 @@ class CompiledGraph:
         runner = PipelineRunner(program, schedule, local, pipeline.comm(), pipeline.replicas, pipeline.replica_comm(),
                                 pipeline.replica)
         return adapt.configure(runner, measure_first=measure_first)
+
+
+def _releases(options: Options) -> bool:
+    """Option release, unless option rebalance may re-cut the stages later: the re-cut graph is traced again by
+    Dynamo after the released tensors change class, and its pipeline would not carry the re-cut (not supported yet:
+    with rebalance every rank keeps every tensor)."""
+    return options.release and not options.rebalance
 
 
 def _tensors(modules: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
