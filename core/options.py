@@ -8,8 +8,8 @@ docs all come from the same place. A later capability adds a field here and noth
 from __future__ import annotations
 
 import dataclasses
-import os
 import difflib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any

@@ -74,6 +74,11 @@ def is_released(tensor: Any) -> bool:
     return isinstance(tensor, _Released)
 
 
+def is_deferred(tensor: Any) -> bool:
+    """A placeholder of a model built on the meta device that nothing has given values yet (zb/materialize.py)."""
+    return getattr(tensor, "_zb_deferred", False)
+
+
 def release(tensor: torch.Tensor, owner: str) -> int:
     """Free `tensor`'s storage (module docstring); `owner` says who holds it ("pipeline rank 1 (stage 2)").
     Returns the bytes freed."""

@@ -114,13 +114,16 @@ class PipelineRunner:
             self._check_held(args)
             return self._call(args)
 
+    def _state_readers(self) -> list[tuple[Any, set[int]]]:
+        """Each parameter and buffer of the plan (its input spec) with the pipeline ranks whose stages read it."""
+        readers = self.program.readers(self.schedule.placement)
+        return [(s, readers.get(s.index, set())) for s in self.program.inputs if s.kind in ("parameter", "buffer")]
+
     def _check_held(self, args: Sequence[Any]) -> None:
         """Every parameter and buffer this process's stages read must have its values here."""
-        readers = self.program.readers(self.schedule.placement)
         mine = set(self.ranks)
-        for spec in self.program.inputs:
-            if spec.kind in ("parameter", "buffer") and readers.get(spec.index, set()) & mine \
-                    and is_released(args[spec.index]):
+        for spec, ranks in self._state_readers():
+            if ranks & mine and is_released(args[spec.index]):
                 owner = getattr(args[spec.index], "_zb_owner", "another rank")
                 raise ZbError(
                     f"{spec.kind} {spec.name!r} is read by this rank's stages, but its values are not on this "
@@ -133,23 +136,20 @@ class PipelineRunner:
     def foreign(self, args: Sequence[Any]) -> dict[int, str]:
         """The parameters and buffers among `args` (the plan's inputs) that only other pipeline ranks' stages read:
         id -> who holds it ("pipeline rank 1 (stage 1)")."""
-        program = self.program
-        readers = program.readers(self.schedule.placement)
         mine = set(self.ranks)
         found = {}
-        for spec in program.inputs:
-            ranks = readers.get(spec.index, set())
-            if spec.kind in ("parameter", "buffer") and ranks and not ranks & mine:
-                stages = [s for s, stage in enumerate(program.stages) if spec.index in stage.reads]
+        for spec, ranks in self._state_readers():
+            if ranks and not ranks & mine:
+                stages = [s for s, stage in enumerate(self.program.stages) if spec.index in stage.reads]
                 found[id(args[spec.index])] = (f"pipeline rank {min(ranks)} (stage{'s' if len(stages) > 1 else ''} "
                                                f"{', '.join(map(str, stages))})")
         return found
 
-    def release_foreign(self, args: Sequence[Any]) -> int:
-        """Free the parameters and buffers only other pipeline ranks' stages read (runtime/released.py); returns
-        the bytes freed. Tensors sharing storage with one this process reads stay."""
-        foreign = self.foreign(args)
-        state = [args[s.index] for s in self.program.inputs if s.kind in ("parameter", "buffer")]
+    def release_foreign(self, args: Sequence[Any], foreign: dict[int, str]) -> int:
+        """Free the parameters and buffers `foreign` names (`self.foreign(args)`: only other pipeline ranks' stages
+        read them; runtime/released.py); returns the bytes freed. Tensors sharing storage with one this process
+        reads stay."""
+        state = [args[spec.index] for spec, _ in self._state_readers()]
         kept = {t.untyped_storage().data_ptr() for t in state if id(t) not in foreign and not is_released(t)}
         freed = 0
         for tensor in state:
@@ -376,10 +376,11 @@ class PipelineRunner:
     def owned(self) -> tuple[set[int], set[int]]:
         """(ids of the parameters and buffers this process's stages read, ids of those no stage reads): what a
         checkpoint of this process holds, and what every process may write (never changed by a step)."""
-        readers = self.program.readers(self.schedule.placement)
         mine, nobody = set(), set()
-        for index, tensor in self.state.items():
-            ranks = readers.get(index, set())
+        for spec, ranks in self._state_readers():
+            tensor = self.state.get(spec.index)
+            if tensor is None:
+                continue
             if not ranks:
                 nobody.add(id(tensor))
             elif ranks & set(self.ranks):

@@ -43,6 +43,12 @@ def assert_close(actual, expected, what):
         torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
 
 
+def assert_grads_match(model, reference, what: str = "") -> None:
+    """Every parameter's gradient equals eager's (both None, or close)."""
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, f"{what}grad of {name}")
+
+
 def assert_owned_grads(model, reference, what: str) -> set[str]:
     """Under torch.distributed: every parameter has a gradient on some rank, and each rank's equals eager's;
     returns the names this rank holds gradients for."""

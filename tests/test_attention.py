@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import zb
 from tests import models
+from tests.helpers import assert_close, assert_grads_match
 from zb.ops.attention import attention, reference
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -245,9 +246,8 @@ def _assert_trains_like_eager(model, x, y, options):
     loss.backward()
     want = reference(x, y)
     want.backward()
-    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert_close(loss, want, "loss")
+    assert_grads_match(model, reference)
 
 
 class PaddedAttention(nn.Module):
@@ -286,6 +286,5 @@ def test_a_padding_mask_given_as_input_is_split_with_the_batch():
     loss.backward()
     want = reference(x, keep, y)
     want.backward()
-    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    assert_close(loss, want, "loss")
+    assert_grads_match(model, reference)

@@ -13,6 +13,7 @@ import torch
 
 import zb
 from examples.gpt import GPT, PRESETS
+from tests.helpers import assert_close, assert_grads_match
 from tests.models import MLP
 from zb.runtime.released import is_released
 
@@ -40,9 +41,8 @@ def _check(init, stages, reference):
     loss.backward()
     expected = reference(ids, labels)
     expected.backward()
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert_close(loss, expected, "loss")
+    assert_grads_match(model, reference)
     return model
 
 
@@ -211,9 +211,8 @@ def test_a_hugging_face_llama_built_on_meta(source, tmp_path):
     loss.backward()
     expected = hf_models.loss_fn(reference, ids, labels)
     expected.backward()
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert_close(loss, expected, "loss")
+    assert_grads_match(model, reference)
     for (name, b), c in zip(model.named_buffers(), reference.buffers()):
         torch.testing.assert_close(b, c, rtol=0, atol=0, msg=name)
     if source == "save_pretrained":

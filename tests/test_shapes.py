@@ -13,6 +13,7 @@ import torch
 
 import zb
 from tests import models
+from tests.helpers import assert_close, assert_grads_match
 from zb.backend import CompiledGraph
 
 LENGTHS = [16, 12, 8, 12, 16, 10]
@@ -41,9 +42,8 @@ def _train(lengths, plan_cache, monkeypatch):
         loss.backward()
         expected = reference(ids, labels)
         expected.backward()
-        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"length {length}: {name}")
+        assert_close(loss, expected, f"length {length}: loss")
+        assert_grads_match(model, reference, f"length {length}: ")
         model.zero_grad()
         reference.zero_grad()
     return backend, built

@@ -141,13 +141,14 @@ class CompiledGraph:
             self.cache.put(key, entry)
             if entry.runner is not None:
                 values = [args[i] for i in arg_map]
+                releasing = entry.runner.distributed and _releases(self.options)
                 # Deferred tensors (a meta-built model) get values where they are held: with release, their stages'.
-                foreign = entry.runner.foreign(values) if entry.runner.distributed and _releases(self.options) else {}
+                foreign = entry.runner.foreign(values) if releasing else {}
                 materialize(self.modules, {id(t) for t in _tensors(self.modules)} - set(foreign),
                             self.options.init, self.options.init_seed)
                 checkpoint.resume(entry.runner, values)
-                if entry.runner.distributed and _releases(self.options):
-                    _release(entry.runner, [args[i] for i in arg_map])
+                if releasing:
+                    _release(entry.runner, values, foreign)
         if entry.runner is None:
             return self.gm(*args)
         arg_map = self._arg_map(entry)
@@ -267,8 +268,8 @@ def _tensors(modules: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
     return [t for m in modules for t in [*m.parameters(), *m.buffers()]]
 
 
-def _release(runner: PipelineRunner, values: list[Any]) -> None:
-    freed = runner.release_foreign(values)
+def _release(runner: PipelineRunner, values: list[Any], foreign: dict[int, str]) -> None:
+    freed = runner.release_foreign(values, foreign)
     if freed:
         log.info("zb: pipeline rank %d released %.1f MiB of parameters and buffers other ranks own (option "
                  "release=False keeps them)", runner.ranks[0], freed / 2**20)

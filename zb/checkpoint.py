@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from zb.core.errors import ZbError
 from zb.runtime.optimizer import synchronize
-from zb.runtime.released import is_released
+from zb.runtime.released import is_deferred, is_released
 from zb.runtime.runner import LIVE
 from zb.schedules import Schedule
 
@@ -258,7 +258,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     manifest = read_manifest(path)
     saved = _metadata(path)
     tensors = _named_state(model)
-    deferred = [k for k, t in tensors.items() if getattr(t, "_zb_deferred", False)]
+    deferred = [k for k, t in tensors.items() if is_deferred(t)]
     if deferred:
         raise ZbError(f"the model was built on the meta device and is not materialised yet ({deferred[0]!r} and "
                       f"{len(deferred) - 1} more have no storage): load this checkpoint with "

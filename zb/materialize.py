@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from zb.core.errors import ZbOptionError
-from zb.runtime.released import is_released, release, restore, user_code, zb_internal
+from zb.runtime.released import is_deferred, is_released, release, restore, user_code, zb_internal
 
 DEFERRED = "nobody yet (the model was built on the meta device and not materialised)"
 
@@ -76,10 +76,6 @@ def _placeholder(meta: torch.Tensor, device: torch.device) -> torch.Tensor:
     release(value, DEFERRED)
     value._zb_deferred = True
     return value
-
-
-def is_deferred(tensor: Any) -> bool:
-    return getattr(tensor, "_zb_deferred", False)
 
 
 def materialize(modules: Iterable[torch.nn.Module], held: set[int], init: Any, seed: int) -> int:
