@@ -8,10 +8,14 @@ Two implementations of one interface:
     `ZbError` naming it within that time, not after the process group's default. Buffers are allocated on the
     device the pipeline runs on (the stage's device for boundary tensors), so NCCL works as gloo does.
 
-Tags. A boundary message is (direction, stage, microbatch); its i-th tensor travels under
-`message * stride + i`, where `stride` exceeds the largest tensor count of any boundary of the program (set by
-the executor), so no two tensors of a step share a tag whatever the counts. Control messages (the optimizer's
-norms, migration) use `CONTROL + kind`, above every data tag.
+Boundary tensors travel as the executor's communication program says (schedules/p2p.py): a `Batch` of sends
+and receives is posted together (`post`, one `batch_isend_irecv`), and the executor waits for the batch that
+brought a value right before the action that reads it (`arrived`, then `take`). Nothing relies on tags: every
+message uses tag 0 and is matched by its order between the two ranks, as NCCL matches (the program makes both
+sides issue the same order; `LocalComm` checks it). A receive buffer exists from its post until the value's last
+reader is done with it; a sent tensor is dropped as soon as its send has completed (`release_sent`). Control
+messages (the optimizer's norms, parameter migration) go the same way, one operation per batch, in an order
+both sides derive from the same data.
 """
 
 from __future__ import annotations
@@ -25,38 +29,43 @@ import torch
 
 from zb.core.errors import ZbError
 
-CONTROL = 1 << 30  # control tags start here; data tags stay below
-
-
-def message_id(backward: bool, stage: int, microbatch: int, num_stages: int) -> int:
-    return (microbatch * num_stages + stage) * 2 + int(backward)
+from zb.schedules.p2p import SEND, NcclModel, Op
 
 
 class LocalComm:
-    """All ranks in one process."""
+    """All ranks in one process, under NCCL's point-to-point rules (schedules/p2p.py `NcclModel`): each rank's
+    operations complete in the order it posted them, a send meets the receive its peer posted in the same place of
+    their order (a different message there is an error), and a value is there only once its whole batch is."""
 
     distributed = False
 
     def __init__(self):
         self.box: dict[Any, list[torch.Tensor]] = {}
-        self.stride = 1
+        self.model = NcclModel()
 
     # Boundary tensors ---------------------------------------------------------------------------------------
-    def send(self, message: int, tensors: Sequence[torch.Tensor], dst: int) -> None:
-        self.box[message] = list(tensors)
+    def post(self, rank: int, ops: Sequence[Op], payloads: Sequence[Any], specs: Sequence[Any]) -> list:
+        """Issue `ops` (one batch) for `rank`: sends carry `payloads` (lists of tensors); returns one handle per op."""
+        group = self.model.post((0, rank), list(ops), list(payloads))
+        self.model.progress()
+        return [group] * len(group)
 
-    def prepare(self, receives: Sequence[tuple[int, Sequence[Any], int]]) -> None:
-        pass  # messages are stored by the send itself
+    def arrived(self, handle) -> bool:
+        """Whether the batch `handle` belongs to has completed (never waits: the executor runs another rank)."""
+        self.model.progress()
+        return all(p.done for p in handle)
 
-    def ready(self, message: int) -> bool:
-        return message in self.box
+    def take(self, handle, op: Op) -> list[torch.Tensor]:
+        return next(p for p in handle if p.op == op).payload
 
-    def recv(self, message: int, specs: Sequence[Any], src: int) -> list[torch.Tensor]:
-        return self.box.pop(message)
+    def release_sent(self) -> None:
+        pass
 
     def finish(self) -> None:
-        if self.box:
-            raise ZbError(f"{len(self.box)} messages were sent but never received; the schedule is inconsistent")
+        self.model.progress()
+        blocked = self.model.blocked()
+        if blocked:
+            raise ZbError(f"the step ended with point-to-point operations pending: {'; '.join(blocked)}")
 
     # Control messages ----------------------------------------------------------------------------------------
     def send_control(self, kind: int, tensor: torch.Tensor, dst: int):
@@ -107,63 +116,63 @@ class DistributedComm:
         self.device = torch.device(device)
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.stride = 1
-        self.pending: list = []
-        self.posted: dict[int, tuple[list[torch.Tensor], list, int]] = {}
+        self.pending: list[_Batch] = []  # batches with sends not known to be complete
 
     def _peer(self, rank: int) -> int:
         return self.dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
-    def _tag(self, message: int, i: int) -> int:
-        tag = message * self.stride + i
-        if tag >= CONTROL:
-            raise ZbError(f"message {message} of this pipeline has no tag below {CONTROL}: too many stages x "
-                          "microbatches x boundary tensors")
-        return tag
-
     # Boundary tensors ---------------------------------------------------------------------------------------
-    def send(self, message: int, tensors: Sequence[torch.Tensor], dst: int) -> None:
-        for i, tensor in enumerate(tensors):
-            tensor = tensor.contiguous()
-            work = self.dist.isend(tensor, self._peer(dst), group=self.group, tag=self._tag(message, i))
-            self.pending.append((work, tensor, dst))
+    def post(self, rank: int, ops: Sequence[Op], payloads: Sequence[Any], specs: Sequence[Any]) -> list:
+        """Issue `ops` as one `batch_isend_irecv` (tag 0: matched by order); a receive's buffers are allocated now.
+        Returns one handle per op: (the batch, the op's tensors)."""
+        p2p, tensors = [], []
+        for op, payload, spec in zip(ops, payloads, specs):
+            if op.kind == SEND:
+                mine = [t.contiguous() for t in payload]
+                p2p += [self.dist.P2POp(self.dist.isend, t, self._peer(op.peer), self.group) for t in mine]
+            else:
+                mine = [s.empty() for s in spec]
+                p2p += [self.dist.P2POp(self.dist.irecv, t, self._peer(op.peer), self.group) for t in mine]
+            tensors.append(mine)
+        batch = _Batch(self.dist.batch_isend_irecv(p2p) if p2p else [], sorted({op.peer for op in ops}),
+                       [str(op) for op in ops])
+        if any(op.kind == SEND for op in ops):
+            self.pending.append(batch)
+        return [(batch, mine) for mine in tensors]
 
-    def ready(self, message: int) -> bool:
-        return True  # a receive blocks until the data arrives (or the timeout passes)
+    def arrived(self, handle) -> bool:
+        """Wait (bounded by the timeout) for the whole batch `handle` came in, as NCCL completes a batch at once."""
+        batch, _ = handle
+        if not batch.done:
+            for work in batch.works:
+                self._wait(work, "exchanging " + ", ".join(batch.what), batch.peers)
+            batch.done = True
+        return True
 
-    def prepare(self, receives: Sequence[tuple[int, Sequence[Any], int]]) -> None:
-        """Post every receive of the step at its start, into preallocated buffers: data lands as soon as it is
-        sent, so a transfer's latency stays off the critical path."""
-        for message, specs, src in receives:
-            self.posted[message] = self._post(message, specs, src)
+    def take(self, handle, op: Op) -> list[torch.Tensor]:
+        return handle[1]
 
-    def _post(self, message: int, specs: Sequence[Any], src: int):
-        buffers = [spec.empty() for spec in specs]
-        works = [self.dist.irecv(b, self._peer(src), group=self.group, tag=self._tag(message, i))
-                 for i, b in enumerate(buffers)]
-        return buffers, works, src
-
-    def recv(self, message: int, specs: Sequence[Any], src: int) -> list[torch.Tensor]:
-        buffers, works, src = self.posted.pop(message) if message in self.posted else self._post(message, specs, src)
-        for work in works:
-            self._wait(work, f"receiving from rank {src}", [src])
-        return buffers
+    def release_sent(self) -> None:
+        """Drop the batches whose sends have completed, and with them the sent tensors."""
+        self.pending = [b for b in self.pending if not all(w.is_completed() for w in b.works)]
 
     def finish(self) -> None:
         pending, self.pending = self.pending, []
-        for work, _, dst in pending:
-            self._wait(work, f"sending to rank {dst}", [dst])
+        for batch in pending:
+            self.arrived((batch, None))
 
     # Control messages ----------------------------------------------------------------------------------------
     def send_control(self, kind: int, tensor: torch.Tensor, dst: int):
-        """A small message outside the schedule; returns the handle to wait for."""
+        """A small message outside the schedule (one operation in a batch, matched by order: `kind` only names
+        it); returns the handle to wait for."""
         tensor = tensor.to(self.device).contiguous()
-        return self.dist.isend(tensor, self._peer(dst), group=self.group, tag=CONTROL + kind), tensor, [dst]
+        works = self.dist.batch_isend_irecv([self.dist.P2POp(self.dist.isend, tensor, self._peer(dst), self.group)])
+        return works, tensor, [dst]
 
     def recv_control(self, kind: int, shape: tuple, dtype: torch.dtype, src: int):
         buffer = torch.empty(shape, dtype=dtype, device=self.device)
-        return buffer, (self.dist.irecv(buffer, self._peer(src), group=self.group, tag=CONTROL + kind), buffer,
-                        [src])
+        works = self.dist.batch_isend_irecv([self.dist.P2POp(self.dist.irecv, buffer, self._peer(src), self.group)])
+        return buffer, (works, buffer, [src])
 
     def wait(self, handle, what: str) -> None:
         work, _, peers = handle
@@ -246,6 +255,10 @@ class DistributedComm:
         return [r for r in range(self.world) if r != self.rank]
 
     def _wait(self, work, what: str, peers: Sequence[int]) -> None:
+        if isinstance(work, list):  # a batch's works
+            for one in work:
+                self._wait(one, what, peers)
+            return
         try:
             work.wait(self.timeout)
         except RuntimeError as e:
@@ -255,3 +268,10 @@ class DistributedComm:
                 who += f" (global rank{'s' if len(peers) > 1 else ''} {', '.join(map(str, globals_))})"
             raise ZbError(f"{self.role} peer {who} failed while {what}: {e}. A rank died or is stuck; the step is "
                           f"abandoned (timeout {self.timeout.total_seconds():g} s, option 'timeout')") from e
+
+
+class _Batch:
+    """One posted `batch_isend_irecv`: its works, the peers it talks to, and what it moves (for errors)."""
+
+    def __init__(self, works: list, peers: list[int], what: list[str]):
+        self.works, self.peers, self.what, self.done = works, peers, what, False

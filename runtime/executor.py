@@ -6,7 +6,9 @@ go into mailboxes: `forward[(stage, mb)]` holds the act:<name> outputs of a stag
 the grad:act:<name> outputs of its B; the next stage reads them directly when it lives on the same rank, else
 they travel through the communication module (SEND_*/RECV_*). In one process every rank's list runs here, a
 rank yielding at a receive whose message is not there yet; under torch.distributed each process runs its own
-rank's list. The executor reads only the program (codegen/program.py) and the schedule.
+rank's list. Sends and receives run as the schedule's communication program (schedules/p2p.py): batches posted
+just in time, in an order proven to run under NCCL's rules, each value waited for right before its reader.
+The executor reads only the program (codegen/program.py) and the schedule.
 """
 
 from __future__ import annotations
@@ -19,21 +21,20 @@ import torch
 
 from zb.codegen.program import ACT, DISCARD, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, OUT, Program, TensorSpec, nbytes
 from zb.core.errors import ZbError
-from zb.runtime.comm import message_id
 from zb.runtime.microbatch import combine_outputs, split_microbatches
 from zb.runtime.profile import ActionClock, timed_runs
-from zb.schedules import BW, RECV_B, RECV_F, REDUCE, SEND_B, SEND_F, Action, B, F, Schedule, W
+from zb.schedules import BW, REDUCE, SEND_F, Action, B, F, Schedule, W
+from zb.schedules.p2p import SEND, Batch, Wait, communication
 
 
 class StepExecutor:
     def __init__(self, program: Program, schedule: Schedule, ranks: Sequence[int], comm):
-        self.program, self.schedule, self.ranks, self.comm = program, schedule, list(ranks), comm  # lowered
+        self.program, self.ranks, self.comm = program, list(ranks), comm
+        self.schedule = schedule  # lowered; sets the communication program too
         self.placement = schedule.placement
         stages = program.stages
         self.forward_spec = {s: stages[s].receives_forward for s in range(1, program.num_stages)}
         self.backward_spec = {s: stages[s].receives_backward for s in range(program.num_stages - 1)}
-        comm.stride = 1 + max((len(spec) for spec in (*self.forward_spec.values(), *self.backward_spec.values())),
-                              default=0)
         local = [s.index for s in stages if self.placement[s.index] in self.ranks]
         self.clock = ActionClock(stages[local[0]].device if local else torch.device("cpu"))
         self.timed = False  # set by the runner for a step whose actions are traced
@@ -50,6 +51,17 @@ class StepExecutor:
         self.replicas, self.replica = 1, 0
         self.totals: torch.Tensor | None = None
         self.on_reduce = None
+
+    @property
+    def schedule(self) -> Schedule:
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, lowered: Schedule) -> None:
+        """Run `lowered` from the next step on, as its communication program (schedules/p2p.py: sends and receives
+        batched just in time, in an order verified to run under NCCL's rules)."""
+        self._schedule = lowered
+        self.items = communication(lowered)
 
     # One step ---------------------------------------------------------------------------------------------
     def prepare(self, args: Sequence[Any]) -> torch.Tensor | None:
@@ -99,34 +111,37 @@ class StepExecutor:
         # Batched inputs: the gradient of each microbatch's slice, summed over the stages that read the input.
         self.slices: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)
         self.quickest = {}
-        self.comm.prepare([self._receive(a) for r in self.ranks for a in self.schedule.actions[r]
-                           if a.kind in (RECV_F, RECV_B)])
+        self.receiving: dict[Action, Any] = {}  # message -> the handle of the receive posted for it
         self.clock.begin(self.timed)
         self.held = {r: 0 for r in self.ranks}
         self.peak_memory = {r: 0 for r in self.ranks}
         position = {r: 0 for r in self.ranks}
-        while any(position[r] < len(self.schedule.actions[r]) for r in self.ranks):
+        while any(position[r] < len(self.items[r]) for r in self.ranks):
             progressed = False
             for rank in self.ranks:
-                actions = self.schedule.actions[rank]
-                while position[rank] < len(actions):
-                    action = actions[position[rank]]
-                    if action.kind in (RECV_F, RECV_B) and not self.comm.ready(self._message(action)):
-                        break
-                    mark = self.clock.start()
-                    self._do(rank, action)
-                    self.clock.stop(mark, rank, action)
-                    if self.repeat > 1 and action.kind in (F, B, W, BW):
-                        self.quickest.setdefault((action.stage, action.kind), []).append(self._seconds)
-                    if on_stage_done is not None and program.training and last.get(action.stage) == action:
-                        on_stage_done(action.stage, self.grads)
-                    if poll is not None:
-                        poll(self.grads)
+                items = self.items[rank]
+                while position[rank] < len(items):
+                    item = items[position[rank]]
+                    if isinstance(item, Batch):
+                        self._post(rank, item)
+                    elif isinstance(item, Wait):
+                        if not self._arrived(item.message):
+                            break  # in one process: another rank runs first
+                    else:
+                        mark = self.clock.start()
+                        self._do(rank, item)
+                        self.clock.stop(mark, rank, item)
+                        if self.repeat > 1 and item.kind in (F, B, W, BW):
+                            self.quickest.setdefault((item.stage, item.kind), []).append(self._seconds)
+                        if on_stage_done is not None and program.training and last.get(item.stage) == item:
+                            on_stage_done(item.stage, self.grads)
+                        if poll is not None:
+                            poll(self.grads)
+                        self.comm.release_sent()
                     position[rank] += 1
                     progressed = True
             if not progressed:
-                stuck = [str(self.schedule.actions[r][position[r]]) for r in self.ranks
-                         if position[r] < len(self.schedule.actions[r])]
+                stuck = [str(self.items[r][position[r]]) for r in self.ranks if position[r] < len(self.items[r])]
                 raise ZbError(f"the pipeline step deadlocked at {', '.join(stuck)}")
         self.comm.finish()
         self.trace = self.clock.records()
@@ -158,20 +173,45 @@ class StepExecutor:
                 assert len(inputs) == index, (len(inputs), index)
                 inputs.append(weight)
 
-    def _receive(self, action: Action) -> tuple[int, list[TensorSpec], int]:
-        """(message, the tensors' specs, source rank) of a RECV action."""
-        s = action.stage
-        if action.kind == RECV_F:
-            return self._message(action), self.forward_spec[s], self.placement[s - 1]
-        return self._message(action), self.backward_spec[s], self.placement[s + 1]
+    def _post(self, rank: int, batch: Batch) -> None:
+        """Issue one batch of sends and receives: a send hands over (and forgets) the values its message carries."""
+        payloads, specs = [], []
+        for op in batch.ops:
+            s, kind, mb = op.message
+            if op.kind != SEND:
+                payloads.append(None)
+                specs.append(self._carried(op.message))
+            elif kind == SEND_F:
+                box = self.forward_box.pop((s, mb))
+                payloads.append([box[spec.key] for spec in self.forward_spec[s + 1]])
+                specs.append(None)
+            else:  # no gradient flowed back (a frozen part): zeros are sent
+                box = self.backward_box.pop((s, mb), {})
+                payloads.append([_grad_or_zeros(box, spec) for spec in self.backward_spec[s - 1]])
+                specs.append(None)
+        for op, handle in zip(batch.ops, self.comm.post(rank, batch.ops, payloads, specs)):
+            if op.kind != SEND:
+                self.receiving[op.message] = (op, handle)
 
-    def _message(self, action: Action) -> int:
-        n = self.program.num_stages
-        if action.kind == RECV_F:
-            return message_id(False, action.stage - 1, action.microbatch, n)
-        if action.kind == RECV_B:
-            return message_id(True, action.stage + 1, action.microbatch, n)
-        return message_id(action.kind == SEND_B, action.stage, action.microbatch, n)
+    def _carried(self, message: Action) -> list[TensorSpec]:
+        """The tensors a message carries: the receiving stage's boundary specs."""
+        s = message.stage
+        return self.forward_spec[s + 1] if message.kind == SEND_F else self.backward_spec[s - 1]
+
+    def _arrived(self, message: Action) -> bool:
+        """Whether `message` is here (under torch.distributed: waits for it); if so, puts it in its mailbox."""
+        op, handle = self.receiving[message]
+        if not self.comm.arrived(handle):
+            return False
+        del self.receiving[message]
+        tensors = self.comm.take(handle, op)
+        s, kind, mb = message
+        spec = self._carried(message)
+        if kind == SEND_F:
+            self.forward_box[(s, mb)] = _checked(dict(zip((x.key for x in spec), tensors)), spec, s, s + 1)
+        else:
+            self.backward_box[(s, mb)] = {f"grad:{x.key}": t for x, t in zip(spec, tensors)}
+        return True
 
     def _do(self, rank: int, action: Action) -> None:
         s, kind, mb = action
@@ -188,22 +228,6 @@ class StepExecutor:
         elif kind == REDUCE:
             if self.on_reduce is not None:
                 self.on_reduce(s, self.grads)
-        elif kind == SEND_F:
-            box = self.forward_box.pop((s, mb))
-            self.comm.send(self._message(action), [box[spec.key] for spec in self.forward_spec[s + 1]],
-                           self.placement[s + 1])
-        elif kind == SEND_B:
-            box = self.backward_box.pop((s, mb), {})  # no gradient flowed back (a frozen part): zeros are sent
-            self.comm.send(self._message(action), [_grad_or_zeros(box, spec) for spec in self.backward_spec[s - 1]],
-                           self.placement[s - 1])
-        elif kind == RECV_F:
-            spec = self.forward_spec[s]
-            tensors = self.comm.recv(*self._receive(action))
-            self.forward_box[(s - 1, mb)] = _checked(dict(zip((x.key for x in spec), tensors)), spec, s - 1, s)
-        elif kind == RECV_B:
-            spec = self.backward_spec[s]
-            tensors = self.comm.recv(*self._receive(action))
-            self.backward_box[(s + 1, mb)] = {f"grad:{x.key}": t for x, t in zip(spec, tensors)}
 
     def _call(self, piece, args: list) -> tuple:
         if self.repeat <= 1:

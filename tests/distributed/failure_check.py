@@ -8,9 +8,9 @@ bad-stages: an impossible placement fails on every rank with the same ZbOptionEr
 peer-dies: rank 1 exits in the middle of a step; rank 0 raises ZbError naming the failure (within the
 'timeout' option) instead of hanging. Each surviving rank prints `caught: <message>`.
 raise-in METHOD: rank 1 raises the first time it enters that method of zb's communication module (a collective,
-a control message, a send or receive) and then stays alive without taking part; rank 0, waiting for it in the
-same exchange, must raise a ZbError naming rank 1 within the 'timeout' option (3 s here, not the process group's
-default of minutes). Rank 0 prints `caught on rank 0 after <seconds> s: <message>`.
+a control message, posting or waiting for boundary tensors) and then stays alive without taking part; rank 0,
+waiting for it in the same exchange, must raise a ZbError naming rank 1 within the 'timeout' option (3 s here,
+not the process group's default of minutes). Rank 0 prints `caught on rank 0 after <seconds> s: <message>`.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def main() -> None:
 TIMEOUT = 3.0
 # The options under which each method of DistributedComm is called in the first steps of a 2-stage pipeline.
 RAISE_IN = {
-    "send": {},  # a boundary tensor
-    "recv": {},
+    "post": {},  # a batch of boundary tensors' sends and receives
+    "arrived": {},  # waiting for a received boundary tensor
     "broadcast": {},  # the loss, from the last stage's rank
     "all_reduce": {"optimizer": "sgd", "post_validation": False},  # the global gradient norm
     "send_control": {"optimizer": "sgd"},  # post-validation's partial norm, from the last rank down
