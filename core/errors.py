@@ -11,3 +11,7 @@ class ZbOptionError(ZbError, ValueError):
 
 class ZbUnsupportedError(ZbError):
     """The model does something zb cannot compile yet (a graph break, a non-scalar loss, ...)."""
+
+
+class ZbPeerError(ZbError):
+    """Another rank of the pipeline (or of its data-parallel group) failed: this rank abandons the step."""

@@ -8,6 +8,13 @@ Two implementations of one interface:
     `ZbError` naming it within that time, not after the process group's default. Buffers are allocated on the
     device the pipeline runs on (the stage's device for boundary tensors), so NCCL works as gloo does.
 
+A failure anywhere reaches every rank within a fraction of a second (`Failures`): the rank that raises writes
+its error under the pipeline's key in the job's store (the key-value store torch.distributed started with), and
+every wait polls that key while it waits, so its peers raise a `ZbPeerError` naming the failed rank and its error
+instead of waiting out the timeout. From then on the pipeline refuses every call at once: receives posted for
+the abandoned step cannot be taken back (neither gloo nor NCCL cancels them), so no later message could be
+trusted to meet its own receive.
+
 Boundary tensors travel as the executor's communication program says (schedules/p2p.py): a `Batch` of sends
 and receives is posted together (`post`, one `batch_isend_irecv`), and the executor waits for the batch that
 brought a value right before the action that reads it (`arrived`, then `take`). Nothing relies on tags: every
@@ -22,12 +29,14 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from zb.core.errors import ZbError
+from zb.core.errors import ZbError, ZbPeerError
 
 from zb.schedules.p2p import SEND, NcclModel, Op
 
@@ -100,15 +109,74 @@ class LocalComm:
         pass
 
 
+POLL = 0.05  # seconds between two looks at the failure key while waiting
+
+
+class Failures:
+    """The failure key of one pipeline in the job's store: the first failing rank's error, for every rank to see."""
+
+    def __init__(self, store, key: str):
+        self.store, self.key = store, key
+        self.known: str | None = None
+
+    @classmethod
+    def for_job(cls, number: int) -> Failures | None:
+        """Pipeline `number`'s key (every rank builds its pipelines in the same order) in the store of the default
+        process group; None if there is none."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return None
+        # Private, and the one place zb reads it: the store torch.distributed was initialised with (torchrun's
+        # rendezvous store, or the user's), which every process of the job can reach without communication.
+        store = dist.distributed_c10d._get_default_store()
+        return cls(store, f"zb/failed/{number}") if store is not None else None
+
+    def announce(self, rank: int, error: BaseException) -> None:
+        """Record that global rank `rank` failed with `error` (the first failure recorded stays)."""
+        if self.known is not None or isinstance(error, ZbPeerError):
+            return
+        lines = str(error).strip().splitlines()
+        text = f"{type(error).__name__}: {lines[0] if lines else ''}"[:2000]
+        try:
+            self.store.compare_set(self.key, "", f"{rank}\n{text}")
+        except Exception:  # noqa: BLE001  (the store itself is gone: the peers will time out instead)
+            return
+        self.known = f"global rank {rank} failed with {text}"
+
+    def check(self) -> str | None:
+        """The recorded failure, if any (a round trip to the store unless already known)."""
+        if self.known is None:
+            try:
+                if not self.store.check([self.key]):
+                    return None
+                rank, _, text = self.store.get(self.key).decode().partition("\n")
+            except Exception:  # noqa: BLE001  (the store's host is gone: the job is ending)
+                return None
+            self.known = f"global rank {rank} failed with {text}"
+        return self.known
+
+    def raise_if_failed(self, what: str) -> None:
+        failure = self.check()
+        if failure is not None:
+            raise ZbPeerError(f"{failure}; this rank stops {what}. The pipeline is unusable from now on (operations "
+                              "posted for the abandoned step cannot be cancelled): restart the processes (for "
+                              "example with torchrun --max-restarts) after fixing the cause")
+
+
 class DistributedComm:
     """Over a process group; `device` is where collective and control buffers live (a CUDA device with NCCL)."""
 
     distributed = True
 
-    def __init__(self, group, timeout: float, device: torch.device | str = "cpu", role: str = "pipeline"):
-        """`role` names the group in errors: "pipeline" (its stages' ranks) or "replica" (data parallelism)."""
+    def __init__(self, group, timeout: float, device: torch.device | str = "cpu", role: str = "pipeline",
+                 failures: Failures | None = None):
+        """`role` names the group in errors: "pipeline" (its stages' ranks) or "replica" (data parallelism);
+        `failures`: the pipeline's failure key, polled while waiting."""
         import torch.distributed as dist
 
+        self.failures = failures
+        self.gloo = dist.get_backend(group) == "gloo"
         self.role = role
         self.dist = dist
         self.group = group
@@ -255,19 +323,63 @@ class DistributedComm:
         return [r for r in range(self.world) if r != self.rank]
 
     def _wait(self, work, what: str, peers: Sequence[int]) -> None:
+        """Wait for `work` until the timeout, looking at the failure key every POLL seconds meanwhile."""
         if isinstance(work, list):  # a batch's works
             for one in work:
                 self._wait(one, what, peers)
             return
         try:
-            work.wait(self.timeout)
+            if self.gloo:
+                self._wait_aside(work, what)
+            else:
+                self._poll(work, what)
+                work.wait()  # complete: makes the current CUDA stream wait for it (NCCL)
         except RuntimeError as e:
+            if isinstance(e, ZbPeerError):
+                raise
+            if self.failures is not None:  # the peer said why before it went (its connection closed, ...)
+                self.failures.raise_if_failed(what)
             who = f"rank {peers[0]}" if len(peers) == 1 else f"one of ranks {list(peers)}"
             globals_ = [self._peer(p) for p in peers]
             if globals_ != list(peers):
                 who += f" (global rank{'s' if len(peers) > 1 else ''} {', '.join(map(str, globals_))})"
             raise ZbError(f"{self.role} peer {who} failed while {what}: {e}. A rank died or is stuck; the step is "
                           f"abandoned (timeout {self.timeout.total_seconds():g} s, option 'timeout')") from e
+
+    def _wait_aside(self, work, what: str) -> None:
+        """gloo: a point-to-point work completes only inside its own `wait`, which nothing interrupts. It runs on a
+        daemon thread (abandoned, not joined, if this rank gives up) while this thread watches the failure key."""
+        done, failed = threading.Event(), []
+
+        def waiter():
+            try:
+                work.wait(self.timeout)
+            except BaseException as e:  # noqa: BLE001  (handed to the waiting thread)
+                failed.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=waiter, daemon=True, name="zb-wait").start()
+        while not done.wait(POLL):
+            if self.failures is not None:
+                self.failures.raise_if_failed(what)
+        if failed:
+            raise failed[0]
+
+    def _poll(self, work, what: str) -> None:
+        """NCCL: `is_completed` asks the device without blocking; the failure key is read every POLL seconds."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        pause, look = 2e-5, time.monotonic() + POLL
+        while not work.is_completed():
+            now = time.monotonic()
+            if now >= look:
+                if self.failures is not None:
+                    self.failures.raise_if_failed(what)
+                look = now + POLL
+            if now > deadline:
+                raise RuntimeError(f"no answer within {self.timeout.total_seconds():g} s")
+            time.sleep(pause)
+            pause = min(2 * pause, 2e-3)
 
 
 class _Batch:

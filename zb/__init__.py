@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from zb.core.errors import ZbError, ZbOptionError, ZbUnsupportedError
+from zb.core.errors import ZbError, ZbOptionError, ZbPeerError, ZbUnsupportedError
 
 # name -> (module, attribute): loaded on first use.
 _LAZY = {
@@ -34,7 +34,8 @@ _LAZY = {
     "initialize": ("zb.materialize", "initialize"),
 }
 
-__all__ = ["Options", "Plan", "ZbBackend", "ZbError", "ZbOptionError", "ZbUnsupportedError", "checkpoint_exists",
+__all__ = ["Options", "Plan", "ZbBackend", "ZbError", "ZbOptionError", "ZbPeerError", "ZbUnsupportedError",
+           "checkpoint_exists",
            "defer", "explain", "full_optimizer_state_dict", "full_state_dict", "load_checkpoint", "save_checkpoint",
            "initialize", "step_history", "synchronize", "zb_backend"]
 

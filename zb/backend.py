@@ -124,8 +124,9 @@ class CompiledGraph:
         return self.cache.rebalanced
 
     def __call__(self, *args: Any) -> Any:
-        # Other ranks' released tensors (runtime/released.py) are planned with and passed on, never read.
-        with zb_internal():
+        # Other ranks' released tensors (runtime/released.py) are planned with and passed on, never read. A failure
+        # here reaches every rank of the pipeline at once (zb/pipeline.py `failing_together`).
+        with zb_internal(), self.pipeline.failing_together():
             return self._call(args)
 
     def _call(self, args: Sequence[Any]) -> Any:

@@ -23,15 +23,19 @@ replicas run one after another in this process, each on its part of the batch.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 
 from zb.core.errors import ZbOptionError
 from zb.core.options import Options
 from zb.runtime import DistributedComm, LocalComm, sequential_schedule
+from zb.runtime.comm import Failures
 from zb.schedules import Costs, Decision, Schedule, ScheduleError, choose_placement, default_chunks, generate
 
 log = logging.getLogger(__name__)
+_NUMBERS = itertools.count()  # pipelines built in this process, in order: the same numbers on every rank
 
 
 class Pipeline:
@@ -61,6 +65,23 @@ class Pipeline:
                 f"'stages' to {world * self.chunks} or change the number of processes"
             )
         self._schedules: dict[bool, Schedule] = {}
+        self.failures = Failures.for_job(next(_NUMBERS)) if self.distributed else None
+
+    @contextlib.contextmanager
+    def failing_together(self):
+        """Around every call: refuse at once if any rank of this pipeline failed before; if this call raises,
+        record the error for every rank to see (runtime/comm.py `Failures`), so no peer waits for its timeout."""
+        if self.failures is None:
+            yield
+            return
+        self.failures.raise_if_failed("before this call")
+        try:
+            yield
+        except BaseException as e:
+            import torch.distributed as dist
+
+            self.failures.announce(dist.get_rank(), e)
+            raise
 
     @property
     def placement_summary(self) -> str:
@@ -81,13 +102,14 @@ class Pipeline:
         """The communication module for one runner: over the process group, or in this process."""
         if not self.distributed:
             return LocalComm()
-        return DistributedComm(self.group, self.options.timeout, _comm_device(self.group))
+        return DistributedComm(self.group, self.options.timeout, _comm_device(self.group), failures=self.failures)
 
     def replica_comm(self):
         """The communication module over this rank's replica group (None without replicas across processes)."""
         if self.replica_group is None:
             return None
-        return DistributedComm(self.replica_group, self.options.timeout, _comm_device(self.replica_group), "replica")
+        return DistributedComm(self.replica_group, self.options.timeout, _comm_device(self.replica_group), "replica",
+                               self.failures)
 
     def schedule_for(self, training: bool, costs: Costs | None = None) -> Schedule:
         """The compute-only schedule (validated); raises ScheduleError as a ZbOptionError for a bad request."""
