@@ -197,7 +197,8 @@ class Options:
     )
     profile: bool = _option(False, "time every action and transfer; zb-auto re-plans with the measured costs",
                             _boolean)
-    timeout: float = _option(300.0, "seconds to wait for a peer rank before failing", _positive_float)
+    timeout: float = _option(300.0, "seconds to wait for a peer rank that died or stalls before failing",
+                             _positive_float)
     optimizer: Any = _option(
         None, "a torch.optim SGD, Adam or AdamW over the model's parameters: calling the compiled model then runs "
         "the whole training step, update included, and returns the loss detached", _optimizer,
