@@ -2,7 +2,12 @@
 
 
 class ZbError(RuntimeError):
-    """Base class for every error zb raises about a model, an input or an option."""
+    """Base class for every error zb raises about a model, an input or an option.
+
+    `agreed`: every rank of the job raised this same error at the same point, from data they had all gathered, with
+    no communication left outstanding; such an error does not end the pipeline (runtime/comm.py `Failures`)."""
+
+    agreed = False
 
 
 class ZbOptionError(ZbError, ValueError):

@@ -9,11 +9,12 @@ Two implementations of one interface:
     device the pipeline runs on (the stage's device for boundary tensors), so NCCL works as gloo does.
 
 A failure anywhere reaches every rank within a fraction of a second (`Failures`): the rank that raises writes
-its error under the pipeline's key in the job's store (the key-value store torch.distributed started with), and
+its error under the job's failure key in its store (the key-value store torch.distributed started with), and
 every wait polls that key while it waits, so its peers raise a `ZbPeerError` naming the failed rank and its error
-instead of waiting out the timeout. From then on the pipeline refuses every call at once: receives posted for
-the abandoned step cannot be taken back (neither gloo nor NCCL cancels them), so no later message could be
-trusted to meet its own receive.
+instead of waiting out the timeout. From then on every pipeline of the job refuses every call at once: receives
+posted for the abandoned step cannot be taken back (neither gloo nor NCCL cancels them), so no later message could
+be trusted to meet its own receive. An error every rank raises alike from gathered data (`ZbError.agreed`: ranks
+handed different batches) leaves nothing outstanding and ends nothing.
 
 Boundary tensors travel as the executor's communication program says (schedules/p2p.py): a `Batch` of sends
 and receives is posted together (`post`, one `batch_isend_irecv`), and the executor waits for the batch that
@@ -28,6 +29,7 @@ both sides derive from the same data.
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 import threading
 import time
@@ -113,16 +115,19 @@ POLL = 0.05  # seconds between two looks at the failure key while waiting
 
 
 class Failures:
-    """The failure key of one pipeline in the job's store: the first failing rank's error, for every rank to see."""
+    """The job's failure key in its store: the first failing rank's error, for every rank to see. One key for the
+    whole job: every pipeline of the job shares its process groups, so a step abandoned in one leaves operations
+    posted that any other would meet."""
 
-    def __init__(self, store, key: str):
-        self.store, self.key = store, key
+    def __init__(self, store):
+        self.store = store
+        # torchrun's restart count: a restarted job starts clean even if its store outlived the failed attempt
+        self.KEY = f"zb/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         self.known: str | None = None
 
     @classmethod
-    def for_job(cls, number: int) -> Failures | None:
-        """Pipeline `number`'s key (every rank builds its pipelines in the same order) in the store of the default
-        process group; None if there is none."""
+    def for_job(cls) -> Failures | None:
+        """The key in the store of the default process group (None without one); one object per store."""
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -130,38 +135,50 @@ class Failures:
         # Private, and the one place zb reads it: the store torch.distributed was initialised with (torchrun's
         # rendezvous store, or the user's), which every process of the job can reach without communication.
         store = dist.distributed_c10d._get_default_store()
-        return cls(store, f"zb/failed/{number}") if store is not None else None
+        if store is None:
+            return None
+        if id(store) not in _FAILURES:
+            _FAILURES[id(store)] = cls(store)
+        return _FAILURES[id(store)]
 
     def announce(self, rank: int, error: BaseException) -> None:
-        """Record that global rank `rank` failed with `error` (the first failure recorded stays)."""
-        if self.known is not None or isinstance(error, ZbPeerError):
+        """Record that global rank `rank` failed with `error`; the first failure recorded stays. Errors every rank
+        raised alike with nothing outstanding (`ZbError.agreed`) and peers' failures are not recorded."""
+        if self.known is not None or isinstance(error, ZbPeerError) or getattr(error, "agreed", False):
             return
         lines = str(error).strip().splitlines()
-        text = f"{type(error).__name__}: {lines[0] if lines else ''}"[:2000]
+        text = f"{rank}\n{type(error).__name__}: {lines[0] if lines else ''}"[:2000]
+        self.known = _describe(text)  # this rank refuses its later calls even if the store cannot be written
         try:
-            self.store.compare_set(self.key, "", f"{rank}\n{text}")
+            self.known = _describe(self.store.compare_set(self.KEY, "", text).decode())  # the first one recorded
         except Exception:  # noqa: BLE001  (the store itself is gone: the peers will time out instead)
-            return
-        self.known = f"global rank {rank} failed with {text}"
+            pass
 
     def check(self) -> str | None:
         """The recorded failure, if any (a round trip to the store unless already known)."""
         if self.known is None:
             try:
-                if not self.store.check([self.key]):
+                if not self.store.check([self.KEY]):
                     return None
-                rank, _, text = self.store.get(self.key).decode().partition("\n")
+                self.known = _describe(self.store.get(self.KEY).decode())
             except Exception:  # noqa: BLE001  (the store's host is gone: the job is ending)
                 return None
-            self.known = f"global rank {rank} failed with {text}"
         return self.known
 
     def raise_if_failed(self, what: str) -> None:
         failure = self.check()
         if failure is not None:
-            raise ZbPeerError(f"{failure}; this rank stops {what}. The pipeline is unusable from now on (operations "
-                              "posted for the abandoned step cannot be cancelled): restart the processes (for "
-                              "example with torchrun --max-restarts) after fixing the cause")
+            raise ZbPeerError(f"{failure}; this rank stops {what}. The job's pipelines are unusable from now on "
+                              "(operations posted for the abandoned step cannot be cancelled): restart the processes "
+                              "(for example with torchrun --max-restarts) after fixing the cause")
+
+
+_FAILURES: dict[int, Failures] = {}
+
+
+def _describe(record: str) -> str:
+    rank, _, text = record.partition("\n")
+    return f"global rank {rank} failed with {text}"
 
 
 class DistributedComm:
@@ -186,6 +203,11 @@ class DistributedComm:
         self.world = dist.get_world_size(group)
         self.pending: list[_Batch] = []  # batches with sends not known to be complete
 
+    @property
+    def spans_job(self) -> bool:
+        """Whether this group holds every process of the job (an error all of it raises alike ends nothing)."""
+        return self.world == self.dist.get_world_size()
+
     def _peer(self, rank: int) -> int:
         return self.dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
@@ -203,7 +225,7 @@ class DistributedComm:
                 p2p += [self.dist.P2POp(self.dist.irecv, t, self._peer(op.peer), self.group) for t in mine]
             tensors.append(mine)
         batch = _Batch(self.dist.batch_isend_irecv(p2p) if p2p else [], sorted({op.peer for op in ops}),
-                       [str(op) for op in ops])
+                       [str(op) for op in ops], [t for op, mine in zip(ops, tensors) if op.kind == SEND for t in mine])
         if any(op.kind == SEND for op in ops):
             self.pending.append(batch)
         return [(batch, mine) for mine in tensors]
@@ -221,7 +243,8 @@ class DistributedComm:
         return handle[1]
 
     def release_sent(self) -> None:
-        """Drop the batches whose sends have completed, and with them the sent tensors."""
+        """Drop the batches whose sends have completed, and with them the sent tensors (NCCL; a gloo send reports
+        completion only once waited for, so gloo keeps them until the step's end, `finish`)."""
         self.pending = [b for b in self.pending if not all(w.is_completed() for w in b.works)]
 
     def finish(self) -> None:
@@ -383,7 +406,8 @@ class DistributedComm:
 
 
 class _Batch:
-    """One posted `batch_isend_irecv`: its works, the peers it talks to, and what it moves (for errors)."""
+    """One posted `batch_isend_irecv`: its works, the peers it talks to, what it moves (for errors), and the tensors
+    it sends (alive until the batch is dropped)."""
 
-    def __init__(self, works: list, peers: list[int], what: list[str]):
-        self.works, self.peers, self.what, self.done = works, peers, what, False
+    def __init__(self, works: list, peers: list[int], what: list[str], sent: list[torch.Tensor]):
+        self.works, self.peers, self.what, self.sent, self.done = works, peers, what, sent, False

@@ -211,12 +211,14 @@ def check_same_weights(comm, program: Program, args: Sequence[Any]) -> None:
     for other, theirs in enumerate(everyone):
         differs = [s.name for s, a, b in zip(specs, everyone[0].tolist(), theirs.tolist()) if a != b]
         if differs:
-            raise ZbError(
+            error = ZbError(
                 f"data-parallel replicas start from different weights: {differs[0]!r} differs between replica 0 "
                 f"and replica {other}{f' (and {len(differs) - 1} more)' if len(differs) > 1 else ''}. Build the "
                 "model with the same seed on every rank (torch.manual_seed before creating it) or load the same "
                 "checkpoint everywhere before the first step"
             )
+            error.agreed = comm.spans_job  # every rank saw the same gathered checksums
+            raise error
 
 
 def combine_replicas(per_replica: list[list[Any]], rules: Sequence[Any], mode: str,

@@ -334,12 +334,14 @@ class PipelineRunner:
         for rank, theirs in enumerate(everyone):
             differs = [name for name, a, b in zip(batched, everyone[0].tolist(), theirs.tolist()) if a != b]
             if differs:
-                raise ZbError(
+                error = ZbError(
                     f"pipeline ranks were handed different batches: argument {differs[0]!r} differs between rank 0 "
                     f"and rank {rank}. A zb pipeline runs one batch per step, split into microbatches across its "
                     "stages, so every rank of the pipeline must call the compiled function with the same tensors "
                     "(do not shard the data loader by pipeline rank; every rank reads the same samples)"
                 )
+                error.agreed = self.comm.spans_job  # every rank saw the same gathered checksums
+                raise error
 
     def _profile(self) -> None:
         trace, quickest = self.executor.trace, self.executor.quickest

@@ -112,6 +112,9 @@ def program(lowered: Schedule) -> tuple[tuple[Item, ...], ...]:
                     items.extend(Wait(op.message) for op in slot if op.kind == RECV)
                     slot = []
                 items.append(a)
+        if any(op.kind == RECV for op in slot):
+            raise ScheduleError(f"rank {rank} receives {', '.join(str(o) for o in slot if o.kind == RECV)} after its "
+                                "last compute action: nothing reads them")
         if slot:
             items.append(Batch(tuple(slot)))
         unsent = sorted(produced - {m for dst, order in mine.items() for m in order[:sent[dst]]})

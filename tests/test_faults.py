@@ -38,9 +38,20 @@ def test_a_fault_reaches_every_rank_and_the_next_call_refuses(runs, mode):
             assert entry["error"] is not None, detail
             limit = STALLED_TIMEOUT + 3 if mode == "stalled" else TARGET
             assert entry["after_fault"] < limit, f"rank {rank}: {entry['after_fault']} s after the fault: {detail}"
-            if rank != 1:
+            if rank == 0 and mode not in ("killed", "stalled", "mismatched"):
+                # The failing rank's own error, through zb's failure key (not a closed connection or a timeout).
+                assert entry["error"] == "ZbPeerError", detail
+                expected = "input 'x' has batch size 6" if mode == "short-batch" else "injected failure"
+                assert "global rank 1 failed" in entry["message"] and expected in entry["message"], detail
+            elif rank == 0:
                 assert "rank 1" in entry["message"], entry["message"]
+        if mode == "mismatched":
+            # Both ranks raised the same error from the batches' checksums they had gathered: nothing is left
+            # outstanding, so the next call (on equal batches) runs.
+            assert entry["next"] == "ran", detail
+            continue
         assert entry["next"] not in (None, "ran"), f"rank {rank}'s next call ran after the fault: {detail}"
         assert entry["next_seconds"] < 1.0, detail
+        assert entry["another"] == "ZbPeerError", f"rank {rank}: another model ran on the broken group: {detail}"
         if mode not in ("update", "rollback", "migrate"):  # those change parameters by design before the fault
             assert entry["intact"], f"rank {rank}: parameters or gradients changed by the failed step: {detail}"

@@ -134,11 +134,25 @@ def test_a_batch_progresses_as_one_group():
     assert not model.blocked()
 
 
-def test_different_orders_on_the_two_sides_are_refused():
-    """A hand-written lowered schedule whose last rank receives activations out of the order they are sent."""
+def test_sends_follow_the_receivers_order():
+    """A hand-written lowered schedule whose last rank takes activations in another order than they are produced:
+    the sender holds the early one back, so both sides issue the same order (no tag needed)."""
     text = ("rank 0: 0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B1 0BW1 0RECV_B0 0BW0\n"
             "rank 1: 1RECV_F1 1F1 1BW1 1SEND_B1 1RECV_F0 1F0 1BW0 1SEND_B0")
     lowered = Schedule.from_text(text, (0, 1), 2)
     items = verify(lowered)  # sends follow the receiver's order: 0F1's activation goes out first
     sends = [op.message for item in items[0] if isinstance(item, Batch) for op in item.ops if op.kind == SEND]
     assert sends == [Action(0, "SEND_F", 1), Action(0, "SEND_F", 0)]
+
+
+def test_the_pair_order_check_catches_programs_that_disagree():
+    """`verify`'s last check, on a program where the sender's order was changed by hand."""
+    from zb.schedules.p2p import _check_pair_orders
+
+    items = [list(r) for r in communication(lower(generate("1f1b", 2, 2)))]
+    batches = [i for i, item in enumerate(items[0]) if isinstance(item, Batch)
+               and any(op.kind == SEND for op in item.ops)]
+    first, second = batches[0], batches[1]
+    items[0][first], items[0][second] = items[0][second], items[0][first]
+    with pytest.raises(ScheduleError, match="the orders differ"):
+        _check_pair_orders(items)

@@ -24,7 +24,6 @@ replicas run one after another in this process, each on its part of the batch.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 
@@ -35,7 +34,6 @@ from zb.runtime.comm import Failures
 from zb.schedules import Costs, Decision, Schedule, ScheduleError, choose_placement, default_chunks, generate
 
 log = logging.getLogger(__name__)
-_NUMBERS = itertools.count()  # pipelines built in this process, in order: the same numbers on every rank
 
 
 class Pipeline:
@@ -65,12 +63,12 @@ class Pipeline:
                 f"'stages' to {world * self.chunks} or change the number of processes"
             )
         self._schedules: dict[bool, Schedule] = {}
-        self.failures = Failures.for_job(next(_NUMBERS)) if self.distributed else None
+        self.failures = Failures.for_job() if self.distributed else None
 
     @contextlib.contextmanager
     def failing_together(self):
-        """Around every call: refuse at once if any rank of this pipeline failed before; if this call raises,
-        record the error for every rank to see (runtime/comm.py `Failures`), so no peer waits for its timeout."""
+        """Around every call: refuse at once if any rank of the job failed before; if this call raises, record the
+        error for every rank to see (runtime/comm.py `Failures`), so no peer waits for its timeout."""
         if self.failures is None:
             yield
             return

@@ -20,7 +20,9 @@ The failing rank prints `injected at TIME` (time.time()) at the fault. Every sur
     fault MODE rank R error ERRORTYPE after SECONDS s at TIME: MESSAGE
 then calls the pipeline again and prints
     next MODE rank R ERRORTYPE after SECONDS s
-and `state MODE rank R intact` if the parameters and their .grad are as the last completed step left them.
+and `state MODE rank R intact` if the parameters and their .grad are as the last completed step left them; when
+the next call refused, a second model compiled on the same process group is called too: `another MODE rank R
+RESULT`.
 The timeout option is 60 s (4 s for `stalled`), so an error within a few seconds came through zb's failure key
 (runtime/comm.py `Failures`), not through the timeout.
 """
@@ -202,6 +204,15 @@ def main() -> None:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         sys.stdout.write(f"next {a.mode} rank {rank} {type(e).__name__} after {time.perf_counter() - start:.2f} s: "
                          f"{first}\n")
+        # Another compiled model on the same process group refuses too: the abandoned step's operations are there.
+        torch._dynamo.reset()
+        other, other_args = models.mlp()
+        try:
+            loss = torch.compile(other, backend="zb", options={"compiler": "eager", "timeout": 60.0})(*other_args)
+            loss.backward()
+            sys.stdout.write(f"another {a.mode} rank {rank} ran\n")
+        except Exception as e:  # noqa: BLE001
+            sys.stdout.write(f"another {a.mode} rank {rank} {type(e).__name__}\n")
     sys.stdout.flush()
     os._exit(0)  # the group holds operations of the abandoned step: skip its shutdown
 
@@ -215,10 +226,11 @@ def parse(stdout: str) -> dict[int, dict]:
     fault = min(times) if times else None
     for line in stdout.splitlines():
         words = line.split()
-        if len(words) < 4 or words[0] not in ("fault", "next", "state") or words[2] != "rank":
+        if len(words) < 4 or words[0] not in ("fault", "next", "state", "another") or words[2] != "rank":
             continue
         entry = ranks.setdefault(int(words[3]), {"error": None, "seconds": None, "message": "", "next": None,
-                                                 "next_seconds": None, "intact": False, "after_fault": None})
+                                                 "next_seconds": None, "intact": False, "after_fault": None,
+                                                 "another": None})
         if words[0] == "fault" and words[4] == "error":
             entry["error"], entry["seconds"] = words[5], float(words[7])
             entry["after_fault"] = float(words[10].rstrip(":")) - fault if fault is not None else None
@@ -228,6 +240,8 @@ def parse(stdout: str) -> dict[int, dict]:
             entry["next_seconds"] = float(words[6]) if words[4] != "ran" else None
         elif words[0] == "state":
             entry["intact"] = True
+        elif words[0] == "another":
+            entry["another"] = words[4]
     return ranks
 
 
