@@ -11,6 +11,10 @@ The private APIs used here, and why:
   * `node.meta["example_value"]` with `torch.SymInt` sizes: whether Dynamo made the graph dynamic.
   * `torch.compile(..., isolate_recompiles=True)` and `torch._dynamo.exc.Unsupported`: re-tracing a frame
     without touching the caller's compile cache, and the error Dynamo raises for what it cannot trace.
+  * `torch._dynamo.pgo.get_code_state()`: Dynamo's record of the sizes it saw per code object ("automatic
+    dynamic"). A re-trace at microbatch size records another batch size for the user's frame, so Dynamo's next
+    recompile of it (after zb releases other ranks' parameters, which changes their class) would make the batch
+    dimension dynamic and zb would plan that graph again; the record is put back as it was after each re-trace.
 Everything else in zb uses Dynamo only through `torch.compile` and the backend interface.
 
 Re-capturing the frame at microbatch size: Dynamo traces the user's function at the full batch and bakes shapes
@@ -23,6 +27,7 @@ Dynamo's, matched by source.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import types
@@ -75,6 +80,9 @@ class FrameCapture:
         compiled = torch.compile(
             self.function, backend=capture_backend, fullgraph=True, dynamic=False, isolate_recompiles=True
         )
+        from torch._dynamo import pgo
+
+        seen = copy.deepcopy(dict(pgo.get_code_state()))  # the sizes Dynamo saw before this re-trace (docstring)
         try:
             compiled(*positional, **keyword)
         except _Captured:
@@ -91,6 +99,10 @@ class FrameCapture:
                 "at one batch size (a buffer, index or mask sized to the batch; BatchNorm on a single sample) "
                 "cannot be split into microbatches or replicas: make it work for any batch size, or use "
                 "microbatches=1 without data parallelism") from e
+        finally:
+            state = pgo.get_code_state()
+            state.clear()
+            state.update(seen)
         if len(captured) != 1:
             raise ZbUnsupportedError(f"re-tracing at microbatch size gave {len(captured)} graphs, expected one")
         return captured[0]
