@@ -122,8 +122,9 @@ class Failures:
     def __init__(self, store):
         self.store = store
         # torchrun's restart count: a restarted job starts clean even if its store outlived the failed attempt
-        self.KEY = f"zb/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self.key = f"zb/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         self.known: str | None = None
+        self._probe: threading.Thread | None = None
 
     @classmethod
     def for_job(cls) -> Failures | None:
@@ -149,21 +150,28 @@ class Failures:
         lines = str(error).strip().splitlines()
         text = f"{rank}\n{type(error).__name__}: {lines[0] if lines else ''}"[:2000]
         self.known = _describe(text)  # this rank refuses its later calls even if the store cannot be written
-        try:
-            self.known = _describe(self.store.compare_set(self.KEY, "", text).decode())  # the first one recorded
-        except Exception:  # noqa: BLE001  (the store itself is gone: the peers will time out instead)
-            pass
+
+        def record():
+            try:
+                self.known = _describe(self.store.compare_set(self.key, "", text).decode())  # the first recorded
+            except Exception:  # noqa: BLE001  (the store itself is gone: the peers will time out instead)
+                pass
+
+        _aside(record, STORE_WAIT)
 
     def check(self) -> str | None:
-        """The recorded failure, if any (a round trip to the store unless already known)."""
-        if self.known is None:
-            try:
-                if not self.store.check([self.KEY]):
-                    return None
-                self.known = _describe(self.store.get(self.KEY).decode())
-            except Exception:  # noqa: BLE001  (the store's host is gone: the job is ending)
-                return None
+        """The recorded failure, if any. The store is asked on a daemon thread, waited for at most POLL seconds:
+        a store whose host is unreachable cannot stretch a wait past zb's timeout (the next look asks again)."""
+        if self.known is None and (self._probe is None or not self._probe.is_alive()):
+            self._probe = _aside(self._look, POLL)
         return self.known
+
+    def _look(self) -> None:
+        try:
+            if self.store.check([self.key]):
+                self.known = _describe(self.store.get(self.key).decode())
+        except Exception:  # noqa: BLE001  (the store's host is gone: the job is ending)
+            pass
 
     def raise_if_failed(self, what: str) -> None:
         failure = self.check()
@@ -174,6 +182,16 @@ class Failures:
 
 
 _FAILURES: dict[int, Failures] = {}
+STORE_WAIT = 1.0  # seconds a failing rank waits for its error to be recorded before it raises
+
+
+def _aside(work, seconds: float) -> threading.Thread:
+    """Run `work` on a daemon thread and wait for it at most `seconds` (a store call can block for its own,
+    much longer, timeout)."""
+    thread = threading.Thread(target=work, daemon=True, name="zb-store")
+    thread.start()
+    thread.join(seconds)
+    return thread
 
 
 def _describe(record: str) -> str:
