@@ -48,13 +48,11 @@ def llama(layers: int):
     import torch
     import transformers
 
-    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
-                                      max_position_embeddings=128)
-    config._attn_implementation = "sdpa"
-    config.use_cache = False
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from rank_memory import llama_config
+
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(llama_config(layers, VOCAB))
     model.train()
     return model
 

@@ -50,11 +50,13 @@ def maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def llama_config(layers: int):
+def llama_config(layers: int, vocab: int = VOCAB):
+    """The benchmarks' Llama: hidden 256, `layers` decoder layers, SDPA attention, no KV cache (also
+    bench/compile_time.py's)."""
     import transformers
 
     config = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab,
                                       max_position_embeddings=128)
     config._attn_implementation = "sdpa"
     config.use_cache = False
