@@ -22,6 +22,7 @@ import torch
 from torch import fx
 
 from zb.codegen.inductor import CompiledPiece, compile_piece
+from zb.codegen.memory import PieceMemory, piece_memory
 from zb.core.options import Options
 from zb.passes.plan import PIECES, InputSpec, Plan, Stage, input_keys, nbytes, output_keys, output_values
 
@@ -71,6 +72,7 @@ class Piece:
     inputs: list[str]
     routes: list[Route]
     drops: list[tuple[str, bool]]  # (key, counted) of the values no later piece of the microbatch reads
+    memory: PieceMemory  # bytes it holds while running; which outputs are new tensors (codegen/memory.py)
     run: CompiledPiece | None = None
 
 
@@ -190,7 +192,7 @@ def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], Com
         keys = output_keys(gm)
         drops = sorted(k for k in set(input_keys(gm)) | {k for k in keys if k} if k not in later)
         pieces[name] = Piece(name, stage.index, input_keys(gm), [_route(k, plan, held) for k in keys],
-                             [(k, k in held) for k in drops], compiled.get((stage.index, name)))
+                             [(k, k in held) for k in drops], piece_memory(gm), compiled.get((stage.index, name)))
     forward = stage.forward
     memory_b = sum(nbytes(v) for k, v in zip(output_keys(forward), _output_meta(forward)) if k in held)
     weight = stage.backward_weight

@@ -242,8 +242,10 @@ class DistributedComm:
                 mine = [s.empty() for s in spec]
                 p2p += [self.dist.P2POp(self.dist.irecv, t, self._peer(op.peer), self.group) for t in mine]
             tensors.append(mine)
-        batch = _Batch(self.dist.batch_isend_irecv(p2p) if p2p else [], sorted({op.peer for op in ops}),
-                       [str(op) for op in ops], [t for op, mine in zip(ops, tensors) if op.kind == SEND for t in mine])
+        works = self.dist.batch_isend_irecv(p2p) if p2p else []
+        batch = _Batch(works, sorted({op.peer for op in ops}), [str(op) for op in ops],
+                       [t for op, mine in zip(ops, tensors) if op.kind == SEND for t in mine],
+                       _Waiter(works, self.timeout) if self.gloo and works else None)
         if any(op.kind == SEND for op in ops):
             self.pending.append(batch)
         return [(batch, mine) for mine in tensors]
@@ -252,8 +254,7 @@ class DistributedComm:
         """Wait (bounded by the timeout) for the whole batch `handle` came in, as NCCL completes a batch at once."""
         batch, _ = handle
         if not batch.done:
-            for work in batch.works:
-                self._wait(work, "exchanging " + ", ".join(batch.what), batch.peers)
+            self._wait(batch.waiter or batch.works, "exchanging " + ", ".join(batch.what), batch.peers)
             batch.done = True
         return True
 
@@ -261,9 +262,9 @@ class DistributedComm:
         return handle[1]
 
     def release_sent(self) -> None:
-        """Drop the batches whose sends have completed, and with them the sent tensors (NCCL; a gloo send reports
-        completion only once waited for, so gloo keeps them until the step's end, `finish`)."""
-        self.pending = [b for b in self.pending if not all(w.is_completed() for w in b.works)]
+        """Drop the batches whose sends have completed, and with them the sent tensors: NCCL reports it through
+        `is_completed`; a gloo work completes only inside its `wait`, which the batch's waiter thread runs."""
+        self.pending = [b for b in self.pending if not b.completed()]
 
     def finish(self) -> None:
         pending, self.pending = self.pending, []
@@ -370,8 +371,10 @@ class DistributedComm:
                 self._wait(one, what, peers)
             return
         try:
-            if self.gloo:
-                self._wait_aside(work, what)
+            if isinstance(work, _Waiter):
+                self._await(work, what)
+            elif self.gloo:
+                self._await(_Waiter([work], self.timeout), what)
             else:
                 self._poll(work, what)
                 work.wait()  # complete: makes the current CUDA stream wait for it (NCCL)
@@ -387,25 +390,13 @@ class DistributedComm:
             raise ZbError(f"{self.role} peer {who} failed while {what}: {e}. A rank died or is stuck; the step is "
                           f"abandoned (timeout {self.timeout.total_seconds():g} s, option 'timeout')") from e
 
-    def _wait_aside(self, work, what: str) -> None:
-        """gloo: a point-to-point work completes only inside its own `wait`, which nothing interrupts. It runs on a
-        daemon thread (abandoned, not joined, if this rank gives up) while this thread watches the failure key."""
-        done, failed = threading.Event(), []
-
-        def waiter():
-            try:
-                work.wait(self.timeout)
-            except BaseException as e:  # noqa: BLE001  (handed to the waiting thread)
-                failed.append(e)
-            finally:
-                done.set()
-
-        threading.Thread(target=waiter, daemon=True, name="zb-wait").start()
-        while not done.wait(POLL):
+    def _await(self, waiter: _Waiter, what: str) -> None:
+        """gloo: wait for `waiter`'s thread while this thread watches the failure key every POLL seconds."""
+        while not waiter.done.wait(POLL):
             if self.failures is not None:
                 self.failures.raise_if_failed(what)
-        if failed:
-            raise failed[0]
+        if waiter.failed:
+            raise waiter.failed[0]
 
     def _poll(self, work, what: str) -> None:
         """NCCL: `is_completed` asks the device without blocking; the failure key is read every POLL seconds."""
@@ -423,9 +414,36 @@ class DistributedComm:
             pause = min(2 * pause, 2e-3)
 
 
-class _Batch:
-    """One posted `batch_isend_irecv`: its works, the peers it talks to, what it moves (for errors), and the tensors
-    it sends (alive until the batch is dropped)."""
+class _Waiter:
+    """gloo: a point-to-point work completes only inside its own `wait`, which nothing interrupts. A daemon thread
+    waits for `works` (abandoned, not joined, if this rank gives up) and sets `done`; an error lands in `failed`."""
 
-    def __init__(self, works: list, peers: list[int], what: list[str], sent: list[torch.Tensor]):
-        self.works, self.peers, self.what, self.sent, self.done = works, peers, what, sent, False
+    def __init__(self, works: list, timeout: datetime.timedelta):
+        self.done, self.failed = threading.Event(), []
+
+        def wait():
+            try:
+                for work in works:
+                    work.wait(timeout)
+            except BaseException as e:  # noqa: BLE001  (handed to the waiting thread)
+                self.failed.append(e)
+            finally:
+                self.done.set()
+
+        threading.Thread(target=wait, daemon=True, name="zb-wait").start()
+
+
+class _Batch:
+    """One posted `batch_isend_irecv`: its works, the peers it talks to, what it moves (for errors), the tensors it
+    sends (alive until the batch is dropped) and, on gloo, the thread that waits for it."""
+
+    def __init__(self, works: list, peers: list[int], what: list[str], sent: list[torch.Tensor],
+                 waiter: _Waiter | None):
+        self.works, self.peers, self.what, self.sent, self.waiter = works, peers, what, sent, waiter
+        self.done = False
+
+    def completed(self) -> bool:
+        """Whether every operation of the batch has completed (never waits); a failed one has not."""
+        if self.waiter is not None:
+            return self.waiter.done.is_set() and not self.waiter.failed
+        return all(work.is_completed() for work in self.works)

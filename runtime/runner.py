@@ -22,6 +22,7 @@ from zb.codegen.program import Program
 from zb.core.errors import ZbError
 from zb.runtime.data_parallel import GradientReduction, LocalReduction, check_same_weights, combine_replicas, owners
 from zb.runtime.executor import StepExecutor, combine
+from zb.runtime.memory import RankMemory, planned_memory
 from zb.runtime.microbatch import fingerprint, split_microbatches
 from zb.runtime.optimizer import OptimizerStep, synchronize
 from zb.runtime.profile import measured_costs, measured_timeline, modelled_costs
@@ -102,6 +103,11 @@ class PipelineRunner:
     def modelled_costs(self) -> Costs:
         """The program's activation memory per stage with unit times: what the simulator needs to predict memory."""
         return modelled_costs(self.program)
+
+    def planned_memory(self) -> dict[int, RankMemory]:
+        """Per pipeline rank of this process: the bytes a step holds, item by item and at its peak (activations,
+        boundary tensors, gradients and a running piece's working bytes; runtime/memory.py)."""
+        return planned_memory(self.program, self.executor.items, self.ranks)
 
     def measured_timeline(self) -> Timeline:
         """The last profiled step as a Timeline (real start and end of every action on every rank)."""

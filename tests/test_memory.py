@@ -1,5 +1,7 @@
 """The runtime's activation memory and measured costs against the schedule simulator."""
 
+import math
+
 import pytest
 import torch
 
@@ -72,3 +74,65 @@ def test_v_half_and_v_min_hold_what_the_simulator_predicts_and_less_than_1f1b(sc
     assert max(measured) <= bound * per_rank * 1.05
     one_f_one_b = _runner("1f1b")
     assert max(measured) < max(one_f_one_b.executor.peak_memory.values())
+
+
+def test_planned_memory_matches_the_allocator_under_torchrun():
+    """The plan's peak per rank (runtime/memory.py: activations, boundary tensors, gradients, the running piece)
+    against the CPU allocator's measured peak (torch profiler memory events), 2 ranks over gloo, compiler eager."""
+    from tests.test_pipeline import ROOT, launch
+
+    schedules = ["1f1b", "zb-h1", "zb-v"]
+    result = launch(2, ROOT / "tests/distributed/memory_check.py", *schedules)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split(maxsplit=5) for line in result.stdout.splitlines() if line.startswith("memory ")]
+    assert sorted((r[1], r[2]) for r in rows) == sorted((s, str(k)) for s in schedules for k in (0, 1)), rows
+    for _, schedule, rank, measured, planned, where in rows:
+        assert int(planned) == pytest.approx(int(measured), rel=0.10), \
+            f"{schedule} rank {rank}: the allocator held {measured} bytes at most, the plan says {planned} ({where})"
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1", "zb-v"])
+def test_boundary_memory_does_not_grow_with_the_microbatches(schedule):
+    """Receives are posted just in time and sends dropped once complete, so the boundary tensors a rank holds at
+    once stay the same from 8 to 32 microbatches (posting every receive at the step's start held all of them)."""
+    boundary = {}
+    for microbatches in (8, 32):
+        torch.manual_seed(0)
+        model, args = models.gpt()
+        args = [torch.cat([a] * (microbatches // 8)) for a in args]  # the same microbatch size
+        backend = zb.ZbBackend({"stages": 2, "schedule": schedule, "microbatches": microbatches,
+                                "compiler": "eager"})
+        torch.compile(model, backend=backend)(*args).backward()
+        (runner,) = backend.runners
+        planned = runner.planned_memory()
+        boundary[microbatches] = [planned[r].most["boundary"] for r in sorted(planned)]
+        one = max(sum(s.dtype.itemsize * math.prod(s.shape) for s in stage.receives_forward)
+                  for stage in runner.program.stages)
+        assert all(b > 0 for b in boundary[microbatches])
+    assert boundary[32] == boundary[8], boundary
+    assert max(boundary[32]) <= 8 * one, (boundary, one)
+
+
+def test_a_pieces_working_memory_is_what_the_allocator_holds():
+    """codegen/memory.py walks a graph freeing each value after its last reader: views and getitem own nothing,
+    an output that is an input's view is that input's storage."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tests.distributed.memory_check import allocator_peak
+    from zb.codegen.memory import piece_memory
+
+    def f(x, w):
+        h = (x @ w).relu()  # 2 allocations, the first freed after relu
+        normed = torch.nn.functional.layer_norm(h, (64,))  # a multi-output op (with mean and rstd)
+        view = normed.view(-1).t() if normed.dim() == 1 else normed.transpose(0, 1)
+        return view * 2, x.view(-1), h.sum()
+
+    x, w = torch.randn(256, 64), torch.randn(64, 64)
+    gm = make_fx(f)(x, w)
+    memory = piece_memory(gm)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        outputs = gm(x, w)
+    assert memory.outputs[1] == ("input", 0)
+    assert memory.outputs[0][0] == memory.outputs[2][0] == "new"
+    assert memory.peak == pytest.approx(allocator_peak(prof), rel=0.02), (memory, allocator_peak(prof))
+    del outputs

@@ -1,0 +1,232 @@
+"""The memory a step's program implies on each rank, item by item: what zb plans to hold, boundary tensors included.
+
+`planned_memory(program, items, ranks)` replays the executor's bookkeeping (runtime/executor.py) on byte counts
+instead of tensors, over each rank's communication program (schedules/p2p.py `communication`):
+
+  * a receive's buffers exist from the batch that posts it until the last piece that reads the value is done
+    (a value F saves for the backward lives on as a saved activation: the same storage, counted once);
+  * a piece's outputs live where the executor puts them (saved and stashed values until their last reader, an
+    activation or gradient for the next stage until its send completes, parameter gradients summed over the
+    microbatches until the step ends, a batched input's gradient slices and the outputs until the step ends);
+    while a piece runs, the rank holds its peak (codegen/memory.py) on top;
+  * a send completes by the end of the compute action after the batch that posted it (the executor drops sent
+    tensors after each action once their send has completed: this assumes the peer has posted its receive by then).
+
+Not counted: what exists before the step (parameters, the batch, optimizer state), data-parallel reduction
+buckets, and scratch space inside single operators. What the executor measures (`StepExecutor.peak_memory`) is
+the activations alone (the schedule simulator's M_B and M_W model); this is the whole step's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from zb.codegen.program import ACT, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, OUT, Program, TensorSpec
+from zb.schedules import BW, SEND_F, Action, B, F, W
+from zb.schedules.p2p import SEND, Batch, Wait
+
+KINDS = ("activations", "boundary", "gradients", "outputs")
+
+
+@dataclass
+class RankMemory:
+    """One rank's planned step: `peak` bytes (at item `at`), `held` at the peak by kind (KINDS; a running piece's
+    working bytes under "running"), the most of each kind held at any point (`most`), and the bytes held after
+    each item (`levels`: (item, bytes))."""
+
+    peak: int = 0
+    at: str = ""
+    held: dict[str, int] = field(default_factory=dict)
+    most: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    levels: list[tuple[str, int]] = field(default_factory=list)
+
+
+class _Alloc:
+    __slots__ = ("bytes", "kind", "refs")
+
+    def __init__(self, size: int, kind: str):
+        self.bytes, self.kind, self.refs = size, kind, 0
+
+
+def planned_memory(program: Program, items: Sequence[Sequence], ranks: Sequence[int]) -> dict[int, RankMemory]:
+    """Each of `ranks`' planned memory over one step of `program` run as `items` (the communication program)."""
+    return {rank: _Replay(program).run(items[rank]) for rank in ranks}
+
+
+def _spec_bytes(spec: TensorSpec) -> int:
+    size = spec.dtype.itemsize
+    for n in spec.shape:
+        size *= n
+    return size
+
+
+class _Replay:
+    def __init__(self, program: Program):
+        self.program = program
+        self.level = 0
+        self.by_kind: dict[str, int] = defaultdict(int)
+        self.memory = RankMemory()
+        self.env: dict[tuple[int, int], dict[str, _Alloc | None]] = defaultdict(dict)
+        self.forward_box: dict[tuple[int, int], dict[str, _Alloc]] = {}
+        self.backward_box: dict[tuple[int, int], dict[str, _Alloc]] = {}
+        self.sending: list[list[_Alloc]] = []  # posted sends, not yet known complete
+        self.kept: list[_Alloc] = []  # until the step ends: outputs, gradient slices
+        self.grads: dict[int, _Alloc] = {}
+        self.summed: set[int] = set()
+
+    # Holding and letting go ---------------------------------------------------------------------------------
+    def _hold(self, alloc: _Alloc | None) -> None:
+        if alloc is not None:
+            alloc.refs += 1
+            if alloc.refs == 1:
+                self.level += alloc.bytes
+                self.by_kind[alloc.kind] += alloc.bytes
+                most = self.memory.most
+                most[alloc.kind] = max(most[alloc.kind], self.by_kind[alloc.kind])
+
+    def _drop(self, alloc: _Alloc | None) -> None:
+        if alloc is not None:
+            alloc.refs -= 1
+            if alloc.refs == 0:
+                self.level -= alloc.bytes
+                self.by_kind[alloc.kind] -= alloc.bytes
+
+    def _peak(self, extra: int, where: str) -> None:
+        if self.level + extra > self.memory.peak:
+            self.memory.peak, self.memory.at = self.level + extra, where
+            self.memory.held = {k: self.by_kind[k] for k in KINDS} | {"running": extra}
+
+    # The step ----------------------------------------------------------------------------------------------
+    def run(self, items: Sequence) -> RankMemory:
+        for item in items:
+            if isinstance(item, Batch):
+                posted = [self._post(op) for op in item.ops]
+                self.sending.append([a for allocs in posted for a in allocs])
+            elif isinstance(item, Action):
+                completed, self.sending = self.sending, []
+                self._action(item)
+                for allocs in completed:  # the executor's release_sent after the action
+                    for alloc in allocs:
+                        self._drop(alloc)
+            elif not isinstance(item, Wait):  # a Wait moves nothing: the buffers were counted when posted
+                raise TypeError(f"unknown item {item!r}")
+            self._peak(0, str(item))
+            self.memory.levels.append((str(item), self.level))
+        return self.memory
+
+    def _post(self, op) -> list[_Alloc]:
+        """A batch's operation: a receive allocates its buffers (into the mailbox it will be read from); a send
+        takes its values out of the mailbox (zeros where no gradient flowed) and returns them, held until sent."""
+        s, kind, mb = op.message
+        stages = self.program.stages
+        forward = kind == SEND_F
+        specs = stages[s + 1].receives_forward if forward else stages[s - 1].receives_backward
+        boxes = self.forward_box if forward else self.backward_box
+        if op.kind != SEND:
+            box = boxes.setdefault((s, mb), {})
+            for spec in specs:
+                alloc = _Alloc(_spec_bytes(spec), "boundary")
+                box[spec.key if forward else f"grad:{spec.key}"] = alloc
+                self._hold(alloc)
+            return []
+        box = boxes.pop((s, mb), {})
+        sent = []
+        for spec in specs:
+            alloc = box.pop(spec.key if forward else f"grad:{spec.key}", None)
+            if alloc is None:
+                alloc = _Alloc(_spec_bytes(spec), "boundary")
+                self._hold(alloc)
+            sent.append(alloc)  # held by the send now, dropped when it completes
+        for alloc in box.values():
+            self._drop(alloc)
+        return sent
+
+    def _action(self, action: Action) -> None:
+        s, kind, mb = action
+        last = self.program.num_stages - 1
+        env = self.env[(s, mb)]
+        if kind == F:
+            incoming = self.forward_box.pop((s - 1, mb), {}) if s > 0 else {}
+            for key in self._piece(s, "forward").inputs if self._piece(s, "forward") else ():
+                if not key.startswith("in:"):
+                    self._set(env, key, incoming.get(key))
+            for alloc in incoming.values():
+                self._drop(alloc)
+            self._run(s, mb, "forward", str(action))
+            if self.program.training and s == last and self.program.outputs[0] is not None:
+                self._set(env, "tangent:out:0", _Alloc(_spec_bytes(self.program.outputs[0]), "activations"))
+        if kind in (B, BW):
+            if s < last:
+                box = self.backward_box.pop((s + 1, mb), {})
+                for spec in self.program.stages[s].receives_backward:
+                    alloc = box.get(f"grad:{spec.key}") or _Alloc(_spec_bytes(spec), "boundary")
+                    self._set(env, f"tangent:{spec.key}", alloc)
+                for alloc in box.values():
+                    self._drop(alloc)
+            self._run(s, mb, "backward_input", str(action))
+        if kind in (W, BW):
+            self._run(s, mb, "backward_weight", str(action))
+        if not env:
+            self.env.pop((s, mb), None)
+
+    def _piece(self, s: int, name: str):
+        return self.program.stages[s].pieces.get(name)
+
+    def _set(self, env: dict, key: str, alloc: _Alloc | None) -> None:
+        self._hold(alloc)
+        self._drop(env.get(key))
+        env[key] = alloc
+
+    def _run(self, s: int, mb: int, name: str, where: str) -> None:
+        piece = self._piece(s, name)
+        if piece is None:
+            return
+        env = self.env[(s, mb)]
+        self._peak(piece.memory.peak, where)
+        inputs = [env.get(k) for k in piece.inputs]
+        made: dict[int, _Alloc] = {}
+        summed = []
+        for route, out in zip(piece.routes, piece.memory.outputs):
+            if out[0] == "input":
+                alloc = inputs[out[1]]
+            elif out[0] == "new":
+                kind = "gradients" if route.kind in (GRAD_SUM, GRAD_SLICE) else \
+                    "boundary" if route.kind in (ACT, GRAD_ACT) else "activations"
+                alloc = made.setdefault(out[1], _Alloc(out[2], kind))
+            else:
+                alloc = None
+            if route.kind == ENV:
+                self._set(env, route.key, alloc)
+            elif route.kind == ACT:
+                self._hold(alloc)
+                self.forward_box.setdefault((s, mb), {})[route.key] = alloc
+            elif route.kind == GRAD_ACT:
+                self._hold(alloc)
+                self.backward_box.setdefault((s, mb), {})[route.key] = alloc
+            elif route.kind in (OUT, GRAD_SLICE):
+                self._hold(alloc)
+                self.kept.append(alloc)
+            elif route.kind == GRAD_SUM:
+                summed.append((route.index, alloc))
+        # Parameter gradients: the first is kept as it is, the second makes a new sum, later ones add in place.
+        new_sums, added = [], 0
+        for index, alloc in summed:
+            if index not in self.grads:
+                self.grads[index] = alloc
+                self._hold(alloc)
+                continue
+            added += alloc.bytes if alloc else 0  # alive until it is added
+            if index not in self.summed:
+                self.summed.add(index)
+                new_sums.append((index, _Alloc(alloc.bytes if alloc else 0, "gradients")))
+        if new_sums:
+            self._peak(added + sum(t.bytes for _, t in new_sums), where)
+            for index, total in new_sums:
+                self._hold(total)
+                self._drop(self.grads[index])
+                self.grads[index] = total
+        for key, _ in piece.drops:
+            if key in env:
+                self._drop(env.pop(key))
