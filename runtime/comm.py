@@ -28,6 +28,7 @@ both sides derive from the same data.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import pickle
@@ -188,10 +189,47 @@ STORE_WAIT = 1.0  # seconds a failing rank waits for its error to be recorded be
 def _aside(work, seconds: float) -> threading.Thread:
     """Run `work` on a daemon thread and wait for it at most `seconds` (a store call can block for its own,
     much longer, timeout)."""
-    thread = threading.Thread(target=work, daemon=True, name="zb-store")
-    thread.start()
+    thread = _start(work, "zb-store")
     thread.join(seconds)
     return thread
+
+
+# Threads blocked in a C++ call (a gloo wait, a store call) must not return into Python while the interpreter
+# shuts down: a daemon thread that takes the GIL back then is ended by pthread_exit, whose unwinding through
+# pybind11's GIL guard (a noexcept destructor) aborts the process ("terminate called without an active
+# exception"). So at exit, before the shutdown, every zb thread still running is made to return and joined:
+# a waiter stuck on an abandoned step's operation gets its connections to the peers closed first (below).
+_THREADS: set[threading.Thread] = set()
+_WAITERS: set[_Waiter] = set()
+SETTLE = 5.0  # seconds the exit waits, at most, for zb's threads to return
+_SETTLING: list = []
+
+
+def _start(target, name: str) -> threading.Thread:
+    if not _SETTLING:
+        _SETTLING.append(atexit.register(_settle))  # once; after torch's own handlers, so it runs before them
+
+    def run():
+        try:
+            target()
+        finally:
+            _THREADS.discard(threading.current_thread())
+
+    thread = threading.Thread(target=run, daemon=True, name=name)
+    _THREADS.add(thread)
+    thread.start()
+    return thread
+
+
+def _settle() -> None:
+    """At exit: close the connections stuck waiters wait on, then join every zb thread (bounded by SETTLE)."""
+    closed: set = set()
+    for waiter in list(_WAITERS):
+        if not waiter.done.is_set():
+            waiter.abandon(closed)
+    deadline = time.monotonic() + SETTLE
+    for thread in list(_THREADS):
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _describe(record: str) -> str:
@@ -215,6 +253,8 @@ class DistributedComm:
         self.role = role
         self.dist = dist
         self.group = group
+        # The group object itself (the default group's too): still reachable at exit, after destroy_process_group.
+        self.process_group = group if group is not None else dist.group.WORLD
         self.timeout = datetime.timedelta(seconds=timeout)
         self.device = torch.device(device)
         self.rank = dist.get_rank(group)
@@ -245,7 +285,8 @@ class DistributedComm:
         works = self.dist.batch_isend_irecv(p2p) if p2p else []
         batch = _Batch(works, sorted({op.peer for op in ops}), [str(op) for op in ops],
                        [t for op, mine in zip(ops, tensors) if op.kind == SEND for t in mine],
-                       _Waiter(works, self.timeout) if self.gloo and works else None)
+                       _Waiter(works, self.timeout, self, sorted({op.peer for op in ops}))
+                       if self.gloo and works else None)
         if any(op.kind == SEND for op in ops):
             self.pending.append(batch)
         return [(batch, mine) for mine in tensors]
@@ -374,7 +415,7 @@ class DistributedComm:
             if isinstance(work, _Waiter):
                 self._await(work, what)
             elif self.gloo:
-                self._await(_Waiter([work], self.timeout), what)
+                self._await(_Waiter([work], self.timeout, self, peers), what)
             else:
                 self._poll(work, what)
                 work.wait()  # complete: makes the current CUDA stream wait for it (NCCL)
@@ -416,10 +457,12 @@ class DistributedComm:
 
 class _Waiter:
     """gloo: a point-to-point work completes only inside its own `wait`, which nothing interrupts. A daemon thread
-    waits for `works` (abandoned, not joined, if this rank gives up) and sets `done`; an error lands in `failed`."""
+    waits for `works` (abandoned, not joined, if this rank gives up) and sets `done`; an error lands in `failed`.
+    `comm` and `peers` (group ranks) say which connections the works use, for `abandon`."""
 
-    def __init__(self, works: list, timeout: datetime.timedelta):
+    def __init__(self, works: list, timeout: datetime.timedelta, comm: DistributedComm, peers: Sequence[int]):
         self.done, self.failed = threading.Event(), []
+        self.comm, self.peers = comm, list(peers)
 
         def wait():
             try:
@@ -429,8 +472,23 @@ class _Waiter:
                 self.failed.append(e)
             finally:
                 self.done.set()
+                _WAITERS.discard(self)
 
-        threading.Thread(target=wait, daemon=True, name="zb-wait").start()
+        _WAITERS.add(self)
+        _start(wait, "zb-wait")
+
+    def abandon(self, closed: set) -> None:
+        """Make the wait return now (at exit, for an operation of an abandoned step): a receive from each peer
+        that times out at once makes gloo close that connection, and every operation waiting on it fails."""
+        group = self.comm.process_group
+        for peer in self.peers:
+            if (id(group), peer) in closed:
+                continue
+            closed.add((id(group), peer))
+            try:
+                group.recv([torch.empty(1)], peer, 0).wait(datetime.timedelta(milliseconds=1))
+            except Exception:  # noqa: BLE001  (the timeout that closes it, or it was closed already)
+                pass
 
 
 class _Batch:

@@ -172,6 +172,7 @@ def test_torchrun_replica_errors_and_a_dead_rank():
     assert sorted(rank for rank, _, _ in caught) == ["0", "1", "2"], out.stdout[-3000:] + out.stderr[-3000:]
     for rank, seconds, message in caught:
         assert float(seconds) < 30 and "global rank" in message, (rank, seconds, message)
+    assert out.returncode == 0 and "terminate called" not in out.stderr, out.stderr[-3000:]  # a clean shutdown
 
 
 @pytest.mark.inductor

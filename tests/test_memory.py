@@ -1,5 +1,6 @@
 """The runtime's activation memory and measured costs against the schedule simulator."""
 
+import json
 import math
 
 import pytest
@@ -84,11 +85,11 @@ def test_planned_memory_matches_the_allocator_under_torchrun():
     schedules = ["1f1b", "zb-h1", "zb-v"]
     result = launch(2, ROOT / "tests/distributed/memory_check.py", *schedules)
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = [line.split(maxsplit=5) for line in result.stdout.splitlines() if line.startswith("memory ")]
-    assert sorted((r[1], r[2]) for r in rows) == sorted((s, str(k)) for s in schedules for k in (0, 1)), rows
-    for _, schedule, rank, measured, planned, where in rows:
-        assert int(planned) == pytest.approx(int(measured), rel=0.10), \
-            f"{schedule} rank {rank}: the allocator held {measured} bytes at most, the plan says {planned} ({where})"
+    rows = [json.loads(line[len("memory "):]) for line in result.stdout.splitlines() if line.startswith("memory ")]
+    assert sorted((r["schedule"], r["rank"]) for r in rows) == sorted((s, k) for s in schedules for k in (0, 1)), rows
+    for row in rows:
+        assert row["planned"] == pytest.approx(row["measured"], rel=0.10), \
+            f"the allocator held {row['measured']} bytes at most, the plan says {row['planned']}: {row}"
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zb-h1", "zb-v"])

@@ -172,6 +172,7 @@ def test_torchrun_bad_placement_fails_on_every_rank():
 def test_torchrun_dead_peer_is_an_error_not_a_hang():
     out = torchrun(2, "failure_check.py", "peer-dies", timeout=240)
     assert "caught on rank 0: pipeline peer rank 1 failed" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    assert out.returncode == 0 and "terminate called" not in out.stderr, out.stderr[-4000:]  # a clean shutdown
 
 
 def test_torchrun_a_rank_raising_in_any_zb_exchange_fails_its_peer_within_the_timeout():
@@ -189,6 +190,7 @@ def test_torchrun_a_rank_raising_in_any_zb_exchange_fails_its_peer_within_the_ti
         assert "rank 1" in found.group(2), f"{method}: {found.group(2)}"
         assert float(found.group(1)) < TIMEOUT + 20, f"{method}: rank 0 took {found.group(1)} s"
         assert f"raised on rank 1: injected failure in DistributedComm.{method}" in out.stdout, method
+        assert out.returncode == 0 and "terminate called" not in out.stderr, f"{method}: {out.stderr[-3000:]}"
 
 
 def test_measured_stage_times_move_the_cuts():

@@ -156,11 +156,17 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     start = time.perf_counter()
     import torch.distributed.checkpoint as dcp
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         with _quiet():
             dcp.save(state, checkpoint_id=staging, no_dist=group is None)
-    except RuntimeError as e:
+    except (RuntimeError, CheckpointException) as e:
         kept = f"the previous checkpoint at {path} is intact" if path.exists() else "nothing was switched"
+        if isinstance(e, CheckpointException):  # a rank raised while writing; DCP told every rank (a BaseException)
+            what = "; ".join(f"rank {r}: {type(error).__name__}: {error}" for r, (error, _) in
+                             sorted(e.failures.items()))
+            raise ZbError(f"writing checkpoint {path} failed on {what}; {kept}") from e
         raise ZbError(f"writing checkpoint {path} failed: {e}. A peer rank died; {kept}") from e
     _barrier(group, "writing the checkpoint")
     if rank == 0:

@@ -15,6 +15,9 @@ MODE is where rank K (default 1) fails, in the second training step of a 2-stage
   stalled      the process stops answering (sleeps) in the middle of the forward: the timeout path
   mismatched   its batch differs from its peer's
   short-batch  its batch has 6 rows, which 4 microbatches do not divide (a data loader's last batch)
+  checkpoint   an exception after it wrote its shard of a checkpoint (zb.save_checkpoint after the second step,
+               a good one saved after the first): the write is interrupted mid-way, and `state` means the previous
+               checkpoint still loads, with the first step's count and values
 
 The failing rank prints `injected at TIME` (time.time()) at the fault. Every surviving rank prints one line
     fault MODE rank R error ERRORTYPE after SECONDS s at TIME: MESSAGE
@@ -22,7 +25,8 @@ then calls the pipeline again and prints
     next MODE rank R ERRORTYPE after SECONDS s
 and `state MODE rank R intact` if the parameters and their .grad are as the last completed step left them; when
 the next call refused, a second model compiled on the same process group is called too: `another MODE rank R
-RESULT`.
+RESULT`. Then it destroys the process group, prints `exit MODE rank R` and exits normally (exit code 0): the
+shutdown must not abort on the abandoned step's operations.
 The timeout option is 60 s (4 s for `stalled`), so an error within a few seconds came through zb's failure key
 (runtime/comm.py `Failures`), not through the timeout.
 """
@@ -33,6 +37,7 @@ import argparse
 import datetime
 import os
 import pathlib
+import shutil
 import sys
 import time
 
@@ -44,7 +49,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 import zb  # noqa: E402
 from tests import models  # noqa: E402
 
-MODES = ("F", "B", "W", "update", "rollback", "migrate", "killed", "stalled", "mismatched", "short-batch")
+MODES = ("F", "B", "W", "update", "rollback", "migrate", "killed", "stalled", "mismatched", "short-batch",
+         "checkpoint")
 PIECES = {"F": "forward", "B": "backward_input", "W": "backward_weight"}
 STALLED_TIMEOUT = 4.0
 
@@ -104,6 +110,18 @@ def inject(mode: str, armed: list[bool]) -> None:
             return original(*args, **kwargs)
 
         zb.adapt.migrate = migrate
+    elif mode == "checkpoint":
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        original = FileSystemWriter.write_data
+
+        def write_data(self, plan, planner):
+            written = original(self, plan, planner)  # this rank's shard is on disk; the rest never comes
+            if armed[0]:
+                fail("writing its checkpoint shard")
+            return written
+
+        FileSystemWriter.write_data = write_data
 
 
 def between_norms(model, args, options: dict) -> float:
@@ -160,6 +178,9 @@ def main() -> None:
 
     if a.mode != "migrate":  # a re-cut (and its migration) comes right after the first step: that one fails
         one_step(args)  # a healthy first step
+    saved = pathlib.Path(f"/tmp/zb-fault-{os.environ['MASTER_PORT']}") / "checkpoint"
+    if a.mode == "checkpoint":
+        zb.save_checkpoint(saved, model)
     dist.barrier()
     kept = {n: (p.detach().clone(), None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()
             if not zb.runtime.released.is_released(p)}
@@ -177,6 +198,8 @@ def main() -> None:
         one_step(batch)
         if a.mode == "rollback":
             one_step(list(args))
+        if a.mode == "checkpoint":
+            zb.save_checkpoint(saved, model)
     except Exception as e:  # noqa: BLE001  (what every rank raises is the point)
         seconds = time.perf_counter() - start
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -187,6 +210,15 @@ def main() -> None:
     sys.stdout.flush()
     if a.mode == "migrate" or "optimizer" in options:
         pass  # a re-cut or an optimizer step changes parameters by design before the fault: not compared
+    elif a.mode == "checkpoint":  # the previous checkpoint loads: the first step's, with its values
+        from zb.checkpoint import read_manifest
+
+        fresh = models.deep_mlp()[0]
+        zb.load_checkpoint(saved, fresh)
+        step_count = read_manifest(saved)["step"]
+        values = dict(fresh.named_parameters())
+        if step_count == 1 and all(torch.equal(values[n].detach(), kept[n][0]) for n in kept):
+            sys.stdout.write(f"state {a.mode} rank {rank} intact\n")
     else:
         intact = all(torch.equal(p.detach(), kept[n][0]) and (
             (p.grad is None) == (kept[n][1] is None) and (p.grad is None or torch.equal(p.grad, kept[n][1])))
@@ -214,7 +246,11 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001
             sys.stdout.write(f"another {a.mode} rank {rank} {type(e).__name__}\n")
     sys.stdout.flush()
-    os._exit(0)  # the group holds operations of the abandoned step: skip its shutdown
+    if a.mode == "checkpoint" and rank == 0:
+        shutil.rmtree(saved.parent, ignore_errors=True)
+    dist.destroy_process_group()  # and a normal exit: nothing may abort in the shutdown (runtime/comm.py `_settle`)
+    sys.stdout.write(f"exit {a.mode} rank {rank}\n")
+    sys.stdout.flush()
 
 
 def parse(stdout: str) -> dict[int, dict]:

@@ -1,17 +1,20 @@
 """Run under torchrun: the plan's memory for a step (runtime/memory.py) against what the allocator really held.
 
     torchrun --nproc-per-node 2 tests/distributed/memory_check.py <schedule> [<schedule> ...] [--microbatches 8]
+        [--batch 16]
 
 Trains the example GPT ("small" preset, untied, batch 16 x 64) on 2 ranks with compiler="eager" (so what runs is
 the pieces' FX graphs, whose memory the plan reads). The first step builds everything; the second runs under the
 torch profiler with memory events, after the gradients were set to None, and its peak is the most bytes the CPU
-allocator held above the level at the profile's start. Prints, per schedule, `memory <schedule> <rank> <measured>
-<planned> <where> <breakdown>` with the plan's peak for this rank.
+allocator held above the level at the profile's start. Prints, per schedule, `memory {json}`: the schedule, the
+rank, the measured and the planned peak, where the plan reaches it, what it holds there by kind, and the most
+boundary bytes it holds at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -49,15 +52,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("schedules", nargs="+")
     parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     for schedule in args.schedules:
-        measure(schedule, args.microbatches)
+        measure(schedule, args.microbatches, args.batch)
     dist.destroy_process_group()
 
 
-def measure(schedule: str, microbatches: int) -> None:
+def measure(schedule: str, microbatches: int, batch_size: int) -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(PRESETS["small"].with_(tie_weights=False))
@@ -65,7 +69,7 @@ def measure(schedule: str, microbatches: int) -> None:
                             "rebalance": False})
     step = torch.compile(model, backend=backend)
     generator = torch.Generator().manual_seed(1)
-    batch = [torch.randint(0, 256, (16, 64), generator=generator) for _ in range(2)]
+    batch = [torch.randint(0, 256, (batch_size, 64), generator=generator) for _ in range(2)]
     step(*batch).backward()
     for p in model.parameters():
         p.grad = None
@@ -75,7 +79,9 @@ def measure(schedule: str, microbatches: int) -> None:
     measured = allocator_peak(prof)
     (runner,) = backend.runners
     (mine,) = runner.planned_memory().values()
-    print(f"memory {schedule} {dist.get_rank()} {measured} {mine.peak} {mine.at} {mine.held}", flush=True)
+    row = {"schedule": schedule, "rank": dist.get_rank(), "measured": measured, "planned": mine.peak, "at": mine.at,
+           "held": mine.held, "boundary": mine.most["boundary"]}
+    print("memory " + json.dumps(row), flush=True)
     dist.barrier()
 
 
