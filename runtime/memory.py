@@ -93,6 +93,13 @@ class _Replay:
                 self.level -= alloc.bytes
                 self.by_kind[alloc.kind] -= alloc.bytes
 
+    def _relabel(self, alloc: _Alloc, kind: str) -> None:
+        if alloc.refs > 0 and alloc.kind != kind:
+            self.by_kind[alloc.kind] -= alloc.bytes
+            self.by_kind[kind] += alloc.bytes
+            self.memory.most[kind] = max(self.memory.most[kind], self.by_kind[kind])
+        alloc.kind = kind
+
     def _peak(self, extra: int, where: str) -> None:
         if self.level + extra > self.memory.peak:
             self.memory.peak, self.memory.at = self.level + extra, where
@@ -155,6 +162,8 @@ class _Replay:
             for alloc in incoming.values():
                 self._drop(alloc)
             self._run(s, mb, "forward", str(action))
+            for alloc in incoming.values():  # what F kept of its input is an activation now, not a message
+                self._relabel(alloc, "activations")
             if self.program.training and s == last and self.program.outputs[0] is not None:
                 self._set(env, "tangent:out:0", _Alloc(_spec_bytes(self.program.outputs[0]), "activations"))
         if kind in (B, BW):

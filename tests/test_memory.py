@@ -92,7 +92,7 @@ def test_planned_memory_matches_the_allocator_under_torchrun():
             f"the allocator held {row['measured']} bytes at most, the plan says {row['planned']}: {row}"
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1", "zb-v"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1", "zb-v"])
 def test_boundary_memory_does_not_grow_with_the_microbatches(schedule):
     """Receives are posted just in time and sends dropped once complete, so the boundary tensors a rank holds at
     once stay the same from 8 to 32 microbatches (posting every receive at the step's start held all of them)."""
