@@ -38,10 +38,13 @@ def partition_stages(plan: Plan) -> Plan:
         raise ZbOptionError(f"a pipeline needs at least one stage, got {n}")
     if n > 1 and len(compute) < n:
         raise ZbUnsupportedError(f"the model's graph has {len(compute)} operations, too few for {n} stages")
+    plan.operations = tuple(_operation(node) for node in compute)
     if n == 1:
         cuts = []
     elif plan.options.split_points:
         cuts = _cuts_at_split_points(compute, plan.options.split_points, n)
+    elif plan.keep_cuts is not None:
+        cuts = _kept_cuts(plan.keep_cuts, plan.operations)
     else:
         costs = _refined(_estimate_costs(plan, compute), plan.measured_stage_times, plan.previous_cuts)
         cuts = _balanced_cuts(plan, compute, n, costs)
@@ -61,6 +64,28 @@ def partition_stages(plan: Plan) -> Plan:
         sum(1 for k in s.graph.meta["zb_output_keys"] if k.startswith("act:")) for s in plan.stages[:-1]
     )
     return plan
+
+
+def _operation(node: fx.Node) -> str:
+    target = node.target
+    return f"{node.op}:{target if isinstance(target, str) else getattr(target, '__name__', str(target))}"
+
+
+def _kept_cuts(keep: tuple[tuple[int, ...], tuple[str, ...]], operations: tuple[str, ...]) -> list[int]:
+    """The earlier plan's cuts, for a graph with the same operations in the same order up to its last cut (another
+    input shape; evaluation, whose graph may end differently). The runner checks that no stage reads a tensor its
+    rank released (runtime/runner.py `_check_held`)."""
+    cuts, earlier = keep
+    upto = max(cuts, default=-1) + 1
+    if operations[:upto] != earlier[:upto]:
+        differ = next((i for i, (a, b) in enumerate(zip(operations, earlier)) if a != b),
+                      min(len(operations), len(earlier)))
+        raise ZbUnsupportedError(
+            "option release: every input of this model must be cut into stages at the same places, so that each "
+            "rank's stages read only the parameters it holds, but this input's graph differs from the first one's "
+            f"({len(operations)} against {len(earlier)} operations, from operation {differ} on). Name where stages "
+            "begin with options={'split_points': [...]}, or keep every tensor on every rank with release=False")
+    return list(cuts)
 
 
 def split_points_for(plan: Plan) -> list[str]:

@@ -122,7 +122,11 @@ class Plan:
     balance_window: float | None = None
     # zb-auto without 'stages': which placement won (stages per rank) and why (zb/pipeline.py); else "".
     placement: str = ""
+    # Option release: (cuts, operations) of the model's first plan, whose cuts every later plan of the model keeps
+    # (another input shape, evaluation), so that each rank's stages read only what it holds (zb/backend.py).
+    keep_cuts: tuple[tuple[int, ...], tuple[str, ...]] | None = None
     cuts: tuple[int, ...] = ()  # where each stage after the first begins, in Dynamo's node order
+    operations: tuple[str, ...] = ()  # partition_stages: the operation of each node it cuts between, in order
     # What partition_stages expects each stage to cost: seconds when it re-cut on measured times, else FLOPs.
     stage_costs: tuple[float, ...] = ()
     stages: list[Stage] = field(default_factory=list)

@@ -117,6 +117,20 @@ class LossAndLogits(MLP):
         return F.mse_loss(out, y), out
 
 
+class Pooled(nn.Module):
+    """Per-token layers, a mean over the sequence, then layers on the pooled vector: the first half's cost grows
+    with the sequence length and the second's does not, so balanced stage cuts move with the length."""
+
+    def __init__(self, dim=32, layers=4):
+        super().__init__()
+        self.emb = nn.Embedding(256, dim)
+        self.tokens = nn.Sequential(*[nn.Sequential(nn.Linear(dim, dim), nn.Tanh()) for _ in range(layers)])
+        self.head = nn.Sequential(*[nn.Sequential(nn.Linear(dim, dim), nn.Tanh()) for _ in range(layers)])
+
+    def forward(self, ids, y):
+        return F.mse_loss(self.head(self.tokens(self.emb(ids)).mean(1)), y)
+
+
 def mlp(x_requires_grad=False):
     return MLP(), (torch.randn(BATCH, 16, requires_grad=x_requires_grad), torch.randn(BATCH, 16))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -136,7 +137,9 @@ class CompiledGraph:
         key = self._key(args, training)
         entry = self.cache.get(key)
         if entry is None:
-            plan, arg_map = self.build_plan(args, training)
+            model = self.modules[0] if self.modules else None
+            keep = _CUTS.get(model) if model is not None and _releases(self.options) else None
+            plan, arg_map = self.build_plan(args, training, keep_cuts=keep)
             entry = plan_cache.Entry(plan, self._runner(plan) if self.codegen else None,
                                      [self.inputs[i].source for i in arg_map])
             self.cache.put(key, entry)
@@ -150,6 +153,8 @@ class CompiledGraph:
                 checkpoint.resume(entry.runner, values)
                 if releasing:
                     _release(entry.runner, values, foreign)
+                    if model is not None and model not in _CUTS:  # every later plan of the model keeps these cuts
+                        _CUTS[model] = (plan.cuts, plan.operations)
         if entry.runner is None:
             return self.gm(*args)
         arg_map = self._arg_map(entry)
@@ -180,9 +185,10 @@ class CompiledGraph:
         return fresh
 
     def build_plan(self, args: Sequence[Any], training: bool, measured: tuple[float, ...] | None = None,
-                   previous: tuple[int, ...] | None = None,
-                   balance_window: float | None = None) -> tuple[Plan, list[int]]:
-        """The plan for one call's inputs, and for each of the plan graph's inputs its position in `args`."""
+                   previous: tuple[int, ...] | None = None, balance_window: float | None = None,
+                   keep_cuts: tuple | None = None) -> tuple[Plan, list[int]]:
+        """The plan for one call's inputs, and for each of the plan graph's inputs its position in `args`;
+        `keep_cuts`: (cuts, operations) of an earlier plan to cut at the same places (option release)."""
         self.pipeline.schedule_for(training)  # impossible placements fail here, on every rank, before any work
         _reject_autocast(self.gm)
         outer = _split_axes([_with_requires_grad(s, a) for s, a in zip(self.inputs, args)], args,
@@ -216,6 +222,7 @@ class CompiledGraph:
             measured_stage_times=measured,
             previous_cuts=previous,
             balance_window=balance_window,
+            keep_cuts=keep_cuts,
             batch_graph=self._batch_graph(batch, outer),
             placement=self.pipeline.placement_summary,
         )
@@ -256,6 +263,12 @@ class CompiledGraph:
         runner = PipelineRunner(program, schedule, local, pipeline.comm(), pipeline.replicas, pipeline.replica_comm(),
                                 pipeline.replica)
         return adapt.configure(runner, measure_first=measure_first)
+
+
+# Option release: per model (its root module), the cuts of its first pipeline and the operations they cut between.
+# Every later pipeline of the model (another input shape, another Dynamo graph of it) keeps them, so that no rank's
+# stages read a tensor the rank released.
+_CUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _releases(options: Options) -> bool:

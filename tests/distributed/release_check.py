@@ -7,7 +7,9 @@ this rank's gradients equal eager's; after the first step the bytes of the model
 process holds equal the bytes of those its stages read (all of them with --no-release); reading a released
 parameter outside zb is a ZbError naming its owner; evaluation under torch.no_grad through the compiled function,
 zb.full_state_dict, model.state_dict(), and a checkpoint saved and loaded back keep working; the class change of
-the released tensors costs Dynamo one re-trace and zb at most one more plan. Prints `ok release <rank> <held> <own>`.
+the released tensors costs Dynamo one re-trace and zb at most one more plan; and, for a model whose balanced cuts
+move with the sequence length, other lengths keep the first pipeline's cuts (eager's gradients, nothing needed that
+was released). Prints `ok release <rank> <held> <own>`.
 """
 
 from __future__ import annotations
@@ -65,6 +67,32 @@ def held_bytes(model: torch.nn.Module) -> int:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in [*model.parameters(), *model.buffers()] if not is_released(t)}
     return sum(storages.values())
+
+
+def changing_lengths(rank: int) -> None:
+    """With release, sequence lengths 16, 2, 8 (whose balanced cuts differ for this model: tests.models.Pooled)
+    each build a pipeline with the first one's cuts: eager's losses and gradients, and each rank still holds only
+    its own stages' tensors."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = models.Pooled()
+    reference = copy.deepcopy(model)
+    backend = zb.ZbBackend({"schedule": "zb-h1", "microbatches": 4, "compiler": "eager", "timeout": 120.0})
+    step = torch.compile(model, backend=backend)
+    for length in (16, 2, 8):
+        generator = torch.Generator().manual_seed(length)
+        batch = [torch.randint(0, 256, (8, length), generator=generator), torch.randn(8, 32, generator=generator)]
+        for m in (model, reference):
+            m.zero_grad(set_to_none=True)
+        loss = step(*batch)
+        loss.backward()
+        expected = reference(*batch)
+        expected.backward()
+        assert_close(loss, expected, f"loss at length {length}")
+        assert_owned_grads(model, reference, f"length {length}")
+    cuts = {plan.cuts for plan in backend.plans}
+    assert len(backend.plans) == 3 and len(cuts) == 1, [p.cuts for p in backend.plans]
+    assert held_bytes(model) == own_bytes(backend, model, rank) < held_bytes(reference)
 
 
 def main() -> None:
@@ -127,6 +155,8 @@ def main() -> None:
         dist.barrier()
     for key, value in zb.full_state_dict(model).items():
         torch.testing.assert_close(value, full[key], rtol=0, atol=0, msg=key)
+    if not args.no_release:
+        changing_lengths(rank)
     sys.stdout.write(f"ok release {rank} {held} {own} {total}\n")  # one write: the ranks share the pipe
     sys.stdout.flush()
     dist.destroy_process_group()
