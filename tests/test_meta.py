@@ -141,6 +141,21 @@ def test_torchrun_each_rank_fills_only_its_own_stages(init):
         assert int(held) == int(own) < int(total), lines
 
 
+def test_torchrun_a_hugging_face_llama_built_on_meta_reads_only_its_stages(tmp_path):
+    """meta_check.py --model llama: 2 ranks, the values from a save_pretrained directory; each rank reads exactly
+    its own stages' stored tensors (together: all of them), holds only them, and trains with eager's losses and
+    gradients for 3 SGD steps."""
+    from tests.test_pipeline import torchrun
+
+    out = torchrun(2, "meta_check.py", "--model", "llama", "--init", "safetensors", "--dir", str(tmp_path / "hf"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    lines = [line.split() for line in out.stdout.splitlines() if line.startswith("ok meta")]
+    assert len(lines) == 2, out.stdout
+    assert sum(int(line[7]) for line in lines) == int(lines[0][9]), lines  # the files' tensors, read once
+    for line in lines:
+        assert int(line[3]) == int(line[4]) < int(line[5]), lines
+
+
 def test_a_zb_checkpoint_or_dcp_directory(tmp_path):
     import torch.distributed.checkpoint as dcp
 

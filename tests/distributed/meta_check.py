@@ -1,10 +1,15 @@
 """Run under torchrun: a GPT built on the meta device, each rank filling only its own stages' tensors.
 
     torchrun --nproc-per-node 2 tests/distributed/meta_check.py [--init reset_parameters|callable|state_dict]
+    torchrun --nproc-per-node 2 tests/distributed/meta_check.py --model llama --init safetensors --dir DIR
 
 zb.defer + option 'init'; 3 SGD steps next to an eager reference given the same values (zb.initialize, or the same
 state dict); the losses and this rank's gradients equal eager's; each rank holds exactly its own stages' bytes;
 after training zb.full_state_dict equals the reference's parameters. Prints `ok meta <rank> <held> <own> <total>`.
+With --model llama: a Hugging Face Llama (tests/hf_models.py) built on the meta device, its values read from the
+reference's save_pretrained directory DIR (written by rank 0); each rank reads from the files exactly the tensors
+its stages hold (`zb.materialize.READ`), and the rotary buffers (in no file) are computed by the model's
+_init_weights as transformers' loading does.
 """
 
 from __future__ import annotations
@@ -26,13 +31,73 @@ from tests.distributed.release_check import held_bytes, own_bytes, train_next_to
 from tests.test_meta import init_gpt  # noqa: E402
 
 
+def llama(rank: int, directory: str) -> None:
+    from safetensors import safe_open
+
+    import zb.materialize
+    from tests import hf_models
+    from tests.helpers import assert_close, assert_owned_grads
+
+    torch.manual_seed(0)
+    reference = hf_models.FAMILIES["llama"]()
+    if rank == 0:
+        reference.save_pretrained(directory)
+    dist.barrier()
+    with torch.device("meta"):
+        model = hf_models.FAMILIES["llama"]()
+    zb.defer(model, "cpu")
+    backend = zb.ZbBackend({"schedule": "zb-h1", "microbatches": 2, "compiler": "eager", "timeout": 120.0,
+                            "init": directory})
+    step = torch.compile(lambda ids, labels: hf_models.loss_fn(model, ids, labels), backend=backend)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, reference)]
+    for i in range(3):
+        ids, labels = hf_models.batch()
+        loss = step(ids, labels)
+        loss.backward()
+        if i == 0:  # what the first call read from the files: exactly this rank's stages' stored tensors
+            read = set(zb.materialize.READ)
+        expected = hf_models.loss_fn(reference, ids, labels)
+        expected.backward()
+        assert_close(loss, expected, f"loss of step {i}")
+        assert_owned_grads(model, reference, f"step {i}")
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    stored = set()
+    for file in pathlib.Path(directory).glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as reader:
+            stored |= set(reader.keys())
+    names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    runner = backend.runners[0]
+    readers = runner.program.readers(runner.schedule.placement)
+    mine = {names[id(t)] for i, t in runner.state.items() if rank in readers.get(i, set()) and id(t) in names}
+    assert read == mine & stored and read < stored, (rank, sorted(read ^ (mine & stored)))
+    # Held: every parameter and buffer with values here, except those no stage of any rank reads (the rotary
+    # embedding's original_inv_freq, kept for dynamic RoPE, a few bytes every rank keeps).
+    read_anywhere = {id(runner.state[i]) for i in readers if i in runner.state}
+    unread = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in read_anywhere]
+    assert all("rotary" in n for n in unread), unread
+    total, own = held_bytes(reference), own_bytes(backend, model, rank)
+    held = held_bytes(model) - sum(t.untyped_storage().nbytes() for n, t in model.named_buffers() if n in unread)
+    assert held == own < total, (rank, held, own, total, unread)
+    sys.stdout.write(f"ok meta {rank} {held} {own} {total} read {len(read)} of {len(stored)}\n")
+    sys.stdout.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--init", default="reset_parameters", choices=["reset_parameters", "callable", "state_dict"])
+    parser.add_argument("--init", default="reset_parameters",
+                        choices=["reset_parameters", "callable", "state_dict", "safetensors"])
+    parser.add_argument("--model", default="gpt", choices=["gpt", "llama"])
+    parser.add_argument("--dir", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if args.model == "llama":
+        llama(rank, args.dir)
+        dist.destroy_process_group()
+        return
     config = PRESETS["tiny"]
     torch.manual_seed(5)
     reference = GPT(config)
