@@ -39,9 +39,16 @@ def piece_memory(gm: fx.GraphModule) -> PieceMemory:
     position = {node: i for i, node in enumerate(nodes)}
     placeholders = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
     root: dict[fx.Node, fx.Node] = {}  # node -> the node whose allocation holds its value
+    made_at: dict[fx.Node, int] = {}  # allocation -> the position of the operation that makes it
     for node in nodes:
         source = _alias_source(node)
-        root[node] = root.get(source, source) if source is not None else node
+        if source is None:
+            root[node] = node
+        elif node.target is operator.getitem and root[source] is source and source.op != "placeholder":
+            root[node] = node  # one output of an operation with several: an allocation of its own, made by it
+            made_at[node] = position[source]
+        else:
+            root[node] = root[source]
     end = len(nodes)
     death: dict[fx.Node, int] = {}  # allocation -> the position after which nothing reads it
     for node in nodes:
@@ -50,15 +57,23 @@ def piece_memory(gm: fx.GraphModule) -> PieceMemory:
             last = end
         r = root[node]
         death[r] = max(death.get(r, 0), last)
-    live = peak = 0
+    allocated: dict[int, int] = {}
     frees: dict[int, int] = {}
-    for i, node in enumerate(nodes):
-        if root[node] is node and node.op not in ("placeholder", "output", "get_attr"):
-            size = nbytes(node.meta.get("val"))
-            live += size
-            frees[death[node]] = frees.get(death[node], 0) + size
+    for node in nodes:
+        if root[node] is not node or node.op in ("placeholder", "output", "get_attr"):
+            continue
+        value = node.meta.get("val")
+        if isinstance(value, (tuple, list)) and any(u.target is operator.getitem for u in node.users):
+            continue  # its outputs are counted where they are read (an output nobody reads may not exist at all)
+        size = nbytes(value)
+        at = made_at.get(node, position[node])
+        allocated[at] = allocated.get(at, 0) + size
+        frees[death[node]] = frees.get(death[node], 0) + size
+    live = peak = 0
+    for i in range(len(nodes)):
+        live += allocated.get(i, 0)
         peak = max(peak, live)
-        live -= frees.pop(i, 0)
+        live -= frees.get(i, 0)
     allocations: dict[fx.Node, int] = {}
     outputs = []
     for value in output_values(gm):

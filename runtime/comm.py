@@ -21,7 +21,7 @@ and receives is posted together (`post`, one `batch_isend_irecv`), and the execu
 brought a value right before the action that reads it (`arrived`, then `take`). Nothing relies on tags: every
 message uses tag 0 and is matched by its order between the two ranks, as NCCL matches (the program makes both
 sides issue the same order; `LocalComm` checks it). A receive buffer exists from its post until the value's last
-reader is done with it; a sent tensor is dropped as soon as its send has completed (`release_sent`). Control
+reader is done with it; a sent tensor is dropped as soon as its batch has completed (`release_sent`). Control
 messages (the optimizer's norms, parameter migration) go the same way, one operation per batch, in an order
 both sides derive from the same data.
 """
@@ -197,11 +197,13 @@ def _aside(work, seconds: float) -> threading.Thread:
 # Threads blocked in a C++ call (a gloo wait, a store call) must not return into Python while the interpreter
 # shuts down: a daemon thread that takes the GIL back then is ended by pthread_exit, whose unwinding through
 # pybind11's GIL guard (a noexcept destructor) aborts the process ("terminate called without an active
-# exception"). So at exit, before the shutdown, every zb thread still running is made to return and joined:
-# a waiter stuck on an abandoned step's operation gets its connections to the peers closed first (below).
+# exception"). So at exit, before the shutdown, every zb thread still running is made to return and joined (for
+# at most SETTLE seconds): a waiter stuck on an abandoned step's operation gets its group's connections closed
+# first (below). A store call in flight cannot be interrupted; store calls take milliseconds.
 _THREADS: set[threading.Thread] = set()
 _WAITERS: set[_Waiter] = set()
-SETTLE = 5.0  # seconds the exit waits, at most, for zb's threads to return
+SETTLE = 5.0  # seconds the exit waits, at most, for zb's threads to return (a store call is not interrupted)
+ABANDON_TAG = 0x7A62  # the receive that closes a stuck gloo group at exit; no message of zb's uses it
 _SETTLING: list = []
 
 
@@ -216,8 +218,8 @@ def _start(target, name: str) -> threading.Thread:
             _THREADS.discard(threading.current_thread())
 
     thread = threading.Thread(target=run, daemon=True, name=name)
-    _THREADS.add(thread)
     thread.start()
+    _THREADS.add(thread)  # (a thread done already is joined at once)
     return thread
 
 
@@ -229,7 +231,8 @@ def _settle() -> None:
             waiter.abandon(closed)
     deadline = time.monotonic() + SETTLE
     for thread in list(_THREADS):
-        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _describe(record: str) -> str:
@@ -285,7 +288,7 @@ class DistributedComm:
         works = self.dist.batch_isend_irecv(p2p) if p2p else []
         batch = _Batch(works, sorted({op.peer for op in ops}), [str(op) for op in ops],
                        [t for op, mine in zip(ops, tensors) if op.kind == SEND for t in mine],
-                       _Waiter(works, self.timeout, self, sorted({op.peer for op in ops}))
+                       _Waiter(works, self, sorted({op.peer for op in ops}))
                        if self.gloo and works else None)
         if any(op.kind == SEND for op in ops):
             self.pending.append(batch)
@@ -415,7 +418,7 @@ class DistributedComm:
             if isinstance(work, _Waiter):
                 self._await(work, what)
             elif self.gloo:
-                self._await(_Waiter([work], self.timeout, self, peers), what)
+                self._await(_Waiter([work], self, peers), what)
             else:
                 self._poll(work, what)
                 work.wait()  # complete: makes the current CUDA stream wait for it (NCCL)
@@ -432,10 +435,14 @@ class DistributedComm:
                           f"abandoned (timeout {self.timeout.total_seconds():g} s, option 'timeout')") from e
 
     def _await(self, waiter: _Waiter, what: str) -> None:
-        """gloo: wait for `waiter`'s thread while this thread watches the failure key every POLL seconds."""
+        """gloo: wait for `waiter`'s thread, at most the timeout from now, while this thread watches the failure key
+        every POLL seconds. A thread given up on is left waiting (runtime/comm.py `_settle` ends it at exit)."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
         while not waiter.done.wait(POLL):
             if self.failures is not None:
                 self.failures.raise_if_failed(what)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no answer within {self.timeout.total_seconds():g} s")
         if waiter.failed:
             raise waiter.failed[0]
 
@@ -460,14 +467,17 @@ class _Waiter:
     waits for `works` (abandoned, not joined, if this rank gives up) and sets `done`; an error lands in `failed`.
     `comm` and `peers` (group ranks) say which connections the works use, for `abandon`."""
 
-    def __init__(self, works: list, timeout: datetime.timedelta, comm: DistributedComm, peers: Sequence[int]):
+    def __init__(self, works: list, comm: DistributedComm, peers: Sequence[int]):
         self.done, self.failed = threading.Event(), []
         self.comm, self.peers = comm, list(peers)
 
         def wait():
             try:
                 for work in works:
-                    work.wait(timeout)
+                    # No deadline of zb's here: a batch is posted before its values are due (a send may wait for a
+                    # receive its peer posts much later); the waiting thread's `_await` counts zb's timeout from
+                    # when it starts waiting. (The group's own timeout still bounds this thread.)
+                    work.wait()
             except BaseException as e:  # noqa: BLE001  (handed to the waiting thread)
                 self.failed.append(e)
             finally:
@@ -478,17 +488,18 @@ class _Waiter:
         _start(wait, "zb-wait")
 
     def abandon(self, closed: set) -> None:
-        """Make the wait return now (at exit, for an operation of an abandoned step): a receive from each peer
-        that times out at once makes gloo close that connection, and every operation waiting on it fails."""
+        """Make the wait return now (at exit, for an operation of an abandoned step): a receive that times out at
+        once makes gloo close every connection of the group, and every operation waiting on one fails. It uses a
+        tag of its own (gloo matches by tag; zb's messages all use tag 0), so no message still in flight from the
+        abandoned step can meet it."""
         group = self.comm.process_group
-        for peer in self.peers:
-            if (id(group), peer) in closed:
-                continue
-            closed.add((id(group), peer))
-            try:
-                group.recv([torch.empty(1)], peer, 0).wait(datetime.timedelta(milliseconds=1))
-            except Exception:  # noqa: BLE001  (the timeout that closes it, or it was closed already)
-                pass
+        if id(group) in closed or not self.peers:
+            return
+        closed.add(id(group))
+        try:
+            group.recv([torch.empty(1)], self.peers[0], ABANDON_TAG).wait(datetime.timedelta(milliseconds=1))
+        except Exception:  # noqa: BLE001  (the timeout that closes it, or it was closed already)
+            pass
 
 
 class _Batch:

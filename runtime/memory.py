@@ -9,12 +9,15 @@ instead of tensors, over each rank's communication program (schedules/p2p.py `co
     activation or gradient for the next stage until its send completes, parameter gradients summed over the
     microbatches until the step ends, a batched input's gradient slices and the outputs until the step ends);
     while a piece runs, the rank holds its peak (codegen/memory.py) on top;
-  * a send completes by the end of the compute action after the batch that posted it (the executor drops sent
-    tensors after each action once their send has completed: this assumes the peer has posted its receive by then).
+  * a sent tensor lives until its batch is dropped: the executor drops a batch after an action once all of it has
+    completed; its receives complete by their `Wait`, and its sends are assumed to by the end of the next action
+    (the peer has posted the matching receive by then).
 
 Not counted: what exists before the step (parameters, the batch, optimizer state), data-parallel reduction
-buckets, and scratch space inside single operators. What the executor measures (`StepExecutor.peak_memory`) is
-the activations alone (the schedule simulator's M_B and M_W model); this is the whole step's.
+buckets, the fused optimizer update's temporaries (option optimizer), copies `contiguous()` makes of a
+non-contiguous boundary tensor before sending it, and scratch space inside single operators. What the executor
+measures (`StepExecutor.peak_memory`) is the activations alone (the schedule simulator's M_B and M_W model);
+this is the whole step's.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ class _Replay:
         self.env: dict[tuple[int, int], dict[str, _Alloc | None]] = defaultdict(dict)
         self.forward_box: dict[tuple[int, int], dict[str, _Alloc]] = {}
         self.backward_box: dict[tuple[int, int], dict[str, _Alloc]] = {}
-        self.sending: list[list[_Alloc]] = []  # posted sends, not yet known complete
+        # Posted batches not yet dropped: their sent tensors, and the messages they receive not yet waited for.
+        self.sending: list[tuple[list[_Alloc], set]] = []
         self.kept: list[_Alloc] = []  # until the step ends: outputs, gradient slices
         self.grads: dict[int, _Alloc] = {}
         self.summed: set[int] = set()
@@ -110,14 +114,21 @@ class _Replay:
         for item in items:
             if isinstance(item, Batch):
                 posted = [self._post(op) for op in item.ops]
-                self.sending.append([a for allocs in posted for a in allocs])
+                waiting = {op.message for op in item.ops if op.kind != SEND}
+                self.sending.append(([a for allocs in posted for a in allocs], waiting))
+            elif isinstance(item, Wait):  # moves nothing (the buffers were counted when posted); its batch is in
+                for _, waiting in self.sending:
+                    waiting.discard(item.message)
             elif isinstance(item, Action):
-                completed, self.sending = self.sending, []
+                # The executor drops a batch (and its sent tensors) after an action once the whole batch has
+                # completed: its receives were waited for before the action, its sends are assumed gone by its end.
+                done = [batch for batch in self.sending if not batch[1]]
+                self.sending = [batch for batch in self.sending if batch[1]]
                 self._action(item)
-                for allocs in completed:  # the executor's release_sent after the action
+                for allocs, _ in done:
                     for alloc in allocs:
                         self._drop(alloc)
-            elif not isinstance(item, Wait):  # a Wait moves nothing: the buffers were counted when posted
+            else:
                 raise TypeError(f"unknown item {item!r}")
             self._peak(0, str(item))
             self.memory.levels.append((str(item), self.level))
@@ -202,7 +213,7 @@ class _Replay:
                 alloc = inputs[out[1]]
             elif out[0] == "new":
                 kind = "gradients" if route.kind in (GRAD_SUM, GRAD_SLICE) else \
-                    "boundary" if route.kind in (ACT, GRAD_ACT) else "activations"
+                    "boundary" if route.kind in (ACT, GRAD_ACT) else "outputs" if route.kind == OUT else "activations"
                 alloc = made.setdefault(out[1], _Alloc(out[2], kind))
             else:
                 alloc = None
@@ -220,18 +231,20 @@ class _Replay:
             elif route.kind == GRAD_SUM:
                 summed.append((route.index, alloc))
         # Parameter gradients: the first is kept as it is, the second makes a new sum, later ones add in place.
-        new_sums, added = [], 0
+        new_sums, added = [], {}
         for index, alloc in summed:
             if index not in self.grads:
                 self.grads[index] = alloc
                 self._hold(alloc)
                 continue
-            added += alloc.bytes if alloc else 0  # alive until it is added
+            if alloc is not None:
+                added[id(alloc)] = alloc.bytes  # alive until it is added
             if index not in self.summed:
                 self.summed.add(index)
-                new_sums.append((index, _Alloc(alloc.bytes if alloc else 0, "gradients")))
+                spec = self.program.input_specs[index]
+                new_sums.append((index, _Alloc(_spec_bytes(spec) if spec is not None else 0, "gradients")))
         if new_sums:
-            self._peak(added + sum(t.bytes for _, t in new_sums), where)
+            self._peak(sum(added.values()) + sum(t.bytes for _, t in new_sums), where)
             for index, total in new_sums:
                 self._hold(total)
                 self._drop(self.grads[index])

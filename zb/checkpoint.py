@@ -164,9 +164,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     except (RuntimeError, CheckpointException) as e:
         kept = f"the previous checkpoint at {path} is intact" if path.exists() else "nothing was switched"
         if isinstance(e, CheckpointException):  # a rank raised while writing; DCP told every rank (a BaseException)
-            what = "; ".join(f"rank {r}: {type(error).__name__}: {error}" for r, (error, _) in
-                             sorted(e.failures.items()))
-            raise ZbError(f"writing checkpoint {path} failed on {what}; {kept}") from e
+            raise ZbError(f"writing checkpoint {path} failed on {_failures(e)}; {kept}") from e
         raise ZbError(f"writing checkpoint {path} failed: {e}. A peer rank died; {kept}") from e
     _barrier(group, "writing the checkpoint")
     if rank == 0:
@@ -297,8 +295,13 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
             raise ZbError(f"checkpoint {path} has no LR scheduler state; it was saved without lr_scheduler=")
         state["lr_scheduler"] = b""
     state["zb.resume"] = b""
-    with _quiet():
-        dcp.load(state, checkpoint_id=path, no_dist=group is None)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=path, no_dist=group is None)
+    except CheckpointException as e:  # a rank failed reading; DCP told every rank (a BaseException)
+        raise ZbError(f"loading checkpoint {path} failed on {_failures(e)}") from e
     for key, value in state.items():
         if isinstance(value, bytes):
             state[key] = pickle.loads(value)
@@ -439,6 +442,11 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
+
+
+def _failures(error) -> str:
+    """DCP's CheckpointException as 'rank R: Type: message; ...'."""
+    return "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(error.failures.items()))
 
 
 def _barrier(group, what: str) -> None:
