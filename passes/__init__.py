@@ -1,6 +1,7 @@
 """The zb pass pipeline. The order lives here and nowhere else."""
 
 from zb.passes.analyze_batch import analyze_batch
+from zb.passes.autocast_regions import autocast_regions
 from zb.passes.capture_joint import capture_joint
 from zb.passes.fuse_attention import fuse_attention
 from zb.passes.normalize_loss import normalize_loss
@@ -14,6 +15,7 @@ from zb.passes.split_backward import split_backward
 
 # Each pass takes the Plan and returns it; see each file's docstring for its contract.
 PASSES = [
+    autocast_regions,
     fuse_attention,
     analyze_batch,
     normalize_loss,

@@ -28,6 +28,7 @@ from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTIn
 from torch._functorch.aot_autograd import aot_export_joint_with_descriptors, aot_export_module
 
 from zb.core.errors import ZbUnsupportedError
+from zb.passes.autocast_regions import KEY
 from zb.passes.plan import Plan, grad_key, input_keys, output_keys, tangent_key
 
 
@@ -79,12 +80,27 @@ class _AsTuple(torch.nn.Module):
         self.gm = gm
 
     def _outputs(self, args) -> tuple:
-        outs = self.gm(*args)
+        annotated = any(KEY in node.meta for node in self.gm.graph.nodes)
+        outs = _Autocasting(self.gm).run(*args) if annotated else self.gm(*args)
         return tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
 
     def forward(self, *args):
         outs = self._outputs(args)
         return _independent(outs, args, range(len(outs)))
+
+
+class _Autocasting(fx.Interpreter):
+    """Runs each operation annotated by autocast_regions inside `torch.autocast` for its devices and dtypes (the
+    casts eager's autocast makes are traced into the joint graph); the rest, and the backward, outside it."""
+
+    def run_node(self, node: fx.Node):
+        pairs = node.meta.get(KEY)
+        if not pairs:
+            return super().run_node(node)
+        with contextlib.ExitStack() as stack:
+            for device, dtype in pairs:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            return super().run_node(node)
 
 
 class _LossFirst(_AsTuple):

@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zb.ops.attention import DTYPES, HEAD_DIM_MAX, attention
+from zb.passes.autocast_regions import KEY as AUTOCAST
 from zb.passes.plan import Plan
 
 # (functions, Tensor method names) for each step of the pattern, as Dynamo records them.
@@ -260,14 +261,22 @@ def _rewrite(gm: fx.GraphModule, match: _Match) -> None:
     with graph.inserting_before(end):
         k = match.k if match.k is not None else _insert(graph, end, "call_method", "transpose", (match.kt, -2, -1))
         q, v = match.q, match.v
+        dtype = _value(match.q).dtype
+        cast = dict(end.meta.get(AUTOCAST, ())).get(_value(match.q).device.type)
+        if cast is not None and dtype.is_floating_point:
+            # Eager's autocast runs scaled_dot_product_attention and matmul in the autocast dtype: so does the
+            # fused attention (autocast_regions annotated the site).
+            dtype = cast
+            q, k, v = (t if _value(t).dtype == cast else _insert(graph, end, "call_method", "to", (t, cast))
+                       for t in (q, k, v))
         if three_d:
             q, k, v = (_insert(graph, end, "call_method", "unsqueeze", (t, 0)) for t in (q, k, v))
         bias = match.bias
         if match.mask is not None:
             bias = _insert(graph, end, "call_function", mask_bias,
-                           (match.mask, match.mask_value, match.mask_keeps, _value(match.q).dtype))
+                           (match.mask, match.mask_value, match.mask_keeps, dtype))
         elif bias is not None:
-            bias = _insert(graph, end, "call_method", "to", (bias, _value(match.q).dtype))
+            bias = _insert(graph, end, "call_method", "to", (bias, dtype))
         if bias is not None and three_d:
             bias = _insert(graph, end, "call_method", "unsqueeze", (bias, 0))
         fused = _insert(graph, end, "call_function", attention, (q, k, v, bias, match.causal, match.scale))
@@ -289,7 +298,7 @@ def mask_bias(mask: torch.Tensor, value: float, keeps: bool, dtype: torch.dtype)
 
 def _insert(graph: fx.Graph, like: fx.Node, op: str, target, args: tuple) -> fx.Node:
     node = graph.create_node(op, target, args)
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", AUTOCAST):
         if key in like.meta:
             node.meta[key] = like.meta[key]
     node.meta["example_value"] = _fake_run(node)

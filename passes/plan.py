@@ -122,6 +122,8 @@ class Plan:
     balance_window: float | None = None
     # zb-auto without 'stages': which placement won (stages per rank) and why (zb/pipeline.py); else "".
     placement: str = ""
+    # The autocast state the call was made under (device type -> dtype of each enabled device): autocast_regions.
+    autocast: dict = field(default_factory=dict)
     # Option release: (cuts, operations) of the model's first plan, whose cuts every later plan of the model keeps
     # (another input shape, evaluation), so that each rank's stages read only what it holds (zb/backend.py).
     keep_cuts: tuple[tuple[int, ...], tuple[str, ...]] | None = None

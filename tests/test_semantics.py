@@ -367,18 +367,6 @@ def test_bfloat16_parameters_match_eager_within_bfloat16_tolerance():
         torch.testing.assert_close(p.grad.float(), q.grad.float(), rtol=3e-2, atol=3e-2 * q.grad.abs().max().item())
 
 
-def test_autocast_is_refused_with_what_to_do_instead():
-    model = TokenNet()
-    x, y = padded_batch()
-
-    def step(x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return LOSSES["token-mean cross entropy"](model(x), y)
-
-    with pytest.raises(Exception, match=r"torch.autocast inside the compiled function.*model.to\(torch.bfloat16\)"):
-        torch.compile(step, backend="zb", options={"stages": 2, "microbatches": 4, "compiler": "eager"})(x, y)
-
-
 def test_a_graph_break_inside_a_loss_function_says_to_compute_the_loss_from_the_logits():
     model = TokenNet()
     x, y = padded_batch()

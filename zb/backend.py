@@ -7,6 +7,7 @@ graph, the plan it built for each input signature, so tests and `zb.explain` can
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import weakref
@@ -158,7 +159,8 @@ class CompiledGraph:
         if entry.runner is None:
             return self.gm(*args)
         arg_map = self._arg_map(entry)
-        result = entry.runner(*[args[i] for i in arg_map])
+        with no_autocast():  # the pieces carry autocast's casts already; it must not apply again
+            result = entry.runner(*[args[i] for i in arg_map])
         adapt.after_step(self, key, entry.runner, args)
         return result
 
@@ -168,7 +170,8 @@ class CompiledGraph:
         graph (flags, module.training, Python constants) is fixed per graph by its guards, so the cache is too."""
         named = ((spec.source, _signature(value)) for spec, value in zip(self.inputs, args)
                  if isinstance(value, torch.Tensor) or not _is_size(spec.source))
-        return (training, *sorted(named, key=lambda item: item[0]))
+        autocast = tuple(sorted((device, str(dtype)) for device, dtype in autocast_state().items()))
+        return (training, autocast, *sorted(named, key=lambda item: item[0]))
 
     def _arg_map(self, entry: plan_cache.Entry) -> list[int]:
         position = {spec.source: spec.index for spec in self.inputs}
@@ -190,7 +193,7 @@ class CompiledGraph:
         """The plan for one call's inputs, and for each of the plan graph's inputs its position in `args`;
         `keep_cuts`: (cuts, operations) of an earlier plan to cut at the same places (option release)."""
         self.pipeline.schedule_for(training)  # impossible placements fail here, on every rank, before any work
-        _reject_autocast(self.gm)
+        autocast = autocast_state()  # around the call: its operations run under it (passes/autocast_regions.py)
         outer = _split_axes([_with_requires_grad(s, a) for s, a in zip(self.inputs, args)], args,
                             self.options.unbatched)
         replicas = self.pipeline.local_replicas
@@ -223,10 +226,12 @@ class CompiledGraph:
             previous_cuts=previous,
             balance_window=balance_window,
             keep_cuts=keep_cuts,
+            autocast=autocast,
             batch_graph=self._batch_graph(batch, outer),
             placement=self.pipeline.placement_summary,
         )
-        return run_passes(plan, PASSES), arg_map
+        with no_autocast():  # the passes apply the caller's autocast op by op; nothing else may
+            return run_passes(plan, PASSES), arg_map
 
     def _batch_graph(self, batch: Sequence[Any], outer: list[InputSpec]) -> fx.GraphModule | None:
         """The graph of the global batch at static shapes, which normalize_loss compares with the graph of one split
@@ -256,7 +261,8 @@ class CompiledGraph:
         schedule = pipeline.schedule_for(plan.training)
         local = pipeline.local_ranks
         stages = {s for s, r in enumerate(schedule.placement) if r in local}
-        program = build_program(plan, compile_plan(plan, stages=stages))
+        with no_autocast():
+            program = build_program(plan, compile_plan(plan, stages=stages))
         if measure_first is None:
             options = plan.options
             measure_first = plan.training and plan.num_stages > 1 and options.rebalance and not options.split_points
@@ -289,17 +295,18 @@ def _release(runner: PipelineRunner, values: list[Any], foreign: dict[int, str])
                  "release=False keeps them)", runner.ranks[0], freed / 2**20)
 
 
-def _reject_autocast(gm: fx.GraphModule) -> None:
-    """torch.autocast around (or inside) the compiled function: zb traces each stage's joint graph on its own,
-    outside any autocast region, so the casts would be lost or split across stages. Say what works instead."""
-    inside = any(getattr(n.target, "__name__", "") == "_enter_autocast" for n in gm.graph.nodes)
-    around = any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
-    if inside or around:
-        raise ZbUnsupportedError(
-            f"zb does not support torch.autocast {'inside' if inside else 'around'} the compiled function yet: "
-            "its stages are traced and compiled separately, outside the autocast region. Train in bfloat16 by "
-            "casting the model instead (model.to(torch.bfloat16))"
-        )
+def autocast_state() -> dict[str, torch.dtype]:
+    """The autocast state in effect here: device type -> dtype, for each device type with autocast enabled."""
+    return {device: torch.get_autocast_dtype(device) for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)}
+
+
+@contextlib.contextmanager
+def no_autocast():
+    """Autocast off for every device type that has it on (the caller's state comes back afterwards)."""
+    with contextlib.ExitStack() as stack:
+        for device in autocast_state():
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def _replica_part(specs: list[InputSpec], args: Sequence[Any], replicas: int, microbatches: int) -> list[Any]:

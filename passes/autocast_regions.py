@@ -1,0 +1,85 @@
+"""autocast_regions: torch.autocast inside and around the compiled function -> an annotation on every operation.
+
+Contract
+  input:  `plan.graph` as Dynamo traced it, possibly with `_enter_autocast` / `_exit_autocast` nodes (a
+          `with torch.autocast(...)` inside the function), and `plan.autocast`: the autocast state in effect when
+          the call was made (around the function: device type -> dtype of each enabled device; empty if none).
+  output: `plan.graph` (and `plan.batch_graph`) a copy without the enter and exit nodes, in which every operation
+          that eager would run under autocast carries `meta["zb_autocast"]`: a tuple of (device type, dtype) pairs.
+          Nothing changes (no copy) when no autocast is in effect anywhere.
+
+Stages are cut from this graph and each is traced on its own (capture_joint), so a region that began in one stage
+and ends in another cannot stay a pair of enter and exit calls. capture_joint runs each annotated operation inside
+`torch.autocast` for its pairs: the joint graph then carries the casts eager's autocast makes, op by op, in the
+forward; the backward is traced outside autocast, as eager's backward runs (autograd of the casts brings the
+gradients back to the parameters' dtype). fuse_attention casts q, k, v to the autocast dtype where eager's autocast
+would (scaled_dot_product_attention, matmul), so the fused attention runs in it.
+
+    plan.autocast = {"cpu": torch.bfloat16}      (the call was made under torch.autocast("cpu", torch.bfloat16))
+    linear(x, w)            -> meta["zb_autocast"] = (("cpu", torch.bfloat16),)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from zb.core.errors import ZbUnsupportedError
+from zb.passes.plan import Plan
+
+KEY = "zb_autocast"
+
+
+def autocast_regions(plan: Plan) -> Plan:
+    ambient = dict(plan.autocast)
+    graphs = [plan.graph] + ([plan.batch_graph] if plan.batch_graph is not None else [])
+    if not ambient and not any(_enters(gm) for gm in graphs):
+        return plan
+    plan.graph = _annotated(plan.graph, ambient)
+    if plan.batch_graph is not None:
+        plan.batch_graph = _annotated(plan.batch_graph, ambient)
+    plan.counters["autocast_regions.operations"] = sum(KEY in n.meta for n in plan.graph.graph.nodes)
+    return plan
+
+
+def _enters(gm: fx.GraphModule) -> list[fx.Node]:
+    enter = torch.amp.autocast_mode._enter_autocast
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is enter]
+
+
+def _annotated(original: fx.GraphModule, ambient: dict[str, torch.dtype]) -> fx.GraphModule:
+    """A copy of `original` with each operation's autocast state in its meta and the enter/exit nodes removed."""
+    env: dict[fx.Node, fx.Node] = {}
+    graph = fx.Graph()
+    states: list[dict[str, torch.dtype]] = [dict(ambient)]
+    entered: dict[fx.Node, int] = {}
+    for node in original.graph.nodes:
+        target = node.target if node.op == "call_function" else None
+        if target is torch.amp.autocast_mode._enter_autocast:
+            device, dtype, enabled = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else True
+            state = dict(states[-1])
+            if enabled:
+                state[device] = dtype if dtype is not None else torch.get_autocast_dtype(device)
+            else:
+                state.pop(device, None)
+            entered[node] = len(states)
+            states.append(state)
+            continue
+        if target is torch.amp.autocast_mode._exit_autocast:
+            depth = entered.get(node.args[0])
+            if depth is None or depth != len(states) - 1:
+                raise ZbUnsupportedError("torch.autocast regions in the compiled function do not nest as zb "
+                                         "expects (an exit without its enter); keep each `with torch.autocast` "
+                                         "block inside the function")
+            states.pop()
+            continue
+        copied = graph.node_copy(node, lambda a: env[a])
+        if states[-1] and node.op in ("call_function", "call_method", "call_module"):
+            copied.meta[KEY] = tuple(sorted(states[-1].items(), key=lambda item: item[0]))
+        env[node] = copied
+    if len(states) != 1:
+        raise ZbUnsupportedError("a torch.autocast region in the compiled function is not closed inside it; "
+                                 "keep each `with torch.autocast` block inside the function")
+    gm = fx.GraphModule(original, graph)
+    gm.meta.update(original.meta)
+    return gm

@@ -1,0 +1,164 @@
+"""Mixed precision: torch.autocast inside and around the compiled function (passes/autocast_regions.py).
+
+Two references. Eager under the same autocast run microbatch by microbatch (each microbatch's loss scaled by 1/m,
+gradients accumulated) does exactly the operations zb's pipeline does, so zb equals it to fp32 rounding of the
+accumulation (rtol 1e-6). Eager under autocast on the whole batch differs from both by bf16 rounding: bf16 keeps 8
+significant bits (a relative rounding of 2^-9, about 0.2%), and a gradient sums many rounded products whose
+blocking depends on the batch size, so eager itself moves by up to about 1% of the largest element between
+splittings; that comparison uses 3e-2 of the largest element. Each test also checks that autocast took effect:
+the gradients differ from fp32 eager's by far more than fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import zb
+from tests import hf_models
+from tests.models import PRESETS, GPT
+
+BF16 = torch.bfloat16
+
+
+class Net(nn.Module):
+    """Linear layers, an activation and an fp32 loss; with `inside`, the forward opens its own autocast region."""
+
+    def __init__(self, inside: bool = False):
+        super().__init__()
+        self.inside = inside
+        self.a, self.b, self.c, self.d = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 16)
+
+    def body(self, x, y):
+        h = self.d(torch.relu(self.c(torch.tanh(self.b(torch.relu(self.a(x)))))))
+        return nn.functional.mse_loss(h.float(), y)
+
+    def forward(self, x, y):
+        if self.inside:
+            with torch.autocast("cpu", dtype=BF16):
+                return self.body(x, y)
+        return self.body(x, y)
+
+
+def around(on: bool):
+    return torch.autocast("cpu", dtype=BF16) if on else torch.autocast("cpu", enabled=False)
+
+
+def microbatched(model, args, microbatches: int, autocast_around: bool):
+    """Eager, microbatch by microbatch, each loss scaled by 1/m (what zb's pipeline computes); returns the loss."""
+    total = 0.0
+    for part in zip(*(a.chunk(microbatches) for a in args)):
+        with around(autocast_around):
+            loss = model(*part) / microbatches
+        loss.backward()
+        total = total + loss.detach()
+    return total
+
+
+def relative_error(model, reference) -> float:
+    return max(((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
+               for p, q in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.parametrize("stages", [1, 2, 4])
+@pytest.mark.parametrize("where", ["inside", "around"])
+def test_autocast_equals_eager_microbatch_by_microbatch(where, stages):
+    torch.manual_seed(0)
+    model = Net(inside=where == "inside")
+    reference, fp32 = copy.deepcopy(model), copy.deepcopy(model)
+    fp32.inside = False
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": stages, "microbatches": 4, "compiler": "eager"}))
+    with around(where == "around"):
+        loss = step(x, y)
+    loss.backward()
+    expected = microbatched(reference, (x, y), 4, where == "around")
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert p.grad.dtype == torch.float32, name  # fp32 parameters get fp32 gradients, as in eager
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
+    fp32(x, y).backward()
+    assert relative_error(model, fp32) > 1e-3  # bf16 compute: far from fp32's gradients
+
+
+def test_autocast_through_inductor():
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "inductor"}))
+    with around(True):
+        loss = step(x, y)
+    loss.backward()
+    expected = microbatched(reference, (x, y), 2, True)
+    torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-4)  # Inductor fuses: other fp32 roundings
+    assert relative_error(model, reference) < 1e-2
+
+
+def test_a_gpt_with_fused_attention_under_autocast():
+    """SDPA under autocast runs in bf16 in eager; the fused attention gets q, k, v cast to bf16 (every site is
+    fused)."""
+    torch.manual_seed(0)
+    model = GPT(PRESETS["tiny"])
+    reference, fp32 = copy.deepcopy(model), copy.deepcopy(model)
+    ids = torch.randint(0, 256, (8, 16))
+    targets = torch.randint(0, 256, (8, 16))
+    backend = zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager"})
+    step = torch.compile(model, backend=backend)
+    with around(True):
+        loss = step(ids, targets)
+    loss.backward()
+    (plan,) = backend.plans
+    assert plan.counters["fused_attention"] == PRESETS["tiny"].n_layer
+    fused = [n for n in plan.graph.graph.nodes if "zb_attention_site" in n.meta]
+    assert fused and all(n.meta["example_value"].dtype == BF16 for n in fused)
+    expected = microbatched(reference, (ids, targets), 2, True)
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)
+    assert relative_error(model, reference) < 3e-2
+    fp32(ids, targets).backward()
+    assert relative_error(model, fp32) > 1e-3
+
+
+def test_a_hugging_face_llama_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = hf_models.FAMILIES["llama"]()
+    reference, fp32 = copy.deepcopy(model), copy.deepcopy(model)
+    ids, labels = hf_models.batch()
+    step = torch.compile(lambda i, t: hf_models.loss_fn(model, i, t),
+                         backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager"}))
+    with around(True):
+        loss = step(ids, labels)
+        expected = hf_models.loss_fn(reference, ids, labels)  # the whole batch: bf16 tolerance
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)
+    assert relative_error(model, reference) < 3e-2
+    hf_models.loss_fn(fp32, ids, labels).backward()
+    assert relative_error(model, fp32) > 1e-3
+
+
+def test_an_autocast_region_left_open_is_refused():
+    model = Net()
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+
+    def step(x, y):
+        torch.amp.autocast_mode._enter_autocast("cpu", BF16, True, None)  # no matching exit in the function
+        return model(x, y)
+
+    with pytest.raises(Exception, match="autocast"):
+        torch.compile(step, backend="zb", options={"stages": 2, "microbatches": 2, "compiler": "eager"})(x, y)
+
+
+@pytest.mark.parametrize("ranks, replicas, cases", [(2, 1, ["autocast:zb-h1", "autocast:zb-v"]),
+                                                    (4, 2, ["autocast:1f1b"])])
+def test_torchrun_autocast_on_ranks_and_replicas(ranks, replicas, cases):
+    """tests/distributed/data_parallel_check.py `autocast`: 2 pipeline ranks, and 2 replicas x 2 ranks, 3 SGD steps
+    with autocast inside the model equal eager under autocast microbatch by microbatch on the global batch."""
+    from tests.test_data_parallel import _ok
+    from tests.test_pipeline import torchrun
+
+    out = torchrun(ranks, "data_parallel_check.py", "--replicas", str(replicas), "--cases", ",".join(cases))
+    assert _ok(out) == cases
