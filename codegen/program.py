@@ -117,6 +117,10 @@ class Program:
     updates: dict[int, list[int]] = field(default_factory=dict)  # stage -> parameters its fused update covers
     shared_updates: list[int] = field(default_factory=list)  # parameters updated once their gradient is summed
     loss: LossProgram | None = None  # training: how microbatch losses make the step's loss
+    # Mixed precision (options param_dtype / reduce_dtype): parameter index -> the dtype of the copy the runtime
+    # makes once per step; the dtype parameter gradients are summed in (None: their own).
+    copies: dict[int, torch.dtype] = field(default_factory=dict)
+    reduce_dtype: torch.dtype | None = None
 
     @property
     def num_stages(self) -> int:
@@ -171,6 +175,8 @@ def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece]) ->
         updates={s: list(v) for s, v in plan.updates.items()},
         shared_updates=list(plan.shared_updates),
         loss=_loss_program(plan),
+        copies=dict(plan.copies),
+        reduce_dtype=plan.options.reduce_dtype,
     )
 
 

@@ -83,6 +83,20 @@ def _positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def _float_dtype(name: str, value: Any) -> Any:
+    """None, or a floating-point torch.dtype (also given by name: 'bfloat16', 'float16', 'float32')."""
+    if value is None:
+        return None
+    import torch
+
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), value)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point or value == torch.float64:
+        raise ZbOptionError(f"option {name!r} takes torch.bfloat16, torch.float16 or torch.float32 (or their "
+                            f"names), got {value!r}")
+    return value
+
+
 def _boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ZbOptionError(f"option {name!r} must be True or False, got {value!r}")
@@ -250,6 +264,16 @@ class Options:
         "recently used one is freed when another arrives (per Dynamo graph)",
         _positive_int,
     )
+    param_dtype: Any = _option(
+        None, "mixed precision (torchtitan's MixedPrecisionPolicy): compute with copies of the float32 parameters in "
+        "this dtype (torch.bfloat16 or torch.float16), made once per step on each rank for its stages and freed after "
+        "their last W; float inputs are cast to it too. The parameters stay float32 (what the optimizer updates)",
+        _float_dtype,
+    )
+    reduce_dtype: Any = _option(
+        None, "the dtype W's parameter gradients are summed in over the microbatches and the data-parallel replicas "
+        "(default: float32 with param_dtype, else the gradients' own)", _float_dtype,
+    )
     fuse_attention: bool = _option(
         True, "replace attention (F.scaled_dot_product_attention and hand-written softmax(q @ k^T) @ v) with zb's "
         "flash-attention operator", _boolean,
@@ -262,6 +286,13 @@ class Options:
                     raise ZbOptionError(f"option {name!r} needs option 'optimizer' (the optimizer zb runs)")
         elif self.post_validation is None:
             object.__setattr__(self, "post_validation", True)
+        if self.reduce_dtype is not None and self.param_dtype is None:
+            raise ZbOptionError("option 'reduce_dtype' is part of a mixed-precision policy: give 'param_dtype' too "
+                                "(the dtype the parameter copies compute in)")
+        if self.param_dtype is not None and self.reduce_dtype is None:
+            import torch
+
+            object.__setattr__(self, "reduce_dtype", torch.float32)
         if self.mesh is not None:
             if self.group is not None:
                 raise ZbOptionError("give either option 'mesh' or option 'group', not both: the mesh's 'pp' "

@@ -9,6 +9,7 @@ from zb.passes.assign_updates import assign_updates
 from zb.passes.record_boundaries import record_boundaries
 from zb.passes.partition_fw_bw import partition_fw_bw
 from zb.passes.partition_stages import partition_stages
+from zb.passes.precision_policy import precision_policy
 from zb.passes.plan import PIECES, InputSpec, Plan, Stage
 from zb.passes.runner import PassError, dump_plan, run_passes
 from zb.passes.split_backward import split_backward
@@ -16,6 +17,7 @@ from zb.passes.split_backward import split_backward
 # Each pass takes the Plan and returns it; see each file's docstring for its contract.
 PASSES = [
     autocast_regions,
+    precision_policy,
     fuse_attention,
     analyze_batch,
     normalize_loss,

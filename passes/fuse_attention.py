@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from zb.ops.attention import DTYPES, HEAD_DIM_MAX, attention
 from zb.passes.autocast_regions import KEY as AUTOCAST
-from zb.passes.plan import Plan
+from zb.passes.plan import Plan, copy_module
 
 # (functions, Tensor method names) for each step of the pattern, as Dynamo records them.
 SDPA = ((torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention), ())
@@ -83,7 +83,7 @@ class _Match:
 
 
 def fuse_attention(plan: Plan) -> Plan:
-    gm = _copy(plan.graph)
+    gm = copy_module(plan.graph)
     plan.graph = gm
     plan.attention = []
     for graph_module in [gm, *_checkpointed_bodies(gm)]:
@@ -333,24 +333,12 @@ def _checkpointed_bodies(gm: fx.GraphModule) -> list[fx.GraphModule]:
     for node in gm.graph.find_nodes(op="get_attr"):
         body = getattr(gm, node.target, None)
         if isinstance(body, fx.GraphModule) and any(u.target is CHECKPOINT for u in node.users):
-            body = _copy(body)
+            body = copy_module(body)
             setattr(gm, node.target, body)
             bodies.append(body)
     return bodies
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of the graph (node names and meta kept), so the caller's graph stays as is."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
-    if isinstance(out, tuple):
-        out, node = out
-        graph.output(out, type_expr=getattr(node, "type", None))
-    else:
-        graph.output(out)
-    copy = fx.GraphModule(gm, graph)
-    copy.meta.update(gm.meta)
-    return copy
 
 
 def _value(node):

@@ -273,7 +273,8 @@ def _stage_graph(plan: Plan, s: int, stage_of: dict[fx.Node, int]) -> tuple[fx.G
         if any(stage_of.get(u) == s for u in node.users) or (s == last and node in outputs):
             env[node] = new.placeholder(node.name)
             env[node].meta = {"zb_key": f"in:{placeholders[node]}", "example_value": node.meta.get("example_value")}
-            examples.append(plan.example_inputs[placeholders[node]])
+            index = placeholders[node]
+            examples.append(plan.traced_inputs.get(index, plan.example_inputs[index]))
     for node in incoming:
         env[node] = new.placeholder(f"act_{node.name}")
         env[node].meta = {"zb_key": f"act:{node.name}", "example_value": node.meta.get("example_value")}

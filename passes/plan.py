@@ -122,6 +122,10 @@ class Plan:
     balance_window: float | None = None
     # zb-auto without 'stages': which placement won (stages per rank) and why (zb/pipeline.py); else "".
     placement: str = ""
+    # precision_policy: input index -> the dtype of the copy the runtime makes of that parameter once per step, and
+    # the tensors (shaped like the copies) the stages are traced with in place of `example_inputs`.
+    copies: dict = field(default_factory=dict)
+    traced_inputs: dict = field(default_factory=dict)
     # The autocast state the call was made under (device type -> dtype of each enabled device): autocast_regions.
     autocast: dict = field(default_factory=dict)
     # Option release: (cuts, operations) of the model's first plan, whose cuts every later plan of the model keeps
@@ -256,3 +260,17 @@ def op_counts(gm: fx.GraphModule) -> collections.Counter:
                 name = f"{target.namespace}.{target._schema.name.split('::')[-1]}"
             counts[name] += 1
     return counts
+
+
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of the graph (node names and meta kept), so the caller's graph stays as is."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    if isinstance(out, tuple):
+        out, node = out
+        graph.output(out, type_expr=getattr(node, "type", None))
+    else:
+        graph.output(out)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    return copy

@@ -112,6 +112,7 @@ class StepExecutor:
         self.slices: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)
         self.quickest = {}
         self.receiving: dict[Action, Any] = {}  # message -> the handle of the receive posted for it
+        self._make_copies()
         self.clock.begin(self.timed)
         self.held = {r: 0 for r in self.ranks}
         self.peak_memory = {r: 0 for r in self.ranks}
@@ -133,8 +134,10 @@ class StepExecutor:
                         self.clock.stop(mark, rank, item)
                         if self.repeat > 1 and item.kind in (F, B, W, BW):
                             self.quickest.setdefault((item.stage, item.kind), []).append(self._seconds)
-                        if on_stage_done is not None and program.training and last.get(item.stage) == item:
-                            on_stage_done(item.stage, self.grads)
+                        if last.get(item.stage) == item:
+                            self._drop_copies(item.stage)
+                            if on_stage_done is not None and program.training:
+                                on_stage_done(item.stage, self.grads)
                         if poll is not None:
                             poll(self.grads)
                         self.comm.release_sent()
@@ -146,6 +149,31 @@ class StepExecutor:
         self.comm.finish()
         self.trace = self.clock.records()
         return self.outs, self.grads
+
+    def _make_copies(self) -> None:
+        """Mixed precision (option param_dtype): each parameter a stage of this process reads, copied once for the
+        step in the policy's dtype; every microbatch's pieces read the copy (passes/precision_policy.py)."""
+        self.copy_readers: dict[int, set[int]] = {}
+        copies = self.program.copies
+        if not copies:
+            return
+        local = [s.index for s in self.program.stages if self.placement[s.index] in self.ranks]
+        for index, dtype in copies.items():
+            readers = {s for s in local if index in self.program.stages[s].reads}
+            if readers:
+                self.copy_readers[index] = readers
+                copy = self.inputs[0][index].detach().to(dtype)
+                for inputs in self.inputs:
+                    inputs[index] = copy
+
+    def _drop_copies(self, stage: int) -> None:
+        """After a stage's last action: free the copies no other stage of this process still reads."""
+        for index, readers in list(self.copy_readers.items()):
+            readers.discard(stage)
+            if not readers:
+                del self.copy_readers[index]
+                for inputs in self.inputs:
+                    inputs[index] = None
 
     def _denominators(self) -> list[list[torch.Tensor]] | None:
         """Each microbatch's loss denominators (token counts and the like), computed from its inputs before the
@@ -314,8 +342,12 @@ class StepExecutor:
         microbatch's gradients wait until the end of the step. A piece's first output is kept as it is (it may
         alias another value); the first addition makes a sum of the step's own, later ones add in place."""
         start, more = [], []
+        want = self.program.reduce_dtype  # mixed precision: summed in this dtype (float32), whatever W made
         for i, g in grads:
             if i not in self.grads:
+                if want is not None and g.dtype != want:
+                    g = g.to(want)  # a sum of the step's own from the start
+                    self.owned.add(i)
                 self.grads[i] = [g]
             else:
                 (more if i in self.owned else start).append((i, g))
@@ -351,6 +383,9 @@ def combine(outs: list[list[Any]], grads: dict[int, list[torch.Tensor]], slices:
     combined: list[torch.Tensor | None] = [None] * len(program.inputs)
     for index, values in grads.items():
         (combined[index],) = values
+        spec = program.input_specs[index]
+        if index in program.copies and spec is not None and combined[index].dtype != spec.dtype:
+            combined[index] = combined[index].to(spec.dtype)  # summed in a reduce_dtype other than the parameter's
     for index, by_microbatch in slices.items():
         if len(by_microbatch) != microbatches:
             raise ZbError(f"input {program.inputs[index].name!r} got gradients for {len(by_microbatch)} of "

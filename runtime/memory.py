@@ -5,6 +5,8 @@ instead of tensors, over each rank's communication program (schedules/p2p.py `co
 
   * a receive's buffers exist from the batch that posts it until the last piece that reads the value is done
     (a value F saves for the backward lives on as a saved activation: the same storage, counted once);
+  * with options param_dtype: each parameter copy from the step's start to the last action of the last stage of
+    the rank that reads it;
   * a piece's outputs live where the executor puts them (saved and stashed values until their last reader, an
     activation or gradient for the next stage until its send completes, parameter gradients summed over the
     microbatches until the step ends, a batched input's gradient slices and the outputs until the step ends);
@@ -30,7 +32,7 @@ from zb.codegen.program import ACT, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, OUT, Pr
 from zb.schedules import BW, SEND_F, Action, B, F, W
 from zb.schedules.p2p import SEND, Batch, Wait
 
-KINDS = ("activations", "boundary", "gradients", "outputs")
+KINDS = ("activations", "boundary", "gradients", "outputs", "copies")
 
 
 @dataclass
@@ -111,6 +113,7 @@ class _Replay:
 
     # The step ----------------------------------------------------------------------------------------------
     def run(self, items: Sequence) -> RankMemory:
+        self._copies(items)
         for item in items:
             if isinstance(item, Batch):
                 posted = [self._post(op) for op in item.ops]
@@ -125,6 +128,8 @@ class _Replay:
                 done = [batch for batch in self.sending if not batch[1]]
                 self.sending = [batch for batch in self.sending if batch[1]]
                 self._action(item)
+                for alloc in self.copy_until.pop(item, ()):
+                    self._drop(alloc)
                 for allocs, _ in done:
                     for alloc in allocs:
                         self._drop(alloc)
@@ -133,6 +138,24 @@ class _Replay:
             self._peak(0, str(item))
             self.memory.levels.append((str(item), self.level))
         return self.memory
+
+    def _copies(self, items: Sequence) -> None:
+        """Mixed precision: the parameter copies this rank's stages read, made at the step's start and freed after
+        the last action of the last of those stages (runtime/executor.py `_make_copies`)."""
+        self.copy_until: dict[Action, list[_Alloc]] = {}
+        last: dict[int, Action] = {}
+        for item in items:
+            if isinstance(item, Action) and item.kind in (F, B, W, BW):
+                last[item.stage] = item
+        order = {a: i for i, a in enumerate(items) if isinstance(a, Action)}
+        for index, dtype in self.program.copies.items():
+            readers = [last[s] for s in last if index in self.program.stages[s].reads]
+            spec = self.program.input_specs[index]
+            if not readers or spec is None:
+                continue
+            alloc = _Alloc(_spec_bytes(spec) * dtype.itemsize // spec.dtype.itemsize, "copies")
+            self._hold(alloc)
+            self.copy_until.setdefault(max(readers, key=order.__getitem__), []).append(alloc)
 
     def _post(self, op) -> list[_Alloc]:
         """A batch's operation: a receive allocates its buffers (into the mailbox it will be read from); a send

@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 import zb
 from tests import hf_models
@@ -162,3 +162,80 @@ def test_torchrun_autocast_on_ranks_and_replicas(ranks, replicas, cases):
 
     out = torchrun(ranks, "data_parallel_check.py", "--replicas", str(replicas), "--cases", ",".join(cases))
     assert _ok(out) == cases
+
+
+def policy_reference(model, args, microbatches: int, dtype=BF16) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Eager's counterpart of options param_dtype/reduce_dtype: a `dtype` copy of the model run microbatch by
+    microbatch on inputs cast to `dtype`, each loss scaled by 1/m, the copies' gradients summed in float32."""
+    low = copy.deepcopy(model).to(dtype)
+    sums = [torch.zeros_like(p) for p in model.parameters()]
+    total = torch.zeros(())
+    for part in zip(*(a.chunk(microbatches) for a in args)):
+        low.zero_grad()
+        loss = low(*(a.to(dtype) if a.is_floating_point() else a for a in part)) / microbatches
+        loss.backward()
+        total += loss.detach().float()
+        for s, p in zip(sums, low.parameters()):
+            s += p.grad.float()
+    return total, sums
+
+
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_the_policy_equals_eager_with_bf16_copies_and_float32_sums(stages):
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(16, 16), torch.randn(16, 16)
+    expected_loss, expected = policy_reference(model, (x, y), 8)
+    backend = zb.ZbBackend({"stages": stages, "microbatches": 8, "compiler": "eager", "param_dtype": BF16})
+    loss = torch.compile(model, backend=backend)(x, y)
+    loss.backward()
+    torch.testing.assert_close(loss.float(), expected_loss, rtol=1e-6, atol=1e-7)
+    for (name, p), g in zip(model.named_parameters(), expected):
+        assert p.dtype == p.grad.dtype == torch.float32, name  # float32 masters and gradients
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7, msg=name)
+    # The copies are made by the runtime once per step: no piece converts a parameter.
+    (plan,) = backend.plans
+    assert set(plan.copies) == {i for i, s in enumerate(plan.inputs) if s.kind == "parameter"}
+    for stage in plan.stages:
+        for gm in filter(None, stage.pieces.values()):
+            converted = {n.args[0].meta.get("zb_key") for n in gm.graph.nodes
+                         if "convert_element_type" in str(n.target) and n.args and isinstance(n.args[0], fx.Node)
+                         and n.args[0].op == "placeholder"}
+            assert not any(k and k.startswith("in:") and int(k[3:]) in plan.copies for k in converted), converted
+    # The plan's memory counts the copies: one bfloat16 copy of every parameter on this (only) process.
+    planned = backend.runners[0].planned_memory()
+    copies = sum(p.numel() * 2 for p in model.parameters())
+    assert sum(m.most["copies"] for m in planned.values()) == copies
+
+
+def test_bf16_gradient_sums_drift_the_policys_do_not():
+    """16 microbatches: the model cast to bfloat16 (each microbatch's gradient added into a bfloat16 sum) against
+    the policy (the same bfloat16 compute, float32 sums); the reference is that compute with exact float32 sums
+    (policy_reference), so what differs is the summation alone."""
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(64, 16), torch.randn(64, 16)
+    _, expected = policy_reference(model, (x, y), 16)
+    errors = {}
+    for name, options in (("bf16 model", {}), ("policy", {"param_dtype": BF16})):
+        torch._dynamo.reset()
+        net = copy.deepcopy(model).to(BF16) if name == "bf16 model" else copy.deepcopy(model)
+        args = (x.to(BF16), y.to(BF16)) if name == "bf16 model" else (x, y)
+        step = torch.compile(net, backend=zb.ZbBackend({"stages": 2, "microbatches": 16, "compiler": "eager",
+                                                        **options}))
+        step(*args).backward()
+        errors[name] = max(((p.grad.float() - g).abs().max() / g.abs().max()).item()
+                           for p, g in zip(net.parameters(), expected))
+    assert errors["policy"] < 1e-6 and errors["bf16 model"] > 1e-3, errors
+
+
+def test_policy_bad_input():
+    with pytest.raises(zb.ZbOptionError, match="reduce_dtype.*param_dtype"):
+        zb.ZbBackend({"reduce_dtype": torch.float32})
+    with pytest.raises(zb.ZbOptionError, match="param_dtype"):
+        zb.ZbBackend({"param_dtype": torch.int8})
+    model = Net().to(BF16)
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager",
+                                                      "param_dtype": BF16}))
+    with pytest.raises(Exception, match="float32 master parameters.*is torch.bfloat16"):
+        step(torch.randn(4, 16, dtype=BF16), torch.randn(4, 16, dtype=BF16))
