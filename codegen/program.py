@@ -121,6 +121,8 @@ class Program:
     # makes once per step; the dtype parameter gradients are summed in (None: their own).
     copies: dict[int, torch.dtype] = field(default_factory=dict)
     reduce_dtype: torch.dtype | None = None
+    # The lower-precision dtypes autocast or the policy computes in (empty: the graph's own dtypes throughout).
+    compute_dtypes: frozenset = frozenset()
 
     @property
     def num_stages(self) -> int:
@@ -176,6 +178,8 @@ def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece]) ->
         shared_updates=list(plan.shared_updates),
         loss=_loss_program(plan),
         copies=dict(plan.copies),
+        compute_dtypes=frozenset(dtype for node in plan.graph.graph.nodes
+                                 for _, dtype in node.meta.get("zb_autocast", ())) | frozenset(plan.copies.values()),
         reduce_dtype=plan.options.reduce_dtype,
     )
 

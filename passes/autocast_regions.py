@@ -3,7 +3,7 @@
 Contract
   input:  `plan.graph` as Dynamo traced it, possibly with `_enter_autocast` / `_exit_autocast` nodes (a
           `with torch.autocast(...)` inside the function), and `plan.autocast`: the autocast state in effect when
-          the call was made (around the function: device type -> dtype of each enabled device; empty if none).
+          the call was made (device type -> (enabled, dtype), for "cpu" and "cuda").
   output: `plan.graph` (and `plan.batch_graph`) a copy without the enter and exit nodes, in which every operation
           that eager would run under autocast carries `meta["zb_autocast"]`: a tuple of (device type, dtype) pairs.
           Nothing changes (no copy) when no autocast is in effect anywhere.
@@ -15,7 +15,7 @@ forward; the backward is traced outside autocast, as eager's backward runs (auto
 gradients back to the parameters' dtype). fuse_attention casts q, k, v to the autocast dtype where eager's autocast
 would (scaled_dot_product_attention, matmul), so the fused attention runs in it.
 
-    plan.autocast = {"cpu": torch.bfloat16}      (the call was made under torch.autocast("cpu", torch.bfloat16))
+    plan.autocast = {"cpu": (True, torch.bfloat16), ...}   (the call was made under torch.autocast("cpu", bf16))
     linear(x, w)            -> meta["zb_autocast"] = (("cpu", torch.bfloat16),)
 """
 
@@ -31,9 +31,11 @@ KEY = "zb_autocast"
 
 
 def autocast_regions(plan: Plan) -> Plan:
-    ambient = dict(plan.autocast)
+    # plan.autocast: device type -> (enabled, dtype) at the call; a region entered with dtype=None takes the dtype
+    # in effect, which a disabled state keeps too.
+    ambient = {device: tuple(state) for device, state in plan.autocast.items()}
     graphs = [plan.graph] + ([plan.batch_graph] if plan.batch_graph is not None else [])
-    if not ambient and not any(_enters(gm) for gm in graphs):
+    if not any(enabled for enabled, _ in ambient.values()) and not any(_enters(gm) for gm in graphs):
         return plan
     plan.graph = _annotated(plan.graph, ambient)
     if plan.batch_graph is not None:
@@ -47,23 +49,18 @@ def _enters(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is enter]
 
 
-def _annotated(original: fx.GraphModule, ambient: dict[str, torch.dtype]) -> fx.GraphModule:
+def _annotated(original: fx.GraphModule, ambient: dict[str, tuple[bool, torch.dtype]]) -> fx.GraphModule:
     """A copy of `original` with each operation's autocast state in its meta and the enter/exit nodes removed."""
     env: dict[fx.Node, fx.Node] = {}
     graph = fx.Graph()
-    states: list[dict[str, torch.dtype]] = [dict(ambient)]
+    states: list[dict[str, tuple[bool, torch.dtype]]] = [dict(ambient)]
     entered: dict[fx.Node, int] = {}
+    annotated = []
     for node in original.graph.nodes:
         target = node.target if node.op == "call_function" else None
         if target is torch.amp.autocast_mode._enter_autocast:
-            device, dtype, enabled = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else True
-            state = dict(states[-1])
-            if enabled:
-                state[device] = dtype if dtype is not None else torch.get_autocast_dtype(device)
-            else:
-                state.pop(device, None)
             entered[node] = len(states)
-            states.append(state)
+            states.append(_entered(states[-1], node))
             continue
         if target is torch.amp.autocast_mode._exit_autocast:
             depth = entered.get(node.args[0])
@@ -74,12 +71,54 @@ def _annotated(original: fx.GraphModule, ambient: dict[str, torch.dtype]) -> fx.
             states.pop()
             continue
         copied = graph.node_copy(node, lambda a: env[a])
-        if states[-1] and node.op in ("call_function", "call_method", "call_module"):
-            copied.meta[KEY] = tuple(sorted(states[-1].items(), key=lambda item: item[0]))
+        pairs = _pairs(states[-1])
+        if pairs and node.op in ("call_function", "call_method", "call_module"):
+            copied.meta[KEY] = pairs
+        annotated.append((copied, states[-1]))
         env[node] = copied
     if len(states) != 1:
         raise ZbUnsupportedError("a torch.autocast region in the compiled function is not closed inside it; "
                                  "keep each `with torch.autocast` block inside the function")
     gm = fx.GraphModule(original, graph)
     gm.meta.update(original.meta)
+    for node, state in annotated:  # subgraph bodies (activation checkpointing): their operations too
+        for arg in node.args:
+            if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                body = getattr(gm, arg.target, None)
+                if isinstance(body, fx.GraphModule):
+                    _annotate_body(body, state)
     return gm
+
+
+def _entered(state: dict, node: fx.Node) -> dict:
+    """The state inside `node`'s region, as torch.autocast itself resolves it: dtype None keeps the dtype in
+    effect; a dtype the device does not support disables the region (torch warns), as in eager."""
+    import warnings
+
+    device, dtype = node.args[0], node.args[1]
+    enabled = node.args[2] if len(node.args) > 2 else node.kwargs.get("enabled", True)
+    current = state.get(device, (False, torch.get_autocast_dtype(device)))[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        region = torch.autocast(device, dtype=dtype if dtype is not None else current, enabled=enabled)
+    new = dict(state)
+    new[device] = (bool(region._enabled), region.fast_dtype)
+    return new
+
+
+def _pairs(state: dict) -> tuple:
+    return tuple(sorted((device, dtype) for device, (enabled, dtype) in state.items() if enabled))
+
+
+def _annotate_body(body: fx.GraphModule, state: dict) -> None:
+    """Annotate a subgraph body's operations (its own enter/exit nodes stay: the body runs whole, in one stage),
+    so that fuse_attention sees the autocast state inside it too."""
+    states = [state]
+    for node in body.graph.nodes:
+        target = node.target if node.op == "call_function" else None
+        if target is torch.amp.autocast_mode._enter_autocast:
+            states.append(_entered(states[-1], node))
+        elif target is torch.amp.autocast_mode._exit_autocast and len(states) > 1:
+            states.pop()
+        elif node.op in ("call_function", "call_method", "call_module") and _pairs(states[-1]):
+            node.meta[KEY] = _pairs(states[-1])

@@ -263,7 +263,7 @@ def _rewrite(gm: fx.GraphModule, match: _Match) -> None:
         q, v = match.q, match.v
         dtype = _value(match.q).dtype
         cast = dict(end.meta.get(AUTOCAST, ())).get(_value(match.q).device.type)
-        if cast is not None and dtype.is_floating_point:
+        if cast is not None and dtype.is_floating_point and dtype != torch.float64:  # autocast leaves float64 alone
             # Eager's autocast runs scaled_dot_product_attention and matmul in the autocast dtype: so does the
             # fused attention (autocast_regions annotated the site).
             dtype = cast

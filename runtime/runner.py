@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from zb.codegen.program import Program
-from zb.core.errors import ZbError
+from zb.core.errors import ZbError, ZbUnsupportedError
 from zb.runtime.data_parallel import GradientReduction, LocalReduction, check_same_weights, combine_replicas, owners
 from zb.runtime.executor import StepExecutor, combine
 from zb.runtime.memory import RankMemory, planned_memory
@@ -445,7 +445,7 @@ class _TrainingStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runner: PipelineRunner, *args: Any):
         outputs, grads = runner.run(args)
-        ctx.grads = grads
+        ctx.grads, ctx.program = grads, runner.program
         # An extra output that depends on parameters requires grad, as in eager, so that differentiating it is
         # an error in backward below rather than a gradient silently missing.
         loss = runner.program.loss
@@ -475,5 +475,17 @@ class _TrainingStep(torch.autograd.Function):
                     f"for example `return loss + 0.01 * aux, aux.detach()`"
                 )
         exact_one = bool((grad_loss == 1).all())
+        program = ctx.program
+        if not exact_one and torch.float16 in program.compute_dtypes:
+            raise ZbUnsupportedError(
+                "loss scaling (torch.amp.GradScaler, or loss.backward(gradient) other than 1) with float16 compute is "
+                "not supported yet: eager runs the float16 backward from the scaled loss, so small gradients survive "
+                "there that zb's backward, which ran inside the step from 1, flushed to zero. Train in bfloat16 "
+                "(no scaler needed), or without the scaler")
+        if program.compute_dtypes and any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+            raise ZbUnsupportedError(
+                "loss.backward() was called inside a torch.autocast region: eager would run the backward's float32 "
+                "operations under autocast too, while zb ran the step's backward as it runs after the region. Call "
+                "loss.backward() after the `with torch.autocast(...)` block, as PyTorch's mixed-precision examples do")
         return (None, *[g if g is None or exact_one else g * grad_loss for g in grads])
 

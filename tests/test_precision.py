@@ -239,3 +239,69 @@ def test_policy_bad_input():
                                                       "param_dtype": BF16}))
     with pytest.raises(Exception, match="float32 master parameters.*is torch.bfloat16"):
         step(torch.randn(4, 16, dtype=BF16), torch.randn(4, 16, dtype=BF16))
+
+
+class Regions(nn.Module):
+    """Autocast cases from a review: an inner region with no dtype (eager takes the enclosing one's, through a
+    disabled region), and attention on float32 q, k, v inside an activation-checkpointed body."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def attention(self, h):
+        b, t, c = h.shape
+        q = h.float().view(b, t, 4, 8).transpose(1, 2)  # float32 q, k, v: eager's SDPA casts them to bf16
+        out = nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return out.transpose(1, 2).reshape(b, t, c)
+
+    def forward(self, x, y):
+        if self.case == "dtype-none":
+            with torch.autocast("cpu", dtype=torch.float16):
+                with torch.autocast("cpu", enabled=False):
+                    with torch.autocast("cpu"):  # float16 in eager
+                        h = self.b(torch.relu(self.a(x)))
+        else:
+            h = self.b(torch.utils.checkpoint.checkpoint(self.attention, self.a(x), use_reentrant=False))
+        return nn.functional.mse_loss(h.float(), y)
+
+
+@pytest.mark.parametrize("case", ["dtype-none", "checkpointed-attention"])
+def test_nested_regions_and_checkpointed_attention(case):
+    torch.manual_seed(0)
+    model = Regions(case)
+    reference = copy.deepcopy(model)
+    shape = (8, 6, 16) if case == "checkpointed-attention" else (8, 16)
+    x, y = torch.randn(shape), torch.randn(shape)
+    caller = case == "checkpointed-attention"  # that case runs under the caller's autocast
+    backend = zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager"})
+    with around(caller):
+        loss = torch.compile(model, backend=backend)(x, y)
+    loss.backward()
+    expected = microbatched(reference, (x, y), 2, caller)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
+    if caller:
+        assert backend.plans[0].counters["fused_attention"] == 1
+
+
+def test_what_zb_cannot_do_exactly_under_autocast_is_refused():
+    """float16 with a loss scale (GradScaler): eager's backward starts from the scaled loss in float16, zb's from 1;
+    and loss.backward() inside the autocast region, which eager would run under autocast too."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    for case in ("scaled", "inside"):
+        torch._dynamo.reset()
+        model = Net()
+        step = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager"}))
+        dtype = torch.float16 if case == "scaled" else BF16
+        with torch.autocast("cpu", dtype=dtype):
+            loss = step(x, y)
+            if case == "inside":
+                with pytest.raises(zb.ZbUnsupportedError, match="after the `with torch.autocast"):
+                    loss.backward()
+        if case == "scaled":
+            with pytest.raises(zb.ZbUnsupportedError, match="GradScaler"):
+                (loss * 1024.0).backward()

@@ -149,9 +149,10 @@ class CompiledGraph:
                 releasing = entry.runner.distributed and _releases(self.options)
                 # Deferred tensors (a meta-built model) get values where they are held: with release, their stages'.
                 foreign = entry.runner.foreign(values) if releasing else {}
-                materialize(self.modules, {id(t) for t in _tensors(self.modules)} - set(foreign),
-                            self.options.init, self.options.init_seed)
-                checkpoint.resume(entry.runner, values)
+                with no_autocast():
+                    materialize(self.modules, {id(t) for t in _tensors(self.modules)} - set(foreign),
+                                self.options.init, self.options.init_seed)
+                    checkpoint.resume(entry.runner, values)
                 if releasing:
                     _release(entry.runner, values, foreign)
                     if model is not None and model not in _CUTS:  # every later plan of the model keeps these cuts
@@ -170,7 +171,7 @@ class CompiledGraph:
         graph (flags, module.training, Python constants) is fixed per graph by its guards, so the cache is too."""
         named = ((spec.source, _signature(value)) for spec, value in zip(self.inputs, args)
                  if isinstance(value, torch.Tensor) or not _is_size(spec.source))
-        autocast = tuple(sorted((device, str(dtype)) for device, dtype in autocast_state().items()))
+        autocast = tuple(sorted((device, enabled, str(dtype)) for device, (enabled, dtype) in autocast_state().items()))
         return (training, autocast, *sorted(named, key=lambda item: item[0]))
 
     def _arg_map(self, entry: plan_cache.Entry) -> list[int]:
@@ -295,17 +296,19 @@ def _release(runner: PipelineRunner, values: list[Any], foreign: dict[int, str])
                  "release=False keeps them)", runner.ranks[0], freed / 2**20)
 
 
-def autocast_state() -> dict[str, torch.dtype]:
-    """The autocast state in effect here: device type -> dtype, for each device type with autocast enabled."""
-    return {device: torch.get_autocast_dtype(device) for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)}
+def autocast_state() -> dict[str, tuple[bool, torch.dtype]]:
+    """The autocast state here, per device type: (enabled, dtype); the dtype matters even while disabled (a region
+    opened with dtype=None inside takes it)."""
+    return {device: (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")}
 
 
 @contextlib.contextmanager
 def no_autocast():
     """Autocast off for every device type that has it on (the caller's state comes back afterwards)."""
     with contextlib.ExitStack() as stack:
-        for device in autocast_state():
-            stack.enter_context(torch.autocast(device, enabled=False))
+        for device, (enabled, _) in autocast_state().items():
+            if enabled:
+                stack.enter_context(torch.autocast(device, enabled=False))
         yield
 
 
