@@ -40,17 +40,23 @@ def train_next_to_eager(step, model, reference, shape: tuple[int, ...], steps: i
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, reference)]
     for i in range(steps):
         generator = torch.Generator().manual_seed(100 + i)
-        batch = [torch.randint(0, 256, shape, generator=generator) for _ in range(2)]
-        loss = step(*batch)
-        loss.backward()
-        expected = reference(*batch)
-        expected.backward()
-        assert_close(loss, expected, f"loss of step {i}")
-        assert_owned_grads(model, reference, f"step {i}")
+        step_next_to_eager(step, model, reference, [torch.randint(0, 256, shape, generator=generator)
+                                                    for _ in range(2)], f"step {i}")
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
     return optimizers[0]
+
+
+def step_next_to_eager(step, model, reference, batch, what: str, eager=None) -> None:
+    """One call of `step` and of `eager` (default: `reference` itself) on `batch`, both backward: equal losses, and
+    this rank's gradients equal eager's."""
+    loss = step(*batch)
+    loss.backward()
+    expected = (eager or reference)(*batch)
+    expected.backward()
+    assert_close(loss, expected, f"loss of {what}")
+    assert_owned_grads(model, reference, what)
 
 
 def own_bytes(backend, model: torch.nn.Module, rank: int) -> int:
@@ -84,12 +90,7 @@ def changing_lengths(rank: int) -> None:
         batch = [torch.randint(0, 256, (8, length), generator=generator), torch.randn(8, 32, generator=generator)]
         for m in (model, reference):
             m.zero_grad(set_to_none=True)
-        loss = step(*batch)
-        loss.backward()
-        expected = reference(*batch)
-        expected.backward()
-        assert_close(loss, expected, f"loss at length {length}")
-        assert_owned_grads(model, reference, f"length {length}")
+        step_next_to_eager(step, model, reference, batch, f"length {length}")
     cuts = {plan.cuts for plan in backend.plans}
     assert len(backend.plans) == 3 and len(cuts) == 1, [p.cuts for p in backend.plans]
     assert held_bytes(model) == own_bytes(backend, model, rank) < held_bytes(reference)
