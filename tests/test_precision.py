@@ -152,11 +152,12 @@ def test_an_autocast_region_left_open_is_refused():
         torch.compile(step, backend="zb", options={"stages": 2, "microbatches": 2, "compiler": "eager"})(x, y)
 
 
-@pytest.mark.parametrize("ranks, replicas, cases", [(2, 1, ["autocast:zb-h1", "autocast:zb-v"]),
-                                                    (4, 2, ["autocast:1f1b"])])
-def test_torchrun_autocast_on_ranks_and_replicas(ranks, replicas, cases):
-    """tests/distributed/data_parallel_check.py `autocast`: 2 pipeline ranks, and 2 replicas x 2 ranks, 3 SGD steps
-    with autocast inside the model equal eager under autocast microbatch by microbatch on the global batch."""
+@pytest.mark.parametrize("ranks, replicas, cases", [(2, 1, ["autocast:zb-h1", "autocast:zb-v", "policy:zb-h1"]),
+                                                    (4, 2, ["autocast:1f1b", "policy:zb-v"])])
+def test_torchrun_autocast_and_the_policy_on_ranks_and_replicas(ranks, replicas, cases):
+    """tests/distributed/data_parallel_check.py `autocast` and `policy`: 2 pipeline ranks, and 2 replicas x 2 ranks,
+    3 SGD steps with autocast inside the model equal eager under autocast microbatch by microbatch on the global
+    batch; with param_dtype, eager with a bf16 copy and float32 sums over microbatches and replicas."""
     from tests.test_data_parallel import _ok
     from tests.test_pipeline import torchrun
 

@@ -19,6 +19,8 @@ Cases:
                                     gradients equal eager's on the global batch
   autocast:schedule                 torch.autocast (bf16) inside the model: 3 SGD steps equal eager under the same
                                     autocast run microbatch by microbatch over the global batch
+  policy:schedule                   options param_dtype=bf16: 3 SGD steps equal eager with a bf16 copy and float32
+                                    sums over the global batch
   dead-rank                         the last rank exits after one step: every other rank raises a ZbError
   opt:kind:schedule:post:shard      options["optimizer"] + max_grad_norm (tests/optim_check.py's 20 steps, clipped
                                     and skipped ones), post-validation on/off, sharded optimizer state on/off:
@@ -99,30 +101,40 @@ def check_gradients(model_name: str, schedule: str, replicas: int, compiler: str
                                        msg=lambda m, n=name: f"{what}: {n} after 3 steps: {m}")
 
 
-def check_autocast(schedule: str, replicas: int) -> None:
+def check_autocast(schedule: str, replicas: int, policy: bool = False) -> None:
     """tests/test_precision.py's Net, with torch.autocast (bf16) inside its forward: the loss and this rank's
     gradients equal eager under the same autocast run microbatch by microbatch over the global batch (the same
-    operations: replica d's m microbatches are the global batch's microbatches d*m .. d*m+m-1), for 3 SGD steps."""
-    from tests.test_precision import Net, microbatched
+    operations: replica d's m microbatches are the global batch's microbatches d*m .. d*m+m-1), for 3 SGD steps.
+    With `policy`: no autocast, options param_dtype=bf16 (float32 sums over microbatches and replicas) against
+    tests/test_precision.py's policy_reference on the global batch."""
+    from tests.test_precision import Net, microbatched, policy_reference
 
     rank, world = dist.get_rank(), dist.get_world_size()
     replica = rank // (world // replicas)
     m = 2 * (world // replicas)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = Net(inside=True)
+    model = Net(inside=not policy)
     reference = copy.deepcopy(model)
-    step = torch.compile(model, backend="zb", options={"schedule": schedule, "microbatches": m, "compiler": "eager",
-                                                       "timeout": 120.0, "data_parallel": replicas})
+    options = {"schedule": schedule, "microbatches": m, "compiler": "eager", "timeout": 120.0,
+               "data_parallel": replicas}
+    if policy:
+        options["param_dtype"] = torch.bfloat16
+    step = torch.compile(model, backend="zb", options=options)
     optimizers = [torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9) for net in (model, reference)]
     for i in range(3):
         generator = torch.Generator().manual_seed(100 + i)
         batch = [torch.randn(8 * replicas, 16, generator=generator) for _ in range(2)]
         loss = step(*[part(a, replica, replicas) for a in batch])
         loss.backward()
-        expected = microbatched(reference, batch, m * replicas, False)
+        if policy:  # the reference's gradients: the float32 sums of its bfloat16 copy's
+            expected, sums = policy_reference(reference, batch, m * replicas)
+            for p, g in zip(reference.parameters(), sums):
+                p.grad = g
+        else:
+            expected = microbatched(reference, batch, m * replicas, False)
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-        assert_owned_grads(model, reference, f"autocast {schedule} rank {rank}, step {i}")
+        assert_owned_grads(model, reference, f"{'policy' if policy else 'autocast'} {schedule} rank {rank}, step {i}")
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
@@ -294,8 +306,8 @@ def main() -> None:
             _, kind, schedule, post, shard = fields
             check_optimizer(kind, schedule, post == "1", shard == "1", args.replicas,
                             "gpt" if fields[0] == "optgpt" else "mlp")
-        elif fields[0] == "autocast":
-            check_autocast(fields[1], args.replicas)
+        elif fields[0] in ("autocast", "policy"):
+            check_autocast(fields[1], args.replicas, policy=fields[0] == "policy")
         elif fields[0] == "loss":
             check_loss(fields[1], int(fields[2]), args.replicas)
         else:
