@@ -77,6 +77,8 @@ def _propagate(gm: fx.GraphModule) -> None:
     import contextlib
 
     def value(a):
+        if isinstance(a, fx.Node) and a.op == "get_attr":  # a subgraph body (activation checkpointing)
+            return getattr(gm, a.target)
         return a.meta.get("example_value") if isinstance(a, fx.Node) else a
 
     for node in gm.graph.nodes:

@@ -306,3 +306,30 @@ def test_what_zb_cannot_do_exactly_under_autocast_is_refused():
         if case == "scaled":
             with pytest.raises(zb.ZbUnsupportedError, match="GradScaler"):
                 (loss * 1024.0).backward()
+
+
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 16)
+
+    def block(self, h):
+        return torch.tanh(self.b(h))
+
+    def forward(self, x, y):
+        h = torch.utils.checkpoint.checkpoint(self.block, torch.relu(self.a(x)), use_reentrant=False)
+        return nn.functional.mse_loss(self.c(h).float(), y)
+
+
+def test_the_policy_with_activation_checkpointing():
+    torch.manual_seed(0)
+    model = Checkpointed()
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    expected_loss, expected = policy_reference(model, (x, y), 4)
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 4, "compiler": "eager",
+                                                      "param_dtype": BF16}))
+    loss = step(x, y)
+    loss.backward()
+    torch.testing.assert_close(loss.float(), expected_loss, rtol=1e-6, atol=1e-7)
+    for (name, p), g in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7, msg=name)
