@@ -97,6 +97,13 @@ def _float_dtype(name: str, value: Any) -> Any:
     return value
 
 
+def _grad_scaler(name: str, value: Any) -> Any:
+    if value is None or (hasattr(value, "get_scale") and hasattr(value, "is_enabled")):
+        return value
+    raise ZbOptionError(f"option {name!r} takes a torch.amp.GradScaler (the one your loop calls scale/step/update "
+                        f"on), got {type(value).__name__}")
+
+
 def _boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ZbOptionError(f"option {name!r} must be True or False, got {value!r}")
@@ -274,6 +281,12 @@ class Options:
         None, "the dtype W's parameter gradients are summed in over the microbatches and the data-parallel replicas "
         "(default: float32 with param_dtype, else the gradients' own)", _float_dtype,
     )
+    grad_scaler: Any = _option(
+        None, "the torch.amp.GradScaler of a float16 training loop (without 'optimizer'): zb starts the step's "
+        "backward from the scaler's current scale, as `scaler.scale(loss).backward()` does in eager, so small float16 "
+        "gradients survive alike; call scaler.scale(loss).backward(), scaler.step and scaler.update as usual. One "
+        "process only for now", _grad_scaler, compare=False,
+    )
     fuse_attention: bool = _option(
         True, "replace attention (F.scaled_dot_product_attention and hand-written softmax(q @ k^T) @ v) with zb's "
         "flash-attention operator", _boolean,
@@ -302,6 +315,9 @@ class Options:
                 raise ZbOptionError(f"option 'data_parallel'={self.data_parallel} disagrees with the mesh's 'dp' "
                                     f"dimension of size {replicas}; leave 'data_parallel' out with a mesh")
             object.__setattr__(self, "data_parallel", replicas)
+        if self.grad_scaler is not None and self.optimizer is not None:
+            raise ZbOptionError("option 'grad_scaler' is for a loop that calls backward and the optimizer itself; with "
+                                "'optimizer' zb runs the update (dynamic loss scaling there is not supported yet)")
         if self.shard_optimizer:
             if self.optimizer is None:
                 raise ZbOptionError("option 'shard_optimizer' needs option 'optimizer' (the optimizer whose state "
@@ -335,7 +351,7 @@ class Options:
     def parse_cli_value(cls, name: str, text: str) -> Any:
         """Turn a command-line string into the field's type (validation happens in from_dict). A string that is
         not of that type raises ZbOptionError naming the option, never a bare ValueError."""
-        if name in ("group", "optimizer", "mesh"):
+        if name in ("group", "optimizer", "mesh", "grad_scaler"):
             raise ZbOptionError(f"option {name!r} takes an object; it cannot be given on the command line")
         default = {f.name: f.default for f in dataclasses.fields(cls)}[name]
         if isinstance(default, bool) or name == "post_validation":
@@ -372,7 +388,8 @@ class Options:
     def as_dict(self) -> dict[str, Any]:
         """The options as a dict (the process group by its name only)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("group", "optimizer", "mesh"):
+        for name in ("group", "optimizer", "mesh", "grad_scaler"):
             if values[name] is not None:
-                values[name] = type(values[name]).__name__ if name == "optimizer" else str(values[name])
+                value = values[name]
+                values[name] = type(value).__name__ if name in ("optimizer", "grad_scaler") else str(value)
         return values

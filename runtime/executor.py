@@ -49,6 +49,7 @@ class StepExecutor:
         # the loss weights and seed divide by the replicas' total), and the loss denominators summed over all
         # replicas' batches (`totals`, set between prepare and run; None: this batch's own).
         self.replicas, self.replica = 1, 0
+        self.seed_scale = 1.0  # the backward starts from this times d(loss) (option grad_scaler's scale)
         self.totals: torch.Tensor | None = None
         self.on_reduce = None
 
@@ -284,7 +285,7 @@ class StepExecutor:
             # they are weighted or meant to be added (seed 1): passes/normalize_loss.py.
             loss = self.program.loss
             m = self.program.microbatches * self.replicas
-            seed = 1.0 / m if loss is None or loss.mode == "mean" else 1.0
+            seed = (1.0 / m if loss is None or loss.mode == "mean" else 1.0) * self.seed_scale  # (a loss scale)
             env["tangent:out:0"] = torch.full_like(self.outs[0][-1], seed)
 
     def _backward_input(self, s: int, mb: int) -> None:

@@ -171,12 +171,25 @@ class PipelineRunner:
         if self.optimizer is not None:
             return self._optimizer_step(args)
         if self.program.training:
+            self.executor.seed_scale = self._loss_scale()
             return _TrainingStep.apply(self, *args)
         if self.program.options.optimizer is not None:
             synchronize(self.program.options.optimizer)  # evaluate validated parameters
         with torch.no_grad():
             outputs, _ = self.run(args)
         return outputs
+
+    def _loss_scale(self) -> float:
+        """What the step's backward starts from: option grad_scaler's current scale (1 without one)."""
+        scaler = self.program.options.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        if self.distributed:
+            raise ZbUnsupportedError(
+                "option 'grad_scaler' works in one process for now: under torch.distributed each pipeline rank's "
+                "scaler would see only its own stages' gradients when it looks for inf/NaN, so the ranks' scales "
+                "could part; train in bfloat16 (no scaler needed) across processes")
+        return float(scaler.get_scale())
 
     def _optimizer_step(self, args: Sequence[Any]) -> tuple:
         """A whole training step, update included: returns the outputs, the loss detached."""
@@ -445,7 +458,7 @@ class _TrainingStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runner: PipelineRunner, *args: Any):
         outputs, grads = runner.run(args)
-        ctx.grads, ctx.program = grads, runner.program
+        ctx.grads, ctx.program, ctx.scale = grads, runner.program, runner.executor.seed_scale
         # An extra output that depends on parameters requires grad, as in eager, so that differentiating it is
         # an error in backward below rather than a gradient silently missing.
         loss = runner.program.loss
@@ -474,18 +487,22 @@ class _TrainingStep(torch.autograd.Function):
                     "(output 0) only, inside the step; add the term into the loss inside the compiled function, "
                     f"for example `return loss + 0.01 * aux, aux.detach()`"
                 )
-        exact_one = bool((grad_loss == 1).all())
+        # The step's backward started from d(loss) = ctx.scale (option grad_scaler's scale, else 1): the gradients
+        # are ctx.scale times the loss's; what arrives here asks for grad_loss times them.
+        exact_one = bool((grad_loss == ctx.scale).all())
         program = ctx.program
         if not exact_one and torch.float16 in program.compute_dtypes:
             raise ZbUnsupportedError(
-                "loss scaling (torch.amp.GradScaler, or loss.backward(gradient) other than 1) with float16 compute is "
-                "not supported yet: eager runs the float16 backward from the scaled loss, so small gradients survive "
-                "there that zb's backward, which ran inside the step from 1, flushed to zero. Train in bfloat16 "
-                "(no scaler needed), or without the scaler")
+                "loss scaling (torch.amp.GradScaler, or loss.backward(gradient) other than 1) with float16 compute "
+                "needs option 'grad_scaler' (your scaler): eager runs the float16 backward from the scaled loss, so "
+                "small gradients survive there that zb's backward, run inside the step, would flush to zero unless it "
+                "starts from the same scale. Pass options={'grad_scaler': scaler} and call "
+                "scaler.scale(loss).backward()")
         if program.compute_dtypes and any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
             raise ZbUnsupportedError(
                 "loss.backward() was called inside a torch.autocast region: eager would run the backward's float32 "
                 "operations under autocast too, while zb ran the step's backward as it runs after the region. Call "
                 "loss.backward() after the `with torch.autocast(...)` block, as PyTorch's mixed-precision examples do")
-        return (None, *[g if g is None or exact_one else g * grad_loss for g in grads])
+        factor = grad_loss if ctx.scale == 1.0 else grad_loss / ctx.scale
+        return (None, *[g if g is None or exact_one else g * factor for g in grads])
 

@@ -148,8 +148,19 @@ def test_an_autocast_region_left_open_is_refused():
         torch.amp.autocast_mode._enter_autocast("cpu", BF16, True, None)  # no matching exit in the function
         return model(x, y)
 
-    with pytest.raises(Exception, match="autocast"):
-        torch.compile(step, backend="zb", options={"stages": 2, "microbatches": 2, "compiler": "eager"})(x, y)
+    before = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    try:
+        with pytest.raises(Exception, match="autocast"):
+            torch.compile(step, backend="zb", options={"stages": 2, "microbatches": 2, "compiler": "eager"})(x, y)
+    finally:  # the function's own enter ran once it fell back to eager: put the process's state back (the nesting
+        # count too: while it is above 0, autocast keeps its cast cache, and later regions would read stale casts)
+        torch.set_autocast_enabled("cpu", before[0])
+        torch.set_autocast_dtype("cpu", before[1])
+        nesting = torch.autocast_increment_nesting() - 1
+        for _ in range(nesting + 1):
+            torch.autocast_decrement_nesting()
+        torch.clear_autocast_cache()
+    assert not torch.is_autocast_enabled("cpu")
 
 
 @pytest.mark.parametrize("ranks, replicas, cases", [(2, 1, ["autocast:zb-h1", "autocast:zb-v", "policy:zb-h1"]),
@@ -289,8 +300,9 @@ def test_nested_regions_and_checkpointed_attention(case):
 
 
 def test_what_zb_cannot_do_exactly_under_autocast_is_refused():
-    """float16 with a loss scale (GradScaler): eager's backward starts from the scaled loss in float16, zb's from 1;
-    and loss.backward() inside the autocast region, which eager would run under autocast too."""
+    """float16 with a loss scale zb was not told of (option grad_scaler): eager's backward starts from the scaled loss
+    in float16, zb's ran from 1; and loss.backward() inside the autocast region, which eager would run under
+    autocast too."""
     torch.manual_seed(0)
     x, y = torch.randn(8, 16), torch.randn(8, 16)
     for case in ("scaled", "inside"):
@@ -303,8 +315,8 @@ def test_what_zb_cannot_do_exactly_under_autocast_is_refused():
             if case == "inside":
                 with pytest.raises(zb.ZbUnsupportedError, match="after the `with torch.autocast"):
                     loss.backward()
-        if case == "scaled":
-            with pytest.raises(zb.ZbUnsupportedError, match="GradScaler"):
+        if case == "scaled":  # a scaler zb was not given
+            with pytest.raises(zb.ZbUnsupportedError, match="grad_scaler"):
                 (loss * 1024.0).backward()
 
 
@@ -333,3 +345,38 @@ def test_the_policy_with_activation_checkpointing():
     torch.testing.assert_close(loss.float(), expected_loss, rtol=1e-6, atol=1e-7)
     for (name, p), g in zip(model.named_parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_float16_with_a_grad_scaler_equals_eager_step_for_step():
+    """float16 autocast and torch.amp.GradScaler (option grad_scaler): 10 SGD steps with overflows forced at steps
+    3 and 6; the same skipped steps, the same scale trajectory (backoff and growth) and the same parameters as
+    eager with its own scaler run microbatch by microbatch."""
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**14, growth_interval=3) for _ in range(2)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (model, reference)]
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager",
+                                                      "grad_scaler": scalers[0]}))
+    scales = []
+    for i in range(10):
+        generator = torch.Generator().manual_seed(i)
+        x, y = torch.randn(8, 16, generator=generator), torch.randn(8, 16, generator=generator)
+        if i in (3, 6):
+            x = x * 6e4  # beyond float16's range: inf gradients, a skipped step
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = step(x, y)
+        scalers[0].scale(loss).backward()
+        for part in zip(x.chunk(2), y.chunk(2)):
+            with torch.autocast("cpu", dtype=torch.float16):
+                partial = reference(*part) / 2
+            scalers[1].scale(partial).backward()
+        for scaler, optimizer in zip(scalers, optimizers):
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        scales.append((scalers[0].get_scale(), scalers[1].get_scale()))
+    assert [a for a, _ in scales] == [b for _, b in scales], scales
+    assert scales[3][0] == scales[2][0] / 2 and scales[2][0] == 2 * scales[1][0]  # backoff, and growth
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
