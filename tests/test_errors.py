@@ -18,10 +18,10 @@ def _compile(model, **options):
 
 def test_unknown_option_lists_the_valid_ones():
     with pytest.raises(zb.ZbOptionError, match=r"unknown zb option 'microbatch' \(did you mean 'microbatches'\?\); "
-                       r"valid options: aux_loss, compiler, data_parallel, fuse_attention, group, init, init_seed, "
-                       r"loss_reduction, max_grad_norm, memory_limit, mesh, microbatches, optimizer, plan_cache, "
-                       r"post_validation, profile, rebalance, release, schedule, shard_optimizer, split_points, "
-                       r"stages, timeout, unbatched"):
+                       r"valid options: aux_loss, compiler, data_parallel, fuse_attention, grad_scaler, group, init, "
+                       r"init_seed, loss_reduction, max_grad_norm, memory_limit, mesh, microbatches, optimizer, "
+                       r"param_dtype, plan_cache, post_validation, profile, rebalance, reduce_dtype, release, "
+                       r"schedule, shard_optimizer, split_points, stages, timeout, unbatched"):
         zb.Options.from_dict({"microbatch": 2})
 
 
