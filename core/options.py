@@ -279,7 +279,7 @@ class Options:
     )
     reduce_dtype: Any = _option(
         None, "the dtype W's parameter gradients are summed in over the microbatches and the data-parallel replicas "
-        "(default: float32 with param_dtype, else the gradients' own)", _float_dtype,
+        "with param_dtype: float32 (the default, and the only one for now)", _float_dtype,
     )
     grad_scaler: Any = _option(
         None, "the torch.amp.GradScaler of a float16 training loop (without 'optimizer'): zb starts the step's "
@@ -302,9 +302,12 @@ class Options:
         if self.reduce_dtype is not None and self.param_dtype is None:
             raise ZbOptionError("option 'reduce_dtype' is part of a mixed-precision policy: give 'param_dtype' too "
                                 "(the dtype the parameter copies compute in)")
-        if self.param_dtype is not None and self.reduce_dtype is None:
+        if self.param_dtype is not None:
             import torch
 
+            if self.reduce_dtype not in (None, torch.float32):
+                raise ZbOptionError(f"option 'reduce_dtype'={self.reduce_dtype}: zb sums gradients in float32 only "
+                                    "for now (the default with param_dtype)")
             object.__setattr__(self, "reduce_dtype", torch.float32)
         if self.mesh is not None:
             if self.group is not None:

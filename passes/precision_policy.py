@@ -3,15 +3,17 @@
 Contract
   input:  `plan.graph` (after autocast_regions), `plan.inputs`; `plan.options.param_dtype` (None: nothing to do).
   output: `plan.graph` a copy in which every float32 parameter placeholder stands for its `param_dtype` copy (its
-          example value has that dtype), every floating-point batched input is cast to `param_dtype` by a node
-          right after its placeholder, and every example value downstream is recomputed for the new dtypes;
+          example value has that dtype), every floating-point input (batched or not) is cast to `param_dtype` by a
+          node right after its placeholder, and every example value downstream is recomputed for the new dtypes;
           `plan.copies` = {input index: param_dtype} for the parameters the runtime copies.
 
 The copies are not graph nodes: the runtime makes each once per step, before the first piece that reads it, for the
 stages of its rank, and frees it after the last of them (runtime/executor.py), so no microbatch makes or saves its
 own. W's gradient of a copy comes out in `param_dtype`; the runtime sums it over the microbatches (and the
 replicas) in `reduce_dtype`, and the parameter's `.grad` and the fused update are float32. Eager's counterpart:
-a bfloat16 copy of the model run per microbatch with its gradients added up in float32 (tests/test_precision.py).
+a bfloat16 copy of the model's parameters (buffers keep their dtype, as with FSDP2) run per microbatch, its
+gradients added up in float32 (tests/test_precision.py). A parameter several stages read gets each stage's
+gradient summed in float32, where eager's one bfloat16 copy adds the uses in bfloat16 (a bf16 rounding apart).
 
     in:0 (w, float32)  ->  in:0 (w's bfloat16 copy);   x (float32 input) -> x.to(bfloat16)
 """
@@ -48,7 +50,7 @@ def precision_policy(plan: Plan) -> Plan:
             real = plan.example_inputs[spec.index]  # the stages are traced with a tensor like the copy instead
             plan.traced_inputs[spec.index] = torch.empty_strided(
                 real.shape, real.stride(), dtype=dtype, device=real.device).requires_grad_(real.requires_grad)
-        elif spec.kind == "input" and spec.batched and value.dtype != dtype:
+        elif spec.kind == "input" and value.dtype != dtype:  # every float argument, as FSDP2 casts forward inputs
             users = list(node.users)
             with gm.graph.inserting_after(node):
                 cast = gm.graph.call_method("to", (node, dtype))

@@ -70,6 +70,9 @@ class PipelineRunner:
         self.costs = None  # costs measured in the last profiled step
         self.quickest: dict = {}  # (stage, kind) -> quickest of repeated runs per action, in a measured step
         self.optimizer = None  # the fused update and its validation, with options["optimizer"]
+        # Option grad_scaler of the call being run (set by the backend per call: a pipeline shared between two
+        # compiled functions of one model must read the caller's scaler, not the one it was built with).
+        self.grad_scaler = program.options.grad_scaler
         owner = None
         if program.training and program.options.shard_optimizer and replica_comm is not None:
             updated = [i for indices in program.updates.values() for i in indices] + list(program.shared_updates)
@@ -181,7 +184,7 @@ class PipelineRunner:
 
     def _loss_scale(self) -> float:
         """What the step's backward starts from: option grad_scaler's current scale (1 without one)."""
-        scaler = self.program.options.grad_scaler
+        scaler = self.grad_scaler
         if scaler is None or not scaler.is_enabled():
             return 1.0
         if self.distributed:
@@ -489,9 +492,17 @@ class _TrainingStep(torch.autograd.Function):
                 )
         # The step's backward started from d(loss) = ctx.scale (option grad_scaler's scale, else 1): the gradients
         # are ctx.scale times the loss's; what arrives here asks for grad_loss times them.
-        exact_one = bool((grad_loss == ctx.scale).all())
+        # Compared in float64: a float16 loss scaled past 65504 arrives as inf (eager's gradients are then all inf
+        # and its scaler skips the step), which must not pass for the finite scale the step started from.
+        exact_one = bool((grad_loss.double() == ctx.scale).all())
         program = ctx.program
-        if not exact_one and torch.float16 in program.compute_dtypes:
+        finite = bool(torch.isfinite(grad_loss).all())  # inf: the scaled loss overflowed, every gradient is non-finite
+        if not exact_one and finite and torch.float16 in program.compute_dtypes and ctx.scale != 1.0:
+            raise ZbUnsupportedError(
+                f"with option 'grad_scaler' the step's backward started from the scaler's scale {ctx.scale:g}, so "
+                "loss.backward() must be called on exactly scaler.scale(loss) (float16 compute: a backward from "
+                f"another value, here {float(grad_loss):g}, would flush other gradients to zero than eager's)")
+        if not exact_one and finite and torch.float16 in program.compute_dtypes:
             raise ZbUnsupportedError(
                 "loss scaling (torch.amp.GradScaler, or loss.backward(gradient) other than 1) with float16 compute "
                 "needs option 'grad_scaler' (your scaler): eager runs the float16 backward from the scaled loss, so "
@@ -503,6 +514,6 @@ class _TrainingStep(torch.autograd.Function):
                 "loss.backward() was called inside a torch.autocast region: eager would run the backward's float32 "
                 "operations under autocast too, while zb ran the step's backward as it runs after the region. Call "
                 "loss.backward() after the `with torch.autocast(...)` block, as PyTorch's mixed-precision examples do")
-        factor = grad_loss if ctx.scale == 1.0 else grad_loss / ctx.scale
+        factor = grad_loss if ctx.scale == 1.0 else grad_loss.double() / ctx.scale
         return (None, *[g if g is None or exact_one else g * factor for g in grads])
 

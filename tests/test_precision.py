@@ -177,12 +177,16 @@ def test_torchrun_autocast_and_the_policy_on_ranks_and_replicas(ranks, replicas,
 
 
 def policy_reference(model, args, microbatches: int, dtype=BF16) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Eager's counterpart of options param_dtype/reduce_dtype: a `dtype` copy of the model run microbatch by
-    microbatch on inputs cast to `dtype`, each loss scaled by 1/m, the copies' gradients summed in float32."""
-    low = copy.deepcopy(model).to(dtype)
+    """Eager's counterpart of options param_dtype/reduce_dtype: a copy of the model with `dtype` parameters run
+    microbatch by microbatch on float inputs cast to `dtype` (arguments without the batch dim passed whole), each
+    loss scaled by 1/m, the copies' gradients summed in float32."""
+    low = copy.deepcopy(model)
+    for p in low.parameters():  # parameters only: buffers keep their dtype (FSDP2's policy)
+        p.data = p.data.to(dtype)
     sums = [torch.zeros_like(p) for p in model.parameters()]
     total = torch.zeros(())
-    for part in zip(*(a.chunk(microbatches) for a in args)):
+    batch = args[0].shape[0]
+    for part in zip(*(a.chunk(microbatches) if a.shape[0] == batch else [a] * microbatches for a in args)):
         low.zero_grad()
         loss = low(*(a.to(dtype) if a.is_floating_point() else a for a in part)) / microbatches
         loss.backward()
@@ -380,3 +384,46 @@ def test_float16_with_a_grad_scaler_equals_eager_step_for_step():
     assert scales[3][0] == scales[2][0] / 2 and scales[2][0] == 2 * scales[1][0]  # backoff, and growth
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
+class Float16Loss(nn.Module):
+    """A loss left in the compute dtype: under param_dtype=float16 it is float16, so a default GradScaler's
+    2**16 makes the scaled loss inf in eager."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x, y, bias):
+        return (self.b(torch.relu(self.a(x) + bias)) - y).square().mean()
+
+
+def test_review_cases_of_the_policy_and_the_scaler():
+    """A float16 loss scaled to inf skips the step as eager does (every gradient non-finite); an unbatched float
+    argument is cast like the batched ones; reduce_dtype other than float32 is refused."""
+    torch.manual_seed(0)
+    model = Float16Loss()
+    x, y, bias = torch.randn(8, 16), torch.randn(8, 16), torch.randn(1, 32)
+    scaler = torch.amp.GradScaler("cpu")  # 2**16: beyond float16
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager",
+                                                      "param_dtype": torch.float16, "grad_scaler": scaler}))
+    loss = step(x, y, bias)
+    assert loss.dtype == torch.float16
+    scaler.scale(loss).backward()
+    assert not all(bool(p.grad.isfinite().all()) for p in model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**15 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    # the unbatched bias is cast to float16 too: the gradients equal the float16 copy's (float32 sums)
+    torch._dynamo.reset()
+    model.zero_grad()
+    expected_loss, expected = policy_reference(model, (x, y, bias), 2, dtype=torch.float16)
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager",
+                                                      "param_dtype": torch.float16, "unbatched": ["bias"]}))
+    step(x, y, bias).backward()
+    for (name, p), g in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(zb.ZbOptionError, match="float32 only"):
+        zb.ZbBackend({"param_dtype": BF16, "reduce_dtype": BF16})

@@ -160,6 +160,7 @@ class CompiledGraph:
         if entry.runner is None:
             return self.gm(*args)
         arg_map = self._arg_map(entry)
+        entry.runner.grad_scaler = self.options.grad_scaler
         with no_autocast():  # the pieces carry autocast's casts already; it must not apply again
             result = entry.runner(*[args[i] for i in arg_map])
         adapt.after_step(self, key, entry.runner, args)
