@@ -63,7 +63,7 @@ def owners(program: Program, indices: Sequence[int], replicas: int) -> dict[int,
 
 def _numel(program: Program, index: int) -> int:
     spec = program.input_specs[index]
-    return 0 if spec is None else int(torch.Size(spec.shape).numel()) * spec.dtype.itemsize
+    return 0 if spec is None else spec.nbytes
 
 
 @dataclass

@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from zb.codegen.program import ACT, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, OUT, Program, TensorSpec
+from zb.codegen.program import ACT, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, OUT, Program
 from zb.schedules import BW, SEND_F, Action, B, F, W
 from zb.schedules.p2p import SEND, Batch, Wait
 
@@ -58,13 +58,6 @@ class _Alloc:
 def planned_memory(program: Program, items: Sequence[Sequence], ranks: Sequence[int]) -> dict[int, RankMemory]:
     """Each of `ranks`' planned memory over one step of `program` run as `items` (the communication program)."""
     return {rank: _Replay(program).run(items[rank]) for rank in ranks}
-
-
-def _spec_bytes(spec: TensorSpec) -> int:
-    size = spec.dtype.itemsize
-    for n in spec.shape:
-        size *= n
-    return size
 
 
 class _Replay:
@@ -153,7 +146,7 @@ class _Replay:
             spec = self.program.input_specs[index]
             if not readers or spec is None:
                 continue
-            alloc = _Alloc(_spec_bytes(spec) * dtype.itemsize // spec.dtype.itemsize, "copies")
+            alloc = _Alloc(spec.nbytes * dtype.itemsize // spec.dtype.itemsize, "copies")
             self._hold(alloc)
             self.copy_until.setdefault(max(readers, key=order.__getitem__), []).append(alloc)
 
@@ -168,7 +161,7 @@ class _Replay:
         if op.kind != SEND:
             box = boxes.setdefault((s, mb), {})
             for spec in specs:
-                alloc = _Alloc(_spec_bytes(spec), "boundary")
+                alloc = _Alloc(spec.nbytes, "boundary")
                 box[spec.key if forward else f"grad:{spec.key}"] = alloc
                 self._hold(alloc)
             return []
@@ -177,7 +170,7 @@ class _Replay:
         for spec in specs:
             alloc = box.pop(spec.key if forward else f"grad:{spec.key}", None)
             if alloc is None:
-                alloc = _Alloc(_spec_bytes(spec), "boundary")
+                alloc = _Alloc(spec.nbytes, "boundary")
                 self._hold(alloc)
             sent.append(alloc)  # held by the send now, dropped when it completes
         for alloc in box.values():
@@ -199,12 +192,12 @@ class _Replay:
             for alloc in incoming.values():  # what F kept of its input is an activation now, not a message
                 self._relabel(alloc, "activations")
             if self.program.training and s == last and self.program.outputs[0] is not None:
-                self._set(env, "tangent:out:0", _Alloc(_spec_bytes(self.program.outputs[0]), "activations"))
+                self._set(env, "tangent:out:0", _Alloc(self.program.outputs[0].nbytes, "activations"))
         if kind in (B, BW):
             if s < last:
                 box = self.backward_box.pop((s + 1, mb), {})
                 for spec in self.program.stages[s].receives_backward:
-                    alloc = box.get(f"grad:{spec.key}") or _Alloc(_spec_bytes(spec), "boundary")
+                    alloc = box.get(f"grad:{spec.key}") or _Alloc(spec.nbytes, "boundary")
                     self._set(env, f"tangent:{spec.key}", alloc)
                 for alloc in box.values():
                     self._drop(alloc)
@@ -265,7 +258,7 @@ class _Replay:
             if index not in self.summed:
                 self.summed.add(index)
                 spec = self.program.input_specs[index]
-                new_sums.append((index, _Alloc(_spec_bytes(spec) if spec is not None else 0, "gradients")))
+                new_sums.append((index, _Alloc(spec.nbytes if spec is not None else 0, "gradients")))
         if new_sums:
             self._peak(sum(added.values()) + sum(t.bytes for _, t in new_sums), where)
             for index, total in new_sums:
