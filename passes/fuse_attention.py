@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from zb.ops.attention import DTYPES, HEAD_DIM_MAX, attention
 from zb.passes.autocast_regions import KEY as AUTOCAST
-from zb.passes.plan import Plan, copy_module
+from zb.passes.plan import Plan, copy_module, run_fake
 
 # (functions, Tensor method names) for each step of the pattern, as Dynamo records them.
 SDPA = ((torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention), ())
@@ -306,22 +306,10 @@ def _insert(graph: fx.Graph, like: fx.Node, op: str, target, args: tuple) -> fx.
 
 
 def _fake_run(node: fx.Node):
-    from torch._guards import detect_fake_mode
-
     args = fx.node.map_arg(node.args, _value)
-    fake_mode = detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)])
-    with fake_mode if fake_mode is not None else _nothing():
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:])
-        return node.target(*args)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    if node.op == "call_method":
+        return run_fake(lambda: getattr(args[0], node.target)(*args[1:]), *args)
+    return run_fake(lambda: node.target(*args), *args)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------

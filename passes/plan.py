@@ -274,3 +274,14 @@ def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     copy = fx.GraphModule(gm, graph)
     copy.meta.update(gm.meta)
     return copy
+
+
+def run_fake(fn, *values):
+    """fn() inside the fake-tensor mode of `values`' fake tensors (as is without one): example values of new nodes."""
+    import contextlib
+
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    with mode if mode is not None else contextlib.nullcontext():
+        return fn()

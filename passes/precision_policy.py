@@ -20,12 +20,14 @@ gradient summed in float32, where eager's one bfloat16 copy adds the uses in bfl
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import fx
 
 from zb.core.errors import ZbUnsupportedError
 from zb.passes.autocast_regions import KEY as AUTOCAST
-from zb.passes.plan import Plan, copy_module
+from zb.passes.plan import Plan, copy_module, run_fake
 
 
 def precision_policy(plan: Plan) -> Plan:
@@ -46,7 +48,7 @@ def precision_policy(plan: Plan) -> Plan:
                     f"parameter {spec.name!r} is {value.dtype}: keep the model in float32 with param_dtype, or drop "
                     "param_dtype for a model cast to low precision")
             copies[spec.index] = dtype
-            node.meta["example_value"] = _fake(lambda v: v.to(dtype), value)
+            node.meta["example_value"] = run_fake(functools.partial(value.to, dtype), value)
             real = plan.example_inputs[spec.index]  # the stages are traced with a tensor like the copy instead
             plan.traced_inputs[spec.index] = torch.empty_strided(
                 real.shape, real.stride(), dtype=dtype, device=real.device).requires_grad_(real.requires_grad)
@@ -62,16 +64,6 @@ def precision_policy(plan: Plan) -> Plan:
     plan.copies = copies
     plan.counters["precision_policy.copies"] = len(copies)
     return plan
-
-
-def _fake(fn, *values):
-    from torch._guards import detect_fake_mode
-
-    mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
-    if mode is None:
-        return fn(*values)
-    with mode:
-        return fn(*values)
 
 
 def _propagate(gm: fx.GraphModule) -> None:
@@ -100,4 +92,4 @@ def _propagate(gm: fx.GraphModule) -> None:
                 return node.target(*args, **kwargs)
 
         tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        node.meta["example_value"] = _fake(lambda *_: run(), *tensors)
+        node.meta["example_value"] = run_fake(run, *tensors)
