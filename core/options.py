@@ -282,10 +282,11 @@ class Options:
         "with param_dtype: float32 (the default, and the only one for now)", _float_dtype,
     )
     grad_scaler: Any = _option(
-        None, "the torch.amp.GradScaler of a float16 training loop (without 'optimizer'): zb starts the step's "
-        "backward from the scaler's current scale, as `scaler.scale(loss).backward()` does in eager, so small float16 "
-        "gradients survive alike; call scaler.scale(loss).backward(), scaler.step and scaler.update as usual. One "
-        "process only for now", _grad_scaler, compare=False,
+        None, "the torch.amp.GradScaler of a float16 training loop: zb starts the step's backward from the scaler's "
+        "current scale, as `scaler.scale(loss).backward()` does in eager, so small float16 gradients survive alike. "
+        "Without 'optimizer' (one process only for now) call scaler.scale(loss).backward(), scaler.step and "
+        "scaler.update as usual; with 'optimizer' zb does unscale_, the skip and update() itself, on the global "
+        "verdict (post-validation rolls back an overflowed step)", _grad_scaler, compare=False,
     )
     fuse_attention: bool = _option(
         True, "replace attention (F.scaled_dot_product_attention and hand-written softmax(q @ k^T) @ v) with zb's "
@@ -318,9 +319,6 @@ class Options:
                 raise ZbOptionError(f"option 'data_parallel'={self.data_parallel} disagrees with the mesh's 'dp' "
                                     f"dimension of size {replicas}; leave 'data_parallel' out with a mesh")
             object.__setattr__(self, "data_parallel", replicas)
-        if self.grad_scaler is not None and self.optimizer is not None:
-            raise ZbOptionError("option 'grad_scaler' is for a loop that calls backward and the optimizer itself; with "
-                                "'optimizer' zb runs the update (dynamic loss scaling there is not supported yet)")
         if self.shard_optimizer:
             if self.optimizer is None:
                 raise ZbOptionError("option 'shard_optimizer' needs option 'optimizer' (the optimizer whose state "

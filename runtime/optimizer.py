@@ -21,6 +21,14 @@ Validating a step that had to be skipped restores the backup taken before the up
 state, bit for bit); one that had to be clipped is restored and redone with the clipped gradients; a held-back
 update runs clipped, or not at all.
 
+Loss scaling (option grad_scaler, float16): the step's backward starts from the scaler's scale S, so every
+gradient is S times the loss's. Contributions are counted unscaled (squares times 1/S^2) and each update multiplies
+its gradients by 1/S (times the clip coefficient), as `scaler.unscale_(optimizer)` before clipping does; a
+non-finite gradient skips the step. Once a step's verdict is known on a process, its scaler is updated as
+`scaler.update()` would (backoff after a skipped step, growth after `growth_interval` clean ones): every process
+reaches the same verdict, so every process's scaler follows the same trajectory, and the next step's backward
+starts from the new scale (a step begins by validating the previous one).
+
 Data parallelism: every replica updates with the same summed gradients, so each pipeline reaches the same
 verdict on its own. With `shard_optimizer` a replica updates only the parameters it owns (`owner`), so its
 contribution counts only those and is summed over the replica group before it joins the pipeline's sum; once a
@@ -66,6 +74,7 @@ class _Update:
     groups: list[dict]  # a copy of each parameter's param group (lr, betas, ...) as it was for this step
     applied: bool = False
     backup: list | None = None  # (parameter copy, optimizer state copy or None) per parameter, while unvalidated
+    unscale: float = 1.0  # 1 / the step's loss scale: the gradients are that many times too large
 
 
 @dataclass
@@ -102,6 +111,8 @@ class OptimizerStep:
         self.contribution: dict[int, list[float]] = {}
         self.updates: dict[int, list[_Update]] = {}
         self.sends: list = []
+        self.scaler = None  # option grad_scaler of the running call (torch.amp.GradScaler), set by begin
+        self.unscale = 1.0  # 1 / the running step's loss scale
         self._spares: dict = {}  # backup buffers per parameter, reused every step
         _register(self)
 
@@ -119,12 +130,18 @@ class OptimizerStep:
         self.shared_on = {r: [i for i, h in first_local.items() if h == r] for r in self.ranks}
 
     # One step ---------------------------------------------------------------------------------------------
-    def begin(self, args: Sequence) -> None:
+    def begin(self, args: Sequence, scaler=None) -> float:
         """Before the step's first action: earlier steps validated (also those of another plan of the same model,
-        e.g. before a re-partition), this step's parameters looked up."""
+        e.g. before a re-partition, and with them the loss scale updated), this step's parameters looked up.
+        Returns the loss scale the step's backward starts from (1 without an enabled `scaler`)."""
         synchronize(self.optimizer)
         self.params = list(args)
         self.wait_broadcasts()
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        if self.scaler is not None and self.steps == 0 and self.distributed:
+            self._check_same_scalers()
+        scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+        self.unscale = 1.0 / scale
         if self.steps == 0:
             missing = [self.program.inputs[i].name for i in self._all_updated() if self.params[i] not in self.group_of]
             if missing and len(missing) == len(self._all_updated()):
@@ -132,6 +149,18 @@ class OptimizerStep:
                               "from model.parameters()")
         self.contribution = {r: [0.0, 0.0] for r in self.ranks}
         self.updates = {r: [] for r in self.ranks}
+        return scale
+
+    def _check_same_scalers(self) -> None:
+        """Every process unscales with its own scaler's scale, which only the loss's rank seeds the backward with:
+        the scalers must start alike (they then move alike, on the same verdicts)."""
+        states = self.comm.all_gather_object(self.scaler.state_dict(), "comparing the ranks' loss scalers")
+        if any(state != states[0] for state in states):
+            error = ZbError("option 'grad_scaler': the ranks' GradScalers differ (" + "; ".join(
+                f"rank {r}: {state}" for r, state in enumerate(states)) + "); build the scaler alike on every "
+                "rank, or load the same checkpoint into each")
+            error.agreed = self.comm.spans_job  # every rank raised it alike, from gathered values
+            raise error
 
     def stage_done(self, stage: int, grads: dict[int, list[torch.Tensor]]) -> None:
         """The executor ran `stage`'s last action: update it now unless it is its rank's last stage."""
@@ -233,7 +262,8 @@ class OptimizerStep:
             return None
         params = [self.params[i] for i in chosen]
         return _Update(params, [grads[i] for i in chosen],
-                       [{k: v for k, v in self.group_of[p].items() if k != "params"} for p in params])
+                       [{k: v for k, v in self.group_of[p].items() if k != "params"} for p in params],
+                       unscale=self.unscale)
 
     def _count(self, rank: int, update: _Update, shared_on: int | None = None) -> None:
         """Add the update's squared norm and non-finite flag to the rank's contribution (tied weights once)."""
@@ -242,7 +272,7 @@ class OptimizerStep:
         if not grads:
             return
         norms = torch._foreach_norm(grads)
-        squares = float(torch.stack(norms).double().square().sum())
+        squares = float(torch.stack(norms).double().square().sum()) * update.unscale**2  # unscaled
         mine = self.contribution[rank]
         mine[0] += squares
         mine[1] = max(mine[1], float(not math.isfinite(squares)))
@@ -280,9 +310,11 @@ class OptimizerStep:
         return ("clip", coefficient) if coefficient < 1.0 else ("plain", None)
 
     def _apply(self, update: _Update, scale: float | None) -> None:
+        """Run the update's fused kernel with its gradients times `scale` (the clip coefficient) and unscaled."""
         grads = update.grads
-        if scale is not None:
-            grads = torch._foreach_mul([g.detach() for g in grads], scale)
+        factor = (1.0 if scale is None else scale) * update.unscale
+        if factor != 1.0:
+            grads = torch._foreach_mul([g.detach() for g in grads], factor)
         with torch.no_grad():
             buckets: dict[int, list[int]] = {}
             for j, p in enumerate(update.params):
@@ -311,9 +343,12 @@ class OptimizerStep:
         update.applied = False
 
     def _record(self, step: int, total: tuple[float, bool], rolled_back: int) -> None:
+        """A step's verdict is known on this process (once per step): its history, and the loss scale's update."""
         verdict, _ = self._verdict(total)
         self.history.append(StepRecord(step, math.sqrt(total[0]) if math.isfinite(total[0]) else math.inf,
                                        verdict == "clip", verdict == "skip", rolled_back))
+        if self.scaler is not None:
+            self.scaler.load_state_dict(updated_scale(self.scaler.state_dict(), found_inf=verdict == "skip"))
 
     # Sharded state (shard_optimizer) -------------------------------------------------------------------------
     def _replica_sum(self, contribution: list[float]) -> list[float]:
@@ -372,6 +407,25 @@ def _sum_norms(comm, contribution: Sequence[float], whose: str = "") -> tuple[fl
     bad = comm.all_reduce(torch.tensor([contribution[1]], dtype=torch.float64),
                           f"checking {whose}gradients for NaN/Inf", op="max")
     return float(squares), bool(bad)
+
+
+def updated_scale(state: dict, found_inf: bool) -> dict:
+    """A GradScaler's state_dict after `scaler.update()` of a step that found (or not) a non-finite gradient:
+    torch's _amp_update_scale_, the scale held in float32 (backoff at once; growth after `growth_interval` clean
+    steps in a row, unless the grown scale is not finite)."""
+    scale, tracker = state["scale"], state["_growth_tracker"]
+    if found_inf:
+        scale, tracker = _float32(scale * state["backoff_factor"]), 0
+    elif tracker + 1 == state["growth_interval"]:
+        grown = _float32(scale * state["growth_factor"])
+        scale, tracker = (grown if math.isfinite(grown) else scale), 0
+    else:
+        tracker += 1
+    return {**state, "scale": scale, "_growth_tracker": tracker}
+
+
+def _float32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float64).float())
 
 
 def take_backup(spares: dict, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list:

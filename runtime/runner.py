@@ -187,7 +187,7 @@ class PipelineRunner:
         scaler = self.grad_scaler
         if scaler is None or not scaler.is_enabled():
             return 1.0
-        if self.distributed:
+        if self.distributed:  # (with option 'optimizer' zb updates the scale itself, on the global verdict)
             raise ZbUnsupportedError(
                 "option 'grad_scaler' works in one process for now: under torch.distributed each pipeline rank's "
                 "scaler would see only its own stages' gradients when it looks for inf/NaN, so the ranks' scales "
@@ -197,7 +197,7 @@ class PipelineRunner:
     def _optimizer_step(self, args: Sequence[Any]) -> tuple:
         """A whole training step, update included: returns the outputs, the loss detached."""
         with torch.no_grad():
-            self.optimizer.begin(args)
+            self.executor.seed_scale = self.optimizer.begin(args, self.grad_scaler)
             outputs, grads = self.run(args)
             self.optimizer.finish(grads)
         loss = outputs[0].detach()

@@ -11,6 +11,7 @@ NaN target on NAN_STEPS makes every gradient NaN.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -89,3 +90,93 @@ def assert_same_training(model, optimizer, ref_model, ref_optimizer, what: str, 
         for key, value in ref_state["state"].get(i, {}).items():
             torch.testing.assert_close(state["state"][i][key], value, rtol=RTOL, atol=ATOL,
                                        msg=lambda m, n=name, k=key: f"{what}: optimizer state {k} of {n}: {m}")
+
+
+# float16 with dynamic loss scaling (options optimizer + grad_scaler) ---------------------------------------------
+SCALED_STEPS, OVERFLOW_STEPS = 10, (3, 6)
+
+
+def scaled_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every fourth batch larger (clipped); on OVERFLOW_STEPS targets far off, so the loss stays finite (float32)
+    but its scaled gradient overflows float16 in the backward: the scaler must skip the step and back off."""
+    generator = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(SCALED_STEPS):
+        x = torch.randn(8, 16, generator=generator) * (4.0 if i % 4 == 1 else 1.0)
+        y = torch.randn(8, 16, generator=generator)
+        data.append((x, y * 6e4 if i in OVERFLOW_STEPS else y))
+    return data
+
+
+def scaled_eager_steps(model, optimizer, scaler, data, microbatches: int, max_norm: float) -> tuple[list, list]:
+    """Eager float16 training with torch.amp.GradScaler, microbatch by microbatch: scale(loss).backward(),
+    unscale_, clip_grad_norm_, step, update. Returns, per step, whether the scaler skipped it, and its scale after."""
+    skipped, scales = [], []
+    for x, y in data:
+        optimizer.zero_grad(set_to_none=True)
+        for part in zip(x.chunk(microbatches), y.chunk(microbatches)):
+            with torch.autocast("cpu", dtype=torch.float16):
+                partial = model(*part) / microbatches
+            scaler.scale(partial).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped.append(scaler.get_scale() < before)
+        scales.append(scaler.get_scale())
+    return skipped, scales
+
+
+@dataclass
+class ScaledRun:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    reference: torch.nn.Module
+    ref_optimizer: torch.optim.Optimizer
+    ref_scaler: torch.amp.GradScaler
+    scales: list  # zb's scaler's scale after each step (read after the call)
+    ref_scales: list
+    skipped: list  # eager's skip decisions
+
+
+def train_scaled(options: dict, factory=DeepMLP, max_norm: float = 0.26) -> ScaledRun:
+    """zb with options + SGD (momentum) + a GradScaler under float16 autocast, and eager the same way; `max_norm`
+    clips some steps of `factory`'s model, not all (0.26: DeepMLP's steps 1, 4 and 5)."""
+    from zb import ZbBackend, synchronize
+
+    torch.manual_seed(0)
+    model = factory()
+    reference = copy.deepcopy(model)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**14, growth_interval=3) for _ in range(2)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (model, reference)]
+    data = scaled_batches()
+    step = torch.compile(model, backend=ZbBackend({**options, "optimizer": optimizers[0], "grad_scaler": scalers[0],
+                                                  "max_grad_norm": max_norm}))
+    scales = []
+    for x, y in data:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = step(x, y)
+        assert loss.dtype == torch.float32 and bool(loss.isfinite()), loss  # the loss, unscaled
+        scales.append(scalers[0].get_scale())
+    synchronize(optimizers[0])
+    skipped, ref_scales = scaled_eager_steps(reference, optimizers[1], scalers[1], data, options["microbatches"],
+                                             max_norm)
+    return ScaledRun(model, optimizers[0], scalers[0], reference, optimizers[1], scalers[1], scales, ref_scales,
+                     skipped)
+
+
+def assert_same_scaling(run: ScaledRun, what: str, validated_at_once: bool = True) -> None:
+    """The same skipped steps, clipping on some steps only, the same scale trajectory (read after each step where
+    this process validates at once; else only the final state) as eager with its GradScaler."""
+    from zb.runtime.optimizer import history
+
+    assert [i for i, s in enumerate(run.skipped) if s] == list(OVERFLOW_STEPS), f"{what}: eager skipped {run.skipped}"
+    records = history(run.optimizer)
+    assert [r.skipped for r in records] == run.skipped, f"{what}: {records}"
+    assert any(r.clipped for r in records) and not all(r.clipped for r in records if not r.skipped), what
+    if validated_at_once:
+        assert run.scales == run.ref_scales, f"{what}: {run.scales} != {run.ref_scales}"
+    assert run.scaler.state_dict() == run.ref_scaler.state_dict(), what
+    assert run.ref_scales[3] == run.ref_scales[2] / 2 and max(run.ref_scales) > 2.0**14, run.ref_scales  # both ways

@@ -79,6 +79,48 @@ def test_resume_is_bit_identical_to_training_without_stopping(kind, inside, tmp_
         assert torch.equal(p, q), name
 
 
+def scaled_training(model, steps: range, save=None, load=None, save_at=None):
+    """float16 autocast, SGD and a GradScaler inside zb's step (tests/optim_check.py's batches: overflows at steps
+    3 and 6); returns (losses, the scaler's state after each step)."""
+    from tests.optim_check import scaled_batches
+
+    torch._dynamo.reset()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14, growth_interval=3)
+    step_fn = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager",
+                                                         "optimizer": optimizer, "grad_scaler": scaler,
+                                                         "max_grad_norm": 0.26}))
+    if load is not None:
+        zb.load_checkpoint(load, model, optimizer, grad_scaler=scaler)
+    losses, states, data = [], [], scaled_batches()
+    for i in steps:
+        with torch.autocast("cpu", dtype=torch.float16):
+            losses.append(step_fn(*data[i]).item())
+        states.append(scaler.state_dict())
+        if save is not None and i + 1 == save_at:
+            zb.save_checkpoint(save, model, optimizer, grad_scaler=scaler)
+    return losses, states
+
+
+def test_resume_with_loss_scaling_continues_the_scale(tmp_path):
+    """The loss scale and its growth tracker are part of a checkpoint (grad_scaler=): 10 float16 steps saving after
+    the 5th (after a backoff, mid-way to a growth) vs a fresh model, optimizer and scaler resuming from it: the
+    same losses, scale trajectory and parameters bit for bit. Loading without saving it is a clear error."""
+    torch.manual_seed(0)
+    model = models.DeepMLP()
+    second = copy.deepcopy(model)
+    whole, states = scaled_training(model, range(10), save=tmp_path / "ckpt", save_at=5)
+    assert len({s["scale"] for s in states}) > 2 and states[4]["_growth_tracker"] > 0, states
+    after, resumed = scaled_training(second, range(5, 10), load=tmp_path / "ckpt")
+    assert after == whole[5:] and resumed == states[5:]
+    for (name, p), q in zip(model.named_parameters(), second.parameters()):
+        assert torch.equal(p, q), name
+    assert json.loads((tmp_path / "ckpt" / "zb.json").read_text())["grad_scaler"] == states[4]
+    zb.save_checkpoint(tmp_path / "plain", model)
+    with pytest.raises(zb.ZbError, match="saved without grad_scaler="):
+        zb.load_checkpoint(tmp_path / "plain", model, grad_scaler=torch.amp.GradScaler("cpu"))
+
+
 def test_resume_restores_the_schedule_instead_of_replanning(tmp_path):
     """zb-auto re-plans on measured costs; a resumed run must run the schedule the saved run had reached."""
     torch.manual_seed(0)

@@ -149,8 +149,10 @@ def test_torchrun_zb_auto_choosing_the_v_placement_replans_on_it():
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_torchrun_optimizer_post_validation_matches_synchronous_training(ranks):
-    """options["optimizer"] across processes: 20 steps with clipping and non-finite steps (tests/optim_check.py)."""
-    cases = ["adamw:zb-h1:1", "sgd:zb-v:1", "adam:1f1b:0", "adamw:zb-auto:1"]
+    """options["optimizer"] across processes: 20 steps with clipping and non-finite steps (tests/optim_check.py);
+    float16 loss scaling inside the step (option grad_scaler) against eager's GradScaler; scalers that differ."""
+    cases = ["adamw:zb-h1:1", "sgd:zb-v:1", "adam:1f1b:0", "adamw:zb-auto:1", "scaled:zb-v:1", "scaled:1f1b:0",
+             "mismatched:1f1b:1"]
     out = torchrun(ranks, "optimizer_check.py", "--cases", ",".join(cases))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     assert [line.split()[1] for line in out.stdout.splitlines() if line.startswith("ok ")] == cases

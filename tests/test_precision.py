@@ -20,6 +20,7 @@ from torch import fx, nn
 import zb
 from tests import hf_models
 from tests.models import PRESETS, GPT
+from tests.optim_check import assert_same_scaling, assert_same_training, train_scaled
 
 BF16 = torch.bfloat16
 
@@ -384,6 +385,20 @@ def test_float16_with_a_grad_scaler_equals_eager_step_for_step():
     assert scales[3][0] == scales[2][0] / 2 and scales[2][0] == 2 * scales[1][0]  # backoff, and growth
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("schedule,stages,post_validation", [("1f1b", 2, True), ("zb-v", 4, True),
+                                                             ("zb-h1", 2, False)])
+def test_loss_scaling_inside_zbs_optimizer_step_equals_eager_with_a_grad_scaler(schedule, stages, post_validation):
+    """float16 autocast with options optimizer + grad_scaler: zb scales the backward's seed, unscales before
+    clipping, skips on inf and grows/backs off the scale (post-validation rolls back the ranks that updated
+    early). 10 SGD steps, gradient overflows forced at steps 3 and 6 (tests/optim_check.py train_scaled): the same
+    skipped steps, the same scale after every step, the same parameters and momentum as eager with
+    torch.amp.GradScaler."""
+    run = train_scaled({"stages": stages, "schedule": schedule, "microbatches": 2, "compiler": "eager",
+                        "post_validation": post_validation}, Net, max_norm=0.5)
+    assert_same_scaling(run, f"{schedule} post_validation={post_validation}")
+    assert_same_training(run.model, run.optimizer, run.reference, run.ref_optimizer, "scaled")  # and momentum
 
 
 class Float16Loss(nn.Module):

@@ -2,6 +2,7 @@
 
     zb.save_checkpoint("ckpt/step-100", model, optimizer, lr_scheduler=scheduler, data=generator.get_state())
     extra = zb.load_checkpoint("ckpt/step-100", model, optimizer, lr_scheduler=scheduler)
+    (grad_scaler=scaler on both: the float16 loss scale and its growth tracker)
 
 Called on every rank (or in one process). Each process writes what it owns, under the model's own names: the
 parameters and buffers its stages read (and those no stage reads), and their optimizer state; DCP writes a key
@@ -14,6 +15,7 @@ process, or plain PyTorch (`full_state_dict` / `load_full`). The DCP keys, all f
     optim.other.<name>       its non-tensor state values;  optim.groups: the param groups, by parameter name
     rng.<rank>               each global rank's RNG state (CPU, and CUDA where used); extra.<rank>: **extra
     lr_scheduler             the scheduler's state_dict;  zb.resume: each training step's count and schedule
+    grad_scaler              the torch.amp.GradScaler's state_dict (after the settled steps' updates)
 and `zb.json` (the manifest `zb checkpoint PATH` prints). A checkpoint is saved under `.<name>.partial` next to
 PATH and moved to PATH only once complete; the previous one is kept as `.<name>.old` until then, so a crash in
 the middle of a save leaves a checkpoint to load (`load_checkpoint` falls back to `.old` when PATH is missing).
@@ -128,9 +130,9 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # Saving ----------------------------------------------------------------------------------------------------------
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    *, lr_scheduler: Any = None, **extra: Any) -> pathlib.Path:
-    """Write a checkpoint of `model` (and `optimizer`, `lr_scheduler`, `extra`) to directory `path`, atomically.
-    Every process calls it. Returns the path."""
+                    *, lr_scheduler: Any = None, grad_scaler: Any = None, **extra: Any) -> pathlib.Path:
+    """Write a checkpoint of `model` (and `optimizer`, `lr_scheduler`, `grad_scaler`, `extra`) to directory `path`,
+    atomically. Every process calls it. Returns the path."""
     path = pathlib.Path(path)
     if optimizer is not None:
         synchronize(optimizer)
@@ -146,6 +148,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     state[f"extra.{rank}"] = _blob(dict(extra))
     if lr_scheduler is not None:
         state["lr_scheduler"] = _blob(lr_scheduler.state_dict())
+    if grad_scaler is not None:  # settled above with the optimizer: every rank's scaler is alike
+        state["grad_scaler"] = _blob(grad_scaler.state_dict())
     resume = _resume_state(tensors)
     state["zb.resume"] = _blob(resume)
     staging, old = path.parent / f".{path.name}.partial", path.parent / f".{path.name}.old"
@@ -173,6 +177,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
             "layouts": [{k: r[k] for k in ("stages", "placement", "schedule", "replicas")} for r in resume],
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
             "lr_scheduler": type(lr_scheduler).__name__ if lr_scheduler is not None else None,
+            "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
             "extra": sorted(extra), "saved": datetime.datetime.now().isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - start, 3),
         }
@@ -252,10 +257,10 @@ _RESUME: list[tuple[dict[int, weakref.ref], list[dict]]] = []
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    *, lr_scheduler: Any = None) -> dict[str, Any]:
-    """Load a checkpoint into `model` (and `optimizer`, `lr_scheduler`), whatever layout wrote it; returns the
-    `extra` the saving process passed (this rank's, or rank 0's when the world size changed). Every process calls
-    it, before or between steps."""
+                    *, lr_scheduler: Any = None, grad_scaler: Any = None) -> dict[str, Any]:
+    """Load a checkpoint into `model` (and `optimizer`, `lr_scheduler`, `grad_scaler`), whatever layout wrote it;
+    returns the `extra` the saving process passed (this rank's, or rank 0's when the world size changed). Every
+    process calls it, before or between steps."""
     import torch.distributed.checkpoint as dcp
 
     path = _existing(pathlib.Path(path))
@@ -294,6 +299,10 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         if "lr_scheduler" not in saved:
             raise ZbError(f"checkpoint {path} has no LR scheduler state; it was saved without lr_scheduler=")
         state["lr_scheduler"] = b""
+    if grad_scaler is not None:
+        if "grad_scaler" not in saved:
+            raise ZbError(f"checkpoint {path} has no loss scaler state; it was saved without grad_scaler=")
+        state["grad_scaler"] = b""
     state["zb.resume"] = b""
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -309,6 +318,8 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         _load_optimizer(optimizer, state, names, path)
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if grad_scaler is not None:
+        grad_scaler.load_state_dict(state["grad_scaler"])
     if f"rng.{rank}" in state:
         torch.set_rng_state(state[f"rng.{rank}"])
     _RESUME[:] = [(refs, saved) for refs, saved in _RESUME if any(r() is not None for r in refs.values())]
