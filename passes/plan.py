@@ -276,12 +276,14 @@ def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def run_fake(fn, *values):
-    """fn() inside the fake-tensor mode of `values`' fake tensors (as is without one): example values of new nodes."""
+def run_fake(fn, *values, mode=None):
+    """fn() inside fake-tensor `mode`, or that of `values`' fake tensors (as is without one): example values of new
+    nodes. Give the graph's mode for a node that may read no tensor (torch.arange), which would run for real."""
     import contextlib
 
     from torch._guards import detect_fake_mode
 
-    mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    if mode is None:
+        mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
     with mode if mode is not None else contextlib.nullcontext():
         return fn()

@@ -24,6 +24,7 @@ import functools
 
 import torch
 from torch import fx
+from torch._guards import detect_fake_mode
 
 from zb.core.errors import ZbUnsupportedError
 from zb.passes.autocast_regions import KEY as AUTOCAST
@@ -34,6 +35,7 @@ def precision_policy(plan: Plan) -> Plan:
     dtype = plan.options.param_dtype
     if dtype is None:
         return plan
+    _refuse_traced_dtypes(plan.graph, dtype)
     gm = copy_module(plan.graph)
     placeholders = gm.graph.find_nodes(op="placeholder")
     copies = {}
@@ -66,13 +68,67 @@ def precision_policy(plan: Plan) -> Plan:
     return plan
 
 
+_CASTS = {"to", "type", "_to_copy"}
+_FACTORIES = {"zeros", "ones", "full", "empty", "arange", "tensor", "zeros_like", "ones_like", "full_like",
+              "empty_like", "rand", "randn", "randn_like", "rand_like", "linspace", "new_zeros", "new_ones",
+              "new_full", "new_empty", "new_tensor", "as_tensor", "eye"}
+_FINFO = {v for t in (torch.float32,) for v in (torch.finfo(t).min, torch.finfo(t).max, torch.finfo(t).eps,
+                                                 torch.finfo(t).tiny)}
+
+
+def _refuse_traced_dtypes(gm: fx.GraphModule, dtype: torch.dtype) -> None:
+    """Dynamo traced the model with float32 parameters, so code that picks a dtype from a tensor (`x.to(w.dtype)`,
+    `torch.zeros(..., dtype=x.dtype)`, `torch.finfo(x.dtype).min`: Hugging Face's RMSNorm, rotary embedding and
+    masks) left float32 written into the graph where eager's bfloat16 copy of the model would have read bfloat16.
+    In the graph such a read looks like a written float32 (`x.to(torch.float32)` of a float32 value, a factory's
+    dtype=torch.float32, float32's finfo values), so each of those is refused: zb cannot tell which it was, and
+    guessing would run another program than eager's. (`x.float()` names its dtype and stays allowed.)"""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        written = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.dtype)]
+        if name in _CASTS and torch.float32 in written:
+            source = node.args[0].meta.get("example_value") if isinstance(node.args[0], fx.Node) else None
+            if isinstance(source, torch.Tensor) and source.dtype == torch.float32:
+                found.append((node, "casts a float32 value to float32, as `x.to(y.dtype)` of float32 tensors does"))
+        elif name in _FACTORIES and node.kwargs.get("dtype") == torch.float32:
+            found.append((node, "creates a tensor with dtype=torch.float32, as `dtype=x.dtype` of a float32 tensor "
+                                "does"))
+        elif any(isinstance(a, float) and a in _FINFO for a in (*node.args, *node.kwargs.values())):
+            found.append((node, "uses a float32 limit (torch.finfo(torch.float32)), as torch.finfo(x.dtype) of a "
+                                "float32 tensor does"))
+    if found:
+        where = "; ".join(f"{node.name} {why}{_line(node)}" for node, why in found[:3])
+        raise ZbUnsupportedError(
+            f"option param_dtype={dtype}: the traced graph has float32 written where the model's code may have read "
+            f"a tensor's dtype ({len(found)} place{'s' if len(found) > 1 else ''}: {where}). Dynamo traced it with "
+            f"float32 parameters, and eager with {dtype} copies of them would have chosen {dtype} there, so zb cannot "
+            "run eager's program. Use torch.autocast instead (Hugging Face models are tested under it), or name the "
+            "dtype in the model's code (`x.float()`, `dtype=torch.bfloat16`)")
+
+
+def _line(node: fx.Node) -> str:
+    """Where the user's code made `node`: its stack trace's last frame and source line."""
+    trace = [t.strip() for t in (node.meta.get("stack_trace") or "").splitlines()]
+    trace = [t for t in trace if t and set(t) - set("^~ ")]  # (not 3.11's underlines)
+    return f" ({trace[-2]}: {trace[-1]})" if len(trace) >= 2 else ""
+
+
 def _propagate(gm: fx.GraphModule) -> None:
     """Recompute every node's example value from its inputs' (under the node's autocast, if any)."""
     import contextlib
 
+    placeholders = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
+    mode = detect_fake_mode([v for v in placeholders if isinstance(v, torch.Tensor)])
+
     def value(a):
-        if isinstance(a, fx.Node) and a.op == "get_attr":  # a subgraph body (activation checkpointing)
-            return getattr(gm, a.target)
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            attribute = getattr(gm, a.target)  # a subgraph body (activation checkpointing), or a tensor constant
+            if isinstance(attribute, torch.Tensor) and mode is not None and "example_value" not in a.meta:
+                return mode.from_tensor(attribute, static_shapes=True)
+            return a.meta.get("example_value", attribute)
         return a.meta.get("example_value") if isinstance(a, fx.Node) else a
 
     for node in gm.graph.nodes:
@@ -91,5 +147,4 @@ def _propagate(gm: fx.GraphModule) -> None:
                     return gm.get_submodule(node.target)(*args, **kwargs)
                 return node.target(*args, **kwargs)
 
-        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        node.meta["example_value"] = run_fake(run, *tensors)
+        node.meta["example_value"] = run_fake(run, mode=mode)  # (torch.arange(T) reads no tensor)

@@ -225,6 +225,58 @@ def test_the_policy_equals_eager_with_bf16_copies_and_float32_sums(stages):
     assert sum(m.most["copies"] for m in planned.values()) == copies
 
 
+def test_the_policy_on_the_example_gpt():
+    """The example GPT (position ids from torch.arange, a node that reads no tensor; tied head; fused attention),
+    2 stages, against eager's bf16 copy with float32 sums within bf16 rounding (fused attention and the tied
+    weight's per-stage float32 sums round differently), and measurably apart from float32 training."""
+    torch.manual_seed(0)
+    model = GPT(PRESETS["tiny"])
+    fp32 = copy.deepcopy(model)
+    args = (torch.randint(0, 256, (4, 16)), torch.randint(0, 256, (4, 16)))
+    expected_loss, expected = policy_reference(model, args, 2)
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager",
+                                                      "param_dtype": BF16}))
+    loss = step(*args)
+    assert loss.dtype == BF16
+    loss.backward()
+    torch.testing.assert_close(loss.float(), expected_loss, rtol=1e-2, atol=1e-2)
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
+    worst = max(float((p.grad - g).abs().max() / g.abs().max()) for p, g in zip(model.parameters(), expected))
+    assert worst < 3e-2, worst
+    fp32(*args).backward()
+    assert relative_error(model, fp32) > 1e-3
+
+
+def test_the_policy_refuses_code_that_read_a_dtype_while_traced_in_float32():
+    """An HF Llama reads tensors' dtypes (RMSNorm's input_dtype, the rotary embedding's cos.to(x.dtype)): Dynamo
+    wrote float32 there, where eager's bf16 copy would pick bf16; zb cannot tell, so the policy is refused, naming
+    the code, instead of running another program (before, a float32 x bf16 matmul crashed mid-step). A model
+    that names its dtypes (`x.float()`) runs, as the other policy tests show."""
+    torch.manual_seed(0)
+    model = hf_models.FAMILIES["llama"]()
+    step = torch.compile(lambda i, t: hf_models.loss_fn(model, i, t),
+                         backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager",
+                                               "param_dtype": BF16}))
+    with pytest.raises(zb.ZbUnsupportedError, match=r"(?s)float32 written.*modeling_llama.py.*torch.autocast"):
+        step(*hf_models.batch())
+
+    class Written(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+
+        def forward(self, x, y):
+            h = self.a(x)
+            mask = torch.full(h.shape, -1.0, dtype=h.dtype)  # float32 in the trace, bf16 in eager's bf16 copy
+            return ((h + mask) - y).square().mean()
+
+    torch._dynamo.reset()
+    step = torch.compile(Written(), backend=zb.ZbBackend({"stages": 1, "microbatches": 2, "compiler": "eager",
+                                                          "param_dtype": BF16}))
+    with pytest.raises(zb.ZbUnsupportedError, match="dtype=torch.float32"):
+        step(torch.randn(4, 16), torch.randn(4, 16))
+
+
 def test_bf16_gradient_sums_drift_the_policys_do_not():
     """16 microbatches: the model cast to bfloat16 (each microbatch's gradient added into a bfloat16 sum) against
     the policy (the same bfloat16 compute, float32 sums); the reference is that compute with exact float32 sums
