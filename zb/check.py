@@ -12,7 +12,9 @@ the last stage back), and a gradient of 1 for the loss. Beyond the F/B/W pieces:
     on random inputs, against softmax(q k^T * scale + mask) v in float64;
   * the fused optimizer update (`optimizer=` one of sgd/adam/adamw): two steps of zb's fused kernel against
     torch.optim's single-tensor implementation in float64.
-The error is the largest absolute difference, and relative to the reference's largest magnitude.
+The error is the largest absolute difference, and relative to the reference's largest magnitude. The tolerance is
+that of the piece's dtype, or of its compute dtype when that is narrower (a float32 output computed under bf16
+autocast or with bf16 parameter copies, option param_dtype: the dtype column then reads float32/bfloat16).
 """
 
 from __future__ import annotations
@@ -38,10 +40,16 @@ class Row:
     reference: str  # what the compiled piece was compared with
     max_abs: float
     relative: float
+    compute: torch.dtype | None = None  # a narrower dtype the piece computed in (autocast, param_dtype)
 
     @property
     def tolerance(self) -> float:
-        return TOLERANCE.get(self.dtype, 1e-4)
+        return max(TOLERANCE.get(self.dtype, 1e-4), TOLERANCE.get(self.compute, 0.0))
+
+    @property
+    def dtypes(self) -> str:
+        names = [str(d).replace("torch.", "") for d in (self.dtype, self.compute) if d is not None]
+        return "/".join(dict.fromkeys(names))
 
     @property
     def passed(self) -> bool:
@@ -59,12 +67,28 @@ def check(model: torch.nn.Module, example_args: tuple, options: dict[str, Any] |
     plan = zb.explain(model, *example_args, **options)
     compiled = compile_plan(plan)
     rows = _check_pieces(plan, compiled)
-    rows += _check_attention(plan)
     if plan.training:
         rows.append(_check_step(model, example_args, options))
+    low = compute_dtype(plan)
+    for row in rows:  # (attention sites are checked in their own dtype, the optimizer in float32)
+        if low is not None and TOLERANCE.get(low, 0.0) > TOLERANCE.get(row.dtype, 1e-4):
+            row.compute = low
+    rows += _check_attention(plan)
     if optimizer is not None:
         rows.append(_check_optimizer(model, optimizer))
     return rows
+
+
+def compute_dtype(plan: Plan) -> torch.dtype | None:
+    """The narrowest float dtype the plan computes in beyond its values' own: autocast's (around the call, or a region
+    inside: passes/autocast_regions.py marks its nodes), option param_dtype."""
+    from zb.passes.autocast_regions import KEY
+
+    dtypes = [dtype for enabled, dtype in plan.autocast.values() if enabled]
+    dtypes += [dtype for node in plan.graph.graph.nodes for _, dtype in node.meta.get(KEY, ())]
+    if plan.options.param_dtype is not None:
+        dtypes.append(plan.options.param_dtype)
+    return max(dtypes, key=lambda d: TOLERANCE.get(d, 0.0), default=None)
 
 
 # ---- the whole step --------------------------------------------------------------------------------------------
@@ -99,7 +123,7 @@ def _check_step(model: torch.nn.Module, example_args: tuple, options: dict[str, 
 
 def format_table(rows: list[Row]) -> str:
     header = ("piece", "dtype", "reference", "max abs err", "rel err", "tolerance", "result")
-    body = [(r.piece, str(r.dtype).replace("torch.", ""), r.reference, f"{r.max_abs:.3g}", f"{r.relative:.3g}",
+    body = [(r.piece, r.dtypes, r.reference, f"{r.max_abs:.3g}", f"{r.relative:.3g}",
              f"{r.tolerance:.0e}", "pass" if r.passed else "FAIL") for r in rows]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (header, *body)]
