@@ -92,15 +92,23 @@ def _annotated(original: fx.GraphModule, ambient: dict[str, tuple[bool, torch.dt
 
 def _entered(state: dict, node: fx.Node) -> dict:
     """The state inside `node`'s region, as torch.autocast itself resolves it: dtype None keeps the dtype in
-    effect; a dtype the device does not support disables the region (torch warns), as in eager."""
+    effect. A dtype (or device type) autocast does not support here is refused: eager would disable the region
+    with a warning and run it in float32, which is not what the code asks for."""
     import warnings
 
     device, dtype = node.args[0], node.args[1]
     enabled = node.args[2] if len(node.args) > 2 else node.kwargs.get("enabled", True)
     current = state.get(device, (False, torch.get_autocast_dtype(device)))[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         region = torch.autocast(device, dtype=dtype if dtype is not None else current, enabled=enabled)
+    if enabled and not region._enabled:
+        said = f" (torch: {caught[0].message})" if caught else ""
+        raise ZbUnsupportedError(
+            f"torch.autocast({device!r}, dtype={dtype}) in the compiled function is not supported on this machine"
+            f"{said}; eager would run the region in float32 with a warning. Use a dtype the device supports "
+            "(CPU: torch.bfloat16 or torch.float16; CUDA: torch.float16, or torch.bfloat16 where the GPU has it), "
+            "or remove the region")
     new = dict(state)
     new[device] = (bool(region._enabled), region.fast_dtype)
     return new

@@ -527,3 +527,22 @@ def test_zb_check_holds_bf16_compute_to_bf16_tolerance(mode, monkeypatch):
     monkeypatch.setattr(inductor, "compile_piece", miscompile)
     failed = [r.piece for r in check(model, args, options) if not r.passed]
     assert failed[0] == "stage 0 W", failed
+
+
+def test_an_autocast_dtype_the_device_does_not_support_is_refused():
+    """torch.autocast("cpu", dtype=torch.float64) inside the model: eager disables the region with a warning (and
+    runs float32); zb refuses with an error that says which dtypes to use."""
+
+    class Float64Region(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+
+        def forward(self, x, y):
+            with torch.autocast("cpu", dtype=torch.float64):
+                return (self.a(x) - y).square().mean()
+
+    torch._dynamo.reset()
+    step = torch.compile(Float64Region(), backend=zb.ZbBackend({"stages": 1, "microbatches": 2, "compiler": "eager"}))
+    with pytest.raises(zb.ZbUnsupportedError, match=r"(?s)autocast\('cpu', dtype=torch.float64\).*torch.bfloat16"):
+        step(torch.randn(4, 16), torch.randn(4, 16))
