@@ -200,8 +200,20 @@ def _aside(work, seconds: float) -> threading.Thread:
 # exception"). So at exit, before the shutdown, every zb thread still running is made to return and joined (for
 # at most SETTLE seconds): a waiter stuck on an abandoned step's operation gets its group's connections closed
 # first (below). A store call in flight cannot be interrupted; store calls take milliseconds.
+#
+# gloo runs a collective on a worker thread of its own (C++), which drops its references to the work's tensors
+# after the work has completed, possibly after the Python side dropped its own: the tensor's Python object then
+# belongs to C++, and the worker takes the GIL to free it. If that happens while the interpreter shuts down, the
+# worker is ended in pthread_exit through a noexcept frame and the process aborts with the same message (seen
+# after a normal run: a core showed gloo's runLoop freeing an AsyncAllgatherWork's tensors from inside
+# Py_FinalizeEx). So the tensors zb hands to gloo collectives are kept (`_HANDED`) until gloo holds them no more
+# (`_use_count() == 1`: only their Python object), and `_settle` waits for that with the GIL released; then it
+# releases the GIL for GLOO_QUIET more seconds, for collectives zb did not issue (a script's own last barrier).
 _THREADS: set[threading.Thread] = set()
 _WAITERS: set[_Waiter] = set()
+_HANDED: list[torch.Tensor] = []
+_GLOO: list[bool] = []  # set once a gloo group is used
+GLOO_QUIET = 0.1
 SETTLE = 5.0  # seconds the exit waits, at most, for zb's threads to return (a store call is not interrupted)
 ABANDON_TAG = 0x7A62  # the receive that closes a stuck gloo group at exit; no message of zb's uses it
 _SETTLING: list = []
@@ -224,7 +236,8 @@ def _start(target, name: str) -> threading.Thread:
 
 
 def _settle() -> None:
-    """At exit: close the connections stuck waiters wait on, then join every zb thread (bounded by SETTLE)."""
+    """At exit: close the connections stuck waiters wait on, then join every zb thread, then let gloo's worker
+    threads let go of the tensors zb handed them (all bounded by SETTLE)."""
     closed: set = set()
     for waiter in list(_WAITERS):
         if not waiter.done.is_set():
@@ -233,6 +246,26 @@ def _settle() -> None:
     for thread in list(_THREADS):
         if thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
+    if _GLOO:
+        while _held() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(GLOO_QUIET)
+
+
+def _hand(*tensors: torch.Tensor) -> None:
+    """Keep `tensors` (given to a gloo collective) alive until gloo's worker thread has dropped them."""
+    if not _SETTLING:
+        _SETTLING.append(atexit.register(_settle))
+    _GLOO[:] = [True]
+    if len(_HANDED) > 64:
+        _held()
+    _HANDED.extend(tensors)
+
+
+def _held() -> bool:
+    """Drop the handed tensors gloo holds no more; whether any is left."""
+    _HANDED[:] = [t for t in _HANDED if t._use_count() > 1]
+    return bool(_HANDED)
 
 
 def _describe(record: str) -> str:
@@ -263,6 +296,8 @@ class DistributedComm:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.pending: list[_Batch] = []  # batches with sends not known to be complete
+        if self.gloo:
+            _hand()  # (at exit, _settle gives gloo's worker threads time to let go of what they hold)
 
     @property
     def spans_job(self) -> bool:
@@ -338,6 +373,7 @@ class DistributedComm:
         buffer = tensor.to(self.device)
         reduce = {"sum": self.dist.ReduceOp.SUM, "max": self.dist.ReduceOp.MAX}[op]
         work = self.dist.all_reduce(buffer, op=reduce, group=self.group, async_op=True)
+        self._handed(buffer)
         self._wait(work, what, self._others())
         return buffer
 
@@ -345,16 +381,19 @@ class DistributedComm:
         """Start summing `tensor` over every rank in place (it must live on the comm's device); returns the handle
         for `completed` and `wait`, whose [1] is the tensor."""
         work = self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=self.group, async_op=True)
+        self._handed(tensor)
         return work, tensor, self._others()
 
     def start_reduce(self, tensor: torch.Tensor, dst: int, what: str):
         """Start summing `tensor` over every rank into rank `dst`'s (in place; the others' become undefined)."""
         work = self.dist.reduce(tensor, self._peer(dst), op=self.dist.ReduceOp.SUM, group=self.group, async_op=True)
+        self._handed(tensor)
         return work, tensor, self._others()
 
     def start_broadcast(self, tensor: torch.Tensor, src: int, what: str):
         """Start sending rank `src`'s `tensor` into every other rank's (in place)."""
         work = self.dist.broadcast(tensor, src=self._peer(src), group=self.group, async_op=True)
+        self._handed(tensor)
         return work, tensor, [src] if src != self.rank else self._others()
 
     def completed(self, handle) -> bool:
@@ -364,6 +403,7 @@ class DistributedComm:
     def broadcast(self, tensor: torch.Tensor, src: int, what: str) -> torch.Tensor:
         buffer = tensor.to(self.device).contiguous()
         work = self.dist.broadcast(buffer, src=self._peer(src), group=self.group, async_op=True)
+        self._handed(buffer)
         self._wait(work, what, [src] if src != self.rank else self._others())
         return buffer
 
@@ -372,6 +412,7 @@ class DistributedComm:
         buffer = tensor.to(self.device).contiguous()
         gathered = [torch.empty_like(buffer) for _ in range(self.world)]
         work = self.dist.all_gather(gathered, buffer, group=self.group, async_op=True)
+        self._handed(buffer, *gathered)
         self._wait(work, what, self._others())
         return gathered
 
@@ -379,14 +420,16 @@ class DistributedComm:
         """Every rank's `value` (picklable), in rank order: sizes first, then the padded bytes."""
         data = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8).to(self.device)
         sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
-        work = self.dist.all_gather(sizes, torch.tensor([data.numel()], device=self.device), group=self.group,
-                                    async_op=True)
+        size = torch.tensor([data.numel()], device=self.device)
+        work = self.dist.all_gather(sizes, size, group=self.group, async_op=True)
+        self._handed(size, *sizes)
         self._wait(work, what, self._others())
         longest = int(max(int(s) for s in sizes))
         padded = torch.zeros(longest, dtype=torch.uint8, device=self.device)
         padded[: data.numel()] = data
         gathered = [torch.empty(longest, dtype=torch.uint8, device=self.device) for _ in range(self.world)]
         work = self.dist.all_gather(gathered, padded, group=self.group, async_op=True)
+        self._handed(padded, *gathered)
         self._wait(work, what, self._others())
         return [pickle.loads(g[: int(s)].cpu().numpy().tobytes()) for g, s in zip(gathered, sizes)]
 
@@ -405,6 +448,10 @@ class DistributedComm:
         self.all_reduce(torch.zeros(1), what)
 
     # Waiting ---------------------------------------------------------------------------------------------------
+    def _handed(self, *tensors: torch.Tensor) -> None:
+        if self.gloo:  # (a collective runs on gloo's own worker thread: see _settle)
+            _hand(*tensors)
+
     def _others(self) -> list[int]:
         return [r for r in range(self.world) if r != self.rank]
 
