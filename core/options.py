@@ -286,7 +286,8 @@ class Options:
         "current scale, as `scaler.scale(loss).backward()` does in eager, so small float16 gradients survive alike. "
         "Without 'optimizer' (one process only for now) call scaler.scale(loss).backward(), scaler.step and "
         "scaler.update as usual; with 'optimizer' zb does unscale_, the skip and update() itself, on the global "
-        "verdict (post-validation rolls back an overflowed step)", _grad_scaler, compare=False,
+        "verdict (post-validation rolls back an overflowed step); every rank needs a scaler built alike, and "
+        "zb.save_checkpoint(..., grad_scaler=scaler) keeps its state", _grad_scaler, compare=False,
     )
     fuse_attention: bool = _option(
         True, "replace attention (F.scaled_dot_product_attention and hand-written softmax(q @ k^T) @ v) with zb's "

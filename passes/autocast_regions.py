@@ -92,8 +92,9 @@ def _annotated(original: fx.GraphModule, ambient: dict[str, tuple[bool, torch.dt
 
 def _entered(state: dict, node: fx.Node) -> dict:
     """The state inside `node`'s region, as torch.autocast itself resolves it: dtype None keeps the dtype in
-    effect. A dtype (or device type) autocast does not support here is refused: eager would disable the region
-    with a warning and run it in float32, which is not what the code asks for."""
+    effect. A dtype autocast does not support on this device is refused: eager would disable the region with a
+    warning and run it in float32, which is not what the code asks for (dtype=torch.float32 is; a "cuda" region
+    on a machine without CUDA only touches CUDA tensors: both resolve as eager does, disabled)."""
     import warnings
 
     device, dtype = node.args[0], node.args[1]
@@ -102,7 +103,8 @@ def _entered(state: dict, node: fx.Node) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         region = torch.autocast(device, dtype=dtype if dtype is not None else current, enabled=enabled)
-    if enabled and not region._enabled:
+    # float32 asks for what a disabled region runs; autocast("cuda") without CUDA cannot touch this model's ops
+    if enabled and not region._enabled and dtype != torch.float32 and (device != "cuda" or torch.cuda.is_available()):
         said = f" (torch: {caught[0].message})" if caught else ""
         raise ZbUnsupportedError(
             f"torch.autocast({device!r}, dtype={dtype}) in the compiled function is not supported on this machine"

@@ -68,45 +68,41 @@ def precision_policy(plan: Plan) -> Plan:
     return plan
 
 
-_CASTS = {"to", "type", "_to_copy"}
-_FACTORIES = {"zeros", "ones", "full", "empty", "arange", "tensor", "zeros_like", "ones_like", "full_like",
-              "empty_like", "rand", "randn", "randn_like", "rand_like", "linspace", "new_zeros", "new_ones",
-              "new_full", "new_empty", "new_tensor", "as_tensor", "eye"}
-_FINFO = {v for t in (torch.float32,) for v in (torch.finfo(t).min, torch.finfo(t).max, torch.finfo(t).eps,
-                                                 torch.finfo(t).tiny)}
+_FINFO = {float(getattr(torch.finfo(torch.float32), k)) for k in ("min", "max", "eps", "tiny", "resolution")}
 
 
 def _refuse_traced_dtypes(gm: fx.GraphModule, dtype: torch.dtype) -> None:
     """Dynamo traced the model with float32 parameters, so code that picks a dtype from a tensor (`x.to(w.dtype)`,
-    `torch.zeros(..., dtype=x.dtype)`, `torch.finfo(x.dtype).min`: Hugging Face's RMSNorm, rotary embedding and
-    masks) left float32 written into the graph where eager's bfloat16 copy of the model would have read bfloat16.
-    In the graph such a read looks like a written float32 (`x.to(torch.float32)` of a float32 value, a factory's
-    dtype=torch.float32, float32's finfo values), so each of those is refused: zb cannot tell which it was, and
-    guessing would run another program than eager's. (`x.float()` names its dtype and stays allowed.)"""
+    `torch.zeros(..., dtype=x.dtype)`, `softmax(..., dtype=x.dtype)`, `torch.finfo(x.dtype).min`: Hugging Face's
+    RMSNorm, rotary embedding and masks) left float32 written into the graph where eager's bfloat16 copy of the
+    model would have read bfloat16. In the graph such a read looks like a written float32: every float32 given as a
+    dtype (a cast to it, a dtype= argument of any operation) and float32's finfo values are refused, in checkpointed
+    bodies too, since zb cannot tell which it was. `x.float()` names its dtype and stays allowed. What the graph
+    cannot show is not caught: a Python branch on a dtype, or arithmetic on finfo values that Dynamo folded into
+    another constant (README, Precision)."""
     found = []
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
-            continue
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        written = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.dtype)]
-        if name in _CASTS and torch.float32 in written:
-            source = node.args[0].meta.get("example_value") if isinstance(node.args[0], fx.Node) else None
-            if isinstance(source, torch.Tensor) and source.dtype == torch.float32:
-                found.append((node, "casts a float32 value to float32, as `x.to(y.dtype)` of float32 tensors does"))
-        elif name in _FACTORIES and node.kwargs.get("dtype") == torch.float32:
-            found.append((node, "creates a tensor with dtype=torch.float32, as `dtype=x.dtype` of a float32 tensor "
-                                "does"))
-        elif any(isinstance(a, float) and a in _FINFO for a in (*node.args, *node.kwargs.values())):
-            found.append((node, "uses a float32 limit (torch.finfo(torch.float32)), as torch.finfo(x.dtype) of a "
-                                "float32 tensor does"))
+    bodies = [gm]
+    while bodies:
+        graph = bodies.pop()
+        for node in graph.graph.nodes:
+            if node.op == "get_attr" and isinstance(getattr(graph, node.target, None), fx.GraphModule):
+                bodies.append(getattr(graph, node.target))
+            if node.op not in ("call_function", "call_method"):
+                continue
+            values = (*node.args, *node.kwargs.values())
+            if any(isinstance(a, torch.dtype) and a == torch.float32 for a in values):
+                found.append((node, "is given dtype torch.float32, as `x.dtype` of a float32 tensor would be"))
+            elif any(isinstance(a, float) and a in _FINFO for a in values):
+                found.append((node, "uses a float32 limit (torch.finfo(torch.float32)), as torch.finfo(x.dtype) of "
+                                    "a float32 tensor does"))
     if found:
         where = "; ".join(f"{node.name} {why}{_line(node)}" for node, why in found[:3])
         raise ZbUnsupportedError(
             f"option param_dtype={dtype}: the traced graph has float32 written where the model's code may have read "
             f"a tensor's dtype ({len(found)} place{'s' if len(found) > 1 else ''}: {where}). Dynamo traced it with "
             f"float32 parameters, and eager with {dtype} copies of them would have chosen {dtype} there, so zb cannot "
-            "run eager's program. Use torch.autocast instead (Hugging Face models are tested under it), or name the "
-            "dtype in the model's code (`x.float()`, `dtype=torch.bfloat16`)")
+            "run eager's program. Use torch.autocast instead (Hugging Face models are tested under it), or write "
+            "`x.float()` for a float32 you mean and no dtype where you mean the tensor's")
 
 
 def _line(node: fx.Node) -> str:

@@ -285,8 +285,10 @@ class StepExecutor:
             # they are weighted or meant to be added (seed 1): passes/normalize_loss.py.
             loss = self.program.loss
             m = self.program.microbatches * self.replicas
-            seed = (1.0 / m if loss is None or loss.mode == "mean" else 1.0) * self.seed_scale  # (a loss scale)
-            env["tangent:out:0"] = torch.full_like(self.outs[0][-1], seed)
+            # The loss scale first, in the loss's dtype, then the mean's 1/m: eager's scaler.scale(loss) of a
+            # float16 loss overflows to inf at a scale of 65536 (and the step is skipped), so must this seed.
+            seed = torch.full_like(self.outs[0][-1], self.seed_scale)
+            env["tangent:out:0"] = seed / m if loss is None or loss.mode == "mean" else seed
 
     def _backward_input(self, s: int, mb: int) -> None:
         env = self.env[(s, mb)]

@@ -138,7 +138,7 @@ class OptimizerStep:
         self.params = list(args)
         self.wait_broadcasts()
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        if self.scaler is not None and self.steps == 0 and self.distributed:
+        if self.steps == 0:
             self._check_same_scalers()
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
         self.unscale = 1.0 / scale
@@ -152,15 +152,24 @@ class OptimizerStep:
         return scale
 
     def _check_same_scalers(self) -> None:
-        """Every process unscales with its own scaler's scale, which only the loss's rank seeds the backward with:
-        the scalers must start alike (they then move alike, on the same verdicts)."""
-        states = self.comm.all_gather_object(self.scaler.state_dict(), "comparing the ranks' loss scalers")
-        if any(state != states[0] for state in states):
-            error = ZbError("option 'grad_scaler': the ranks' GradScalers differ (" + "; ".join(
-                f"rank {r}: {state}" for r, state in enumerate(states)) + "); build the scaler alike on every "
-                "rank, or load the same checkpoint into each")
-            error.agreed = self.comm.spans_job  # every rank raised it alike, from gathered values
-            raise error
+        """Every process unscales with its own scaler's scale, which only the loss's rank seeds the backward with,
+        and replicas sum gradients seeded by their own: the scalers of the pipeline's ranks and of the replicas
+        must start alike (they then move alike, on the same verdicts). Asked on every rank, with a scaler or
+        not (a rank without one sends None), at each plan's first step."""
+        mine = self.scaler.state_dict() if self.scaler is not None else None
+        for comm, whose in ((self.comm if self.distributed else None, "pipeline ranks"),
+                            (self.replica_comm, "data-parallel replicas")):
+            if comm is None:
+                continue
+            states = comm.all_gather_object(mine, f"comparing the {whose}' loss scalers")
+            if any(state != states[0] for state in states):
+                label = "rank" if comm is self.comm else "replica"
+                error = ZbError(f"option 'grad_scaler': the {whose}' GradScalers differ (" + "; ".join(
+                    f"{label} {r}: {state if state is not None else 'none, or disabled'}"
+                    for r, state in enumerate(states)) + "); give every rank the same scaler (built alike, or "
+                    "loaded from the same checkpoint)")
+                error.agreed = comm.spans_job  # every rank raised it alike, from gathered values
+                raise error
 
     def stage_done(self, stage: int, grads: dict[int, list[torch.Tensor]]) -> None:
         """The executor ran `stage`'s last action: update it now unless it is its rank's last stage."""
@@ -485,6 +494,13 @@ def full_state_dict(optimizer: torch.optim.Optimizer) -> dict:
         merged.update(theirs)
     state["state"] = dict(sorted(merged.items()))
     return state
+
+
+def settle() -> None:
+    """Validate every step of every optimizer zb ran that is still waiting (checkpoints call it: a pending update
+    validated after a load would roll back onto the loaded values, and a loss scale is updated on validation)."""
+    for optimizer in {s.optimizer for s in _UNVALIDATED} | set(_STEPS.keys()):
+        synchronize(optimizer)
 
 
 def synchronize(optimizer: torch.optim.Optimizer) -> None:

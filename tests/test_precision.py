@@ -273,7 +273,7 @@ def test_the_policy_refuses_code_that_read_a_dtype_while_traced_in_float32():
     torch._dynamo.reset()
     step = torch.compile(Written(), backend=zb.ZbBackend({"stages": 1, "microbatches": 2, "compiler": "eager",
                                                           "param_dtype": BF16}))
-    with pytest.raises(zb.ZbUnsupportedError, match="dtype=torch.float32"):
+    with pytest.raises(zb.ZbUnsupportedError, match=r"torch.full\(h.shape, -1.0, dtype=h.dtype\)"):
         step(torch.randn(4, 16), torch.randn(4, 16))
 
 
@@ -529,6 +529,30 @@ def test_zb_check_holds_bf16_compute_to_bf16_tolerance(mode, monkeypatch):
     assert failed[0] == "stage 0 W", failed
 
 
+def test_zb_check_keeps_float32_tolerance_for_a_piece_that_computes_in_float32():
+    """bf16 autocast around the last layer only: stage 0 computes in float32 and keeps float32's tolerance (the
+    whole step, which runs the bf16 layer, gets bf16's)."""
+    from zb.check import check
+
+    class LastInBf16(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x, y):
+            h = torch.tanh(self.a(x))
+            with torch.autocast("cpu", dtype=BF16):
+                out = self.b(h)
+            return (out.float() - y).square().mean()
+
+    torch.manual_seed(0)
+    rows = {r.piece: r for r in check(LastInBf16(), (torch.randn(8, 16), torch.randn(8, 16)),
+                                      {"stages": 2, "microbatches": 2, "compiler": "eager", "split_points": ["b"]})}
+    assert rows["stage 0 W"].tolerance == 1e-4 and rows["stage 0 F"].tolerance == 1e-4, rows
+    assert rows["stage 1 F"].tolerance == 3e-2 and rows["whole step (loss, 4 gradients)"].tolerance == 3e-2, rows
+    assert all(r.passed for r in rows.values()), rows
+
+
 def test_an_autocast_dtype_the_device_does_not_support_is_refused():
     """torch.autocast("cpu", dtype=torch.float64) inside the model: eager disables the region with a warning (and
     runs float32); zb refuses with an error that says which dtypes to use."""
@@ -546,3 +570,27 @@ def test_an_autocast_dtype_the_device_does_not_support_is_refused():
     step = torch.compile(Float64Region(), backend=zb.ZbBackend({"stages": 1, "microbatches": 2, "compiler": "eager"}))
     with pytest.raises(zb.ZbUnsupportedError, match=r"(?s)autocast\('cpu', dtype=torch.float64\).*torch.bfloat16"):
         step(torch.randn(4, 16), torch.randn(4, 16))
+
+
+def test_a_float16_loss_scaled_past_its_range_skips_the_step_inside_zbs_optimizer():
+    """A float16 loss and GradScaler's default 2**16 (beyond float16): eager's scaler.scale(loss) is inf, every
+    gradient non-finite, the step skipped and the scale halved. zb's seed is the scale in the loss's dtype before
+    the microbatches' 1/m (S/m would be finite at 2 microbatches, and zb stepped where eager skips)."""
+    from zb.runtime.optimizer import history
+
+    torch.manual_seed(0)
+    model = Float16Loss()
+    x, y, bias = torch.randn(8, 16), torch.randn(8, 16), torch.randn(1, 32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager",
+                                                      "param_dtype": torch.float16, "optimizer": optimizer,
+                                                      "grad_scaler": scaler}))
+    before = [p.detach().clone() for p in model.parameters()]
+    assert step(x, y, bias).dtype == torch.float16
+    zb.synchronize(optimizer)
+    assert [r.skipped for r in history(optimizer)] == [True] and scaler.get_scale() == 2.0**15
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    step(x, y, bias)  # at 2**15 the seed is finite: the step runs
+    zb.synchronize(optimizer)
+    assert [r.skipped for r in history(optimizer)] == [True, False]

@@ -13,8 +13,9 @@ the last stage back), and a gradient of 1 for the loss. Beyond the F/B/W pieces:
   * the fused optimizer update (`optimizer=` one of sgd/adam/adamw): two steps of zb's fused kernel against
     torch.optim's single-tensor implementation in float64.
 The error is the largest absolute difference, and relative to the reference's largest magnitude. The tolerance is
-that of the piece's dtype, or of its compute dtype when that is narrower (a float32 output computed under bf16
-autocast or with bf16 parameter copies, option param_dtype: the dtype column then reads float32/bfloat16).
+that of the piece's dtype, or of its compute dtype when that is narrower: a piece whose graph holds a bf16 value
+(autocast, or option param_dtype's copies) with a float32 output is held to bf16's (the dtype column then reads
+float32/bfloat16), and so is the whole step when any piece computes in bf16.
 """
 
 from __future__ import annotations
@@ -69,26 +70,25 @@ def check(model: torch.nn.Module, example_args: tuple, options: dict[str, Any] |
     rows = _check_pieces(plan, compiled)
     if plan.training:
         rows.append(_check_step(model, example_args, options))
-    low = compute_dtype(plan)
-    for row in rows:  # (attention sites are checked in their own dtype, the optimizer in float32)
-        if low is not None and TOLERANCE.get(low, 0.0) > TOLERANCE.get(row.dtype, 1e-4):
-            row.compute = low
+        held = set().union(*(_graph_dtypes(gm) for stage in plan.stages for gm in stage.pieces.values() if gm))
+        rows[-1].compute = _narrower(rows[-1].dtype, held)
     rows += _check_attention(plan)
     if optimizer is not None:
         rows.append(_check_optimizer(model, optimizer))
     return rows
 
 
-def compute_dtype(plan: Plan) -> torch.dtype | None:
-    """The narrowest float dtype the plan computes in beyond its values' own: autocast's (around the call, or a region
-    inside: passes/autocast_regions.py marks its nodes), option param_dtype."""
-    from zb.passes.autocast_regions import KEY
+def _narrower(dtype: torch.dtype, dtypes) -> torch.dtype | None:
+    """The dtype among `dtypes` with a looser tolerance than `dtype`'s (the loosest), or None."""
+    loose = [d for d in dtypes if d is not None and TOLERANCE.get(d, 0.0) > TOLERANCE.get(dtype, 1e-4)]
+    return max(loose, key=lambda d: TOLERANCE[d], default=None)
 
-    dtypes = [dtype for enabled, dtype in plan.autocast.values() if enabled]
-    dtypes += [dtype for node in plan.graph.graph.nodes for _, dtype in node.meta.get(KEY, ())]
-    if plan.options.param_dtype is not None:
-        dtypes.append(plan.options.param_dtype)
-    return max(dtypes, key=lambda d: TOLERANCE.get(d, 0.0), default=None)
+
+def _graph_dtypes(gm) -> set:
+    """The dtypes of the float values a piece's graph holds (its inputs included)."""
+    values = [n.meta.get("val") for n in gm.graph.nodes]
+    return {v.dtype for v in torch.utils._pytree.tree_leaves(values)
+            if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
 
 # ---- the whole step --------------------------------------------------------------------------------------------
@@ -155,7 +155,8 @@ def _check_pieces(plan: Plan, compiled) -> list[Row]:
         native = [_like(v, node) for v, node in zip(values, placeholders)]
         got = piece(list(native))
         max_abs, relative, dtype = _compare(got, reference, placeholders)
-        rows.append(Row(f"stage {s} {_SHORT[name]}", dtype, label, max_abs, relative))
+        rows.append(Row(f"stage {s} {_SHORT[name]}", dtype, label, max_abs, relative,
+                        _narrower(dtype, _graph_dtypes(gm))))
         for key, value in zip(piece.outputs, reference):
             if key is None:
                 continue

@@ -19,7 +19,8 @@ process, or plain PyTorch (`full_state_dict` / `load_full`). The DCP keys, all f
 and `zb.json` (the manifest `zb checkpoint PATH` prints). A checkpoint is saved under `.<name>.partial` next to
 PATH and moved to PATH only once complete; the previous one is kept as `.<name>.old` until then, so a crash in
 the middle of a save leaves a checkpoint to load (`load_checkpoint` falls back to `.old` when PATH is missing).
-Post-validated steps are settled (`zb.synchronize`) before anything is saved.
+Post-validated steps (of every optimizer zb runs) are settled before anything is saved or loaded, so the loss
+scale saved is every rank's, and no pending update lands on loaded values.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from zb.core.errors import ZbError
-from zb.runtime.optimizer import synchronize
+from zb.runtime.optimizer import settle
 from zb.runtime.released import is_deferred, is_released
 from zb.runtime.runner import LIVE
 from zb.schedules import Schedule
@@ -134,8 +135,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     """Write a checkpoint of `model` (and `optimizer`, `lr_scheduler`, `grad_scaler`, `extra`) to directory `path`,
     atomically. Every process calls it. Returns the path."""
     path = pathlib.Path(path)
-    if optimizer is not None:
-        synchronize(optimizer)
+    settle()
     group, rank, world = _group()
     tensors = _named_state(model)
     owned = _owned(tensors)
@@ -148,7 +148,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     state[f"extra.{rank}"] = _blob(dict(extra))
     if lr_scheduler is not None:
         state["lr_scheduler"] = _blob(lr_scheduler.state_dict())
-    if grad_scaler is not None:  # settled above with the optimizer: every rank's scaler is alike
+    if grad_scaler is not None:  # settled above: every rank's scaler is alike
         state["grad_scaler"] = _blob(grad_scaler.state_dict())
     resume = _resume_state(tensors)
     state["zb.resume"] = _blob(resume)
@@ -264,6 +264,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     import torch.distributed.checkpoint as dcp
 
     path = _existing(pathlib.Path(path))
+    settle()  # (a pending update validated after the load would roll back onto the loaded values)
     manifest = read_manifest(path)
     saved = _metadata(path)
     tensors = _named_state(model)
@@ -423,6 +424,7 @@ def describe(path: str | os.PathLike) -> dict:
     """What a checkpoint holds (for `zb checkpoint PATH`): the manifest, and per group of keys the tensors and
     bytes."""
     path = _existing(pathlib.Path(path))
+    settle()  # (a pending update validated after the load would roll back onto the loaded values)
     manifest = read_manifest(path)
     groups: dict[str, list[int]] = {}
     for key, meta in _metadata(path).items():
