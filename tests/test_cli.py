@@ -95,21 +95,26 @@ def test_check_fails_on_a_wrong_pass_through_the_whole_step_row(monkeypatch, cap
     assert all(line.rstrip().endswith("pass") for line in out.splitlines() if line.startswith("stage")), out
 
 
-def test_check_fails_and_names_a_miscompiled_piece(monkeypatch, capsys):
-    """A piece whose compiled code is wrong (here: stage 1's B, its output scaled by 1.001) must fail the check."""
+def miscompile(monkeypatch, stage: int, name: str, factor: float) -> None:
+    """Make zb compile piece `name` of `stage` wrong: its float outputs scaled by `factor`."""
     from zb.codegen import inductor
 
     real = inductor.compile_piece
 
-    def miscompile(gm, name, stage, compiler):
-        piece = real(gm, name, stage, compiler)
-        if (stage, name) == (1, "backward_input"):
+    def compile_piece(gm, piece_name, piece_stage, compiler):
+        piece = real(gm, piece_name, piece_stage, compiler)
+        if (piece_stage, piece_name) == (stage, name):
             run = piece.run
-            piece.run = lambda args: [o * 1.001 if hasattr(o, "dtype") and o.is_floating_point() else o
+            piece.run = lambda args: [o * factor if hasattr(o, "dtype") and o.is_floating_point() else o
                                       for o in run(args)]
         return piece
 
-    monkeypatch.setattr(inductor, "compile_piece", miscompile)
+    monkeypatch.setattr(inductor, "compile_piece", compile_piece)
+
+
+def test_check_fails_and_names_a_miscompiled_piece(monkeypatch, capsys):
+    """A piece whose compiled code is wrong (here: stage 1's B, its output scaled by 1.001) must fail the check."""
+    miscompile(monkeypatch, 1, "backward_input", 1.001)
     assert main(["check", "tests.models:gpt", "--stages", "2", "--split-points", "blocks.1",
                  "--compiler", "eager"]) == 1
     out = capsys.readouterr().out

@@ -500,8 +500,8 @@ def test_review_cases_of_the_policy_and_the_scaler():
 def test_zb_check_holds_bf16_compute_to_bf16_tolerance(mode, monkeypatch):
     """`zb check` under bf16 compute: a float32 output of a bf16 computation is held to bf16's tolerance (it was
     held to float32's, a false FAIL), the dtype column says both; a piece that is 5% off still fails."""
+    from tests.test_cli import miscompile
     from zb.check import check, format_table
-    from zb.codegen import inductor
 
     torch.manual_seed(0)
     model = Net(inside=mode == "autocast inside")
@@ -514,17 +514,7 @@ def test_zb_check_holds_bf16_compute_to_bf16_tolerance(mode, monkeypatch):
     assert any(r.dtypes == "float32/bfloat16" for r in rows), format_table(rows)
     fp32_rows = check(Net(), args, {"stages": 2, "microbatches": 2, "compiler": "eager"})
     assert all(r.compute is None and r.tolerance == 1e-4 for r in fp32_rows)  # float32 compute: float32's tolerance
-    real = inductor.compile_piece
-
-    def miscompile(gm, name, stage, compiler):
-        piece = real(gm, name, stage, compiler)
-        if (stage, name) == (0, "backward_weight"):
-            run = piece.run
-            piece.run = lambda args: [o * 1.05 if hasattr(o, "dtype") and o.is_floating_point() else o
-                                      for o in run(args)]
-        return piece
-
-    monkeypatch.setattr(inductor, "compile_piece", miscompile)
+    miscompile(monkeypatch, 0, "backward_weight", 1.05)
     failed = [r.piece for r in check(model, args, options) if not r.passed]
     assert failed[0] == "stage 0 W", failed
 
