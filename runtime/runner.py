@@ -191,7 +191,8 @@ class PipelineRunner:
             raise ZbUnsupportedError(
                 "option 'grad_scaler' works in one process for now: under torch.distributed each pipeline rank's "
                 "scaler would see only its own stages' gradients when it looks for inf/NaN, so the ranks' scales "
-                "could part; train in bfloat16 (no scaler needed) across processes")
+                "could part. Give zb the optimizer too (options 'optimizer' and 'grad_scaler': zb then unscales, "
+                "skips and updates the scale on the global verdict), or train in bfloat16 (no scaler needed)")
         return float(scaler.get_scale())
 
     def _optimizer_step(self, args: Sequence[Any]) -> tuple:
