@@ -206,14 +206,15 @@ def _aside(work, seconds: float) -> threading.Thread:
 # belongs to C++, and the worker takes the GIL to free it. If that happens while the interpreter shuts down, the
 # worker is ended in pthread_exit through a noexcept frame and the process aborts with the same message (seen
 # after a normal run: a core showed gloo's runLoop freeing an AsyncAllgatherWork's tensors from inside
-# Py_FinalizeEx). So the tensors zb hands to gloo collectives are kept (`_HANDED`) until gloo holds them no more
-# (`_use_count() == 1`: only their Python object), and `_settle` waits for that with the GIL released; then it
-# releases the GIL for GLOO_QUIET more seconds, for collectives zb did not issue (a script's own last barrier).
+# Py_FinalizeEx). So the tensors zb hands to gloo collectives are kept (`_HANDED`) until nothing but their Python
+# object holds them (`_use_count() == 1`), and at exit `_settle` releases the GIL until that is so, for at most
+# GLOO_QUIET seconds (a view of a handed tensor also counts, so the wait is bounded), which also lets gloo's
+# threads finish collectives zb did not issue (a script's own last barrier).
 _THREADS: set[threading.Thread] = set()
 _WAITERS: set[_Waiter] = set()
-_HANDED: list[torch.Tensor] = []
-_GLOO: list[bool] = []  # set once a gloo group is used
-GLOO_QUIET = 0.1
+_HANDED: dict[int, torch.Tensor] = {}
+_GLOO: list[int] = []  # [the size of _HANDED after its last pruning], once a gloo group is used
+GLOO_QUIET = 0.2
 SETTLE = 5.0  # seconds the exit waits, at most, for zb's threads to return (a store call is not interrupted)
 ABANDON_TAG = 0x7A62  # the receive that closes a stuck gloo group at exit; no message of zb's uses it
 _SETTLING: list = []
@@ -247,24 +248,27 @@ def _settle() -> None:
         if thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
     if _GLOO:
-        while _held() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        time.sleep(GLOO_QUIET)
+        quiet = time.monotonic() + GLOO_QUIET
+        while _held() and time.monotonic() < quiet:
+            time.sleep(0.002)  # (the GIL released: a gloo thread freeing a work can take it)
 
 
 def _hand(*tensors: torch.Tensor) -> None:
     """Keep `tensors` (given to a gloo collective) alive until gloo's worker thread has dropped them."""
     if not _SETTLING:
         _SETTLING.append(atexit.register(_settle))
-    _GLOO[:] = [True]
-    if len(_HANDED) > 64:
+    if not _GLOO:
+        _GLOO.append(0)
+    if len(_HANDED) > max(64, 2 * _GLOO[0]):
         _held()
-    _HANDED.extend(tensors)
+        _GLOO[0] = len(_HANDED)
+    _HANDED.update((id(t), t) for t in tensors)
 
 
 def _held() -> bool:
-    """Drop the handed tensors gloo holds no more; whether any is left."""
-    _HANDED[:] = [t for t in _HANDED if t._use_count() > 1]
+    """Drop the handed tensors held by nothing else any more; whether any is left."""
+    for key in [k for k, t in _HANDED.items() if t._use_count() == 1]:
+        del _HANDED[key]
     return bool(_HANDED)
 
 
