@@ -208,21 +208,27 @@ def _aside(work, seconds: float) -> threading.Thread:
 # after a normal run: a core showed gloo's runLoop freeing an AsyncAllgatherWork's tensors from inside
 # Py_FinalizeEx). So the tensors zb hands to gloo collectives are kept (`_HANDED`) until nothing but their Python
 # object holds them (`_use_count() == 1`), and at exit `_settle` releases the GIL until that is so, for at most
-# GLOO_QUIET seconds (a view of a handed tensor also counts, so the wait is bounded), which also lets gloo's
-# threads finish collectives zb did not issue (a script's own last barrier).
+# GLOO_QUIET seconds (a view of a handed tensor also counts, so the wait is bounded), then GLOO_YIELD seconds more
+# for gloo's threads to finish collectives zb did not issue (a script's own last barrier: what the core showed);
+# that last part lowers the odds, it cannot prove the thread done.
 _THREADS: set[threading.Thread] = set()
 _WAITERS: set[_Waiter] = set()
 _HANDED: dict[int, torch.Tensor] = {}
 _GLOO: list[int] = []  # [the size of _HANDED after its last pruning], once a gloo group is used
 GLOO_QUIET = 0.2
+GLOO_YIELD = 0.05
 SETTLE = 5.0  # seconds the exit waits, at most, for zb's threads to return (a store call is not interrupted)
 ABANDON_TAG = 0x7A62  # the receive that closes a stuck gloo group at exit; no message of zb's uses it
 _SETTLING: list = []
 
 
-def _start(target, name: str) -> threading.Thread:
+def _settle_at_exit() -> None:
     if not _SETTLING:
         _SETTLING.append(atexit.register(_settle))  # once; after torch's own handlers, so it runs before them
+
+
+def _start(target, name: str) -> threading.Thread:
+    _settle_at_exit()
 
     def run():
         try:
@@ -251,12 +257,12 @@ def _settle() -> None:
         quiet = time.monotonic() + GLOO_QUIET
         while _held() and time.monotonic() < quiet:
             time.sleep(0.002)  # (the GIL released: a gloo thread freeing a work can take it)
+        time.sleep(GLOO_YIELD)
 
 
 def _hand(*tensors: torch.Tensor) -> None:
     """Keep `tensors` (given to a gloo collective) alive until gloo's worker thread has dropped them."""
-    if not _SETTLING:
-        _SETTLING.append(atexit.register(_settle))
+    _settle_at_exit()
     if not _GLOO:
         _GLOO.append(0)
     if len(_HANDED) > max(64, 2 * _GLOO[0]):

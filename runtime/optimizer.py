@@ -499,7 +499,7 @@ def full_state_dict(optimizer: torch.optim.Optimizer) -> dict:
 def settle() -> None:
     """Validate every step of every optimizer zb ran that is still waiting (checkpoints call it: a pending update
     validated after a load would roll back onto the loaded values, and a loss scale is updated on validation)."""
-    for optimizer in {s.optimizer for s in _UNVALIDATED} | set(_STEPS.keys()):
+    for optimizer in list(_STEPS.keys()):  # (a step waiting in _UNVALIDATED keeps its optimizer registered here)
         synchronize(optimizer)
 
 
