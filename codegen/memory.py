@@ -34,7 +34,8 @@ class PieceMemory:
     outputs: tuple[tuple, ...]
 
 
-def piece_memory(gm: fx.GraphModule) -> PieceMemory:
+def piece_memory(gm: fx.GraphModule, sizes: dict | None = None) -> PieceMemory:
+    """The piece's memory; symbolic sizes counted at `sizes` (None: as traced; see passes/plan.py `concrete`)."""
     nodes = list(gm.graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
     placeholders = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
@@ -65,7 +66,7 @@ def piece_memory(gm: fx.GraphModule) -> PieceMemory:
         value = node.meta.get("val")
         if isinstance(value, (tuple, list)) and any(u.target is operator.getitem for u in node.users):
             continue  # its outputs are counted where they are read (an output nobody reads may not exist at all)
-        size = nbytes(value)
+        size = nbytes(value, sizes)
         at = made_at.get(node, position[node])
         allocated[at] = allocated.get(at, 0) + size
         frees[death[node]] = frees.get(death[node], 0) + size
@@ -84,7 +85,7 @@ def piece_memory(gm: fx.GraphModule) -> PieceMemory:
         if r in placeholders:
             outputs.append(("input", placeholders[r]))
         else:
-            outputs.append(("new", allocations.setdefault(r, len(allocations)), nbytes(r.meta.get("val"))))
+            outputs.append(("new", allocations.setdefault(r, len(allocations)), nbytes(r.meta.get("val"), sizes)))
     return PieceMemory(peak, tuple(outputs))
 
 

@@ -24,7 +24,10 @@ from torch import fx
 from zb.codegen.inductor import CompiledPiece, compile_piece
 from zb.codegen.memory import PieceMemory, piece_memory
 from zb.core.options import Options
-from zb.passes.plan import PIECES, InputSpec, Plan, Stage, input_keys, nbytes, output_keys, output_values
+from zb.passes.plan import (
+    PIECES, InputSpec, Plan, Stage, concrete, concrete_shape, input_keys, nbytes, output_keys, output_values,
+    size_symbols,
+)
 
 # Where a piece's output goes.
 DISCARD = "discard"  # an output nobody reads
@@ -127,6 +130,31 @@ class Program:
     reduce_dtype: torch.dtype | None = None
     # The lower-precision dtypes autocast or the policy computes in (empty: the graph's own dtypes throughout).
     compute_dtypes: frozenset = frozenset()
+    # A plan traced with symbolic sizes: (symbol, input index, dim) where each call shows each symbol, the sizes
+    # the shapes and bytes above are evaluated at, and how to evaluate them at others (build_program).
+    symbols: list[tuple[Any, int, int | None]] = field(default_factory=list)
+    sizes: dict = field(default_factory=dict)
+    rebuild: Any = None
+
+    def bind(self, args: Sequence[Any]) -> None:
+        """Evaluate the shapes and bytes for this call's sizes (a symbolic plan; nothing to do for a static one).
+        In place: the runtime's parts hold this program and its lists."""
+        if not self.symbols:
+            return
+        sizes = {symbol: int(args[index] if dim is None else args[index].shape[dim])
+                 for symbol, index, dim in self.symbols}
+        if sizes == self.sizes:
+            return
+        fresh = self.rebuild(sizes)
+        self.input_specs[:] = fresh.input_specs
+        self.outputs[:] = fresh.outputs
+        for mine, theirs in zip(self.stages, fresh.stages):
+            mine.receives_forward[:] = theirs.receives_forward
+            mine.receives_backward[:] = theirs.receives_backward
+            mine.memory_b, mine.memory_w = theirs.memory_b, theirs.memory_w
+            for name, piece in mine.pieces.items():
+                piece.memory = theirs.pieces[name].memory
+        self.sizes = sizes
 
     @property
     def num_stages(self) -> int:
@@ -159,9 +187,12 @@ class Program:
         return found
 
 
-def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece]) -> Program:
-    """The runtime's view of `plan`, with the compiled pieces of the stages this process runs."""
-    stages = [_stage_program(plan, stage, compiled) for stage in plan.stages]
+def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], sizes: dict | None = None
+                  ) -> Program:
+    """The runtime's view of `plan`, with the compiled pieces of the stages this process runs. A plan traced with
+    symbolic sizes (a sequence length) gives a program whose shapes and bytes are those at `sizes` (symbol ->
+    int; None: the traced example's), and that `Program.bind` re-evaluates for each call's sizes."""
+    stages = [_stage_program(plan, stage, compiled, sizes) for stage in plan.stages]
     producers: dict[int, set[int]] = {}
     for stage in plan.stages:
         for gm in (stage.backward_input, stage.backward_weight) if plan.training else ():
@@ -170,12 +201,12 @@ def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece]) ->
                     producers.setdefault(int(key[len("grad:in:"):]), set()).add(stage.index)
     last = plan.stages[-1].forward
     outs = {key: value for key, value in zip(output_keys(last), _output_meta(last)) if key and key.startswith("out:")}
-    return Program(
+    program = Program(
         training=plan.training,
         options=plan.options,
         inputs=list(plan.inputs),
-        input_specs=[_spec(f"in:{i}", value) for i, value in enumerate(plan.example_inputs)],
-        outputs=[_spec(f"out:{j}", outs.get(f"out:{j}")) for j in range(plan.num_outputs)],
+        input_specs=[_spec(f"in:{i}", value, sizes) for i, value in enumerate(_traced_inputs(plan))],
+        outputs=[_spec(f"out:{j}", outs.get(f"out:{j}"), sizes) for j in range(plan.num_outputs)],
         stages=stages,
         grad_producers={i: frozenset(s) for i, s in sorted(producers.items())},
         updates={s: list(v) for s, v in plan.updates.items()},
@@ -186,6 +217,21 @@ def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece]) ->
                                  for _, dtype in node.meta.get("zb_autocast", ())) | frozenset(plan.copies.values()),
         reduce_dtype=plan.options.reduce_dtype,
     )
+    program.symbols = size_symbols(plan.graph, plan.inputs)
+    if program.symbols:
+        traced = _traced_inputs(plan)
+        program.sizes = sizes if sizes is not None else {
+            symbol: concrete(traced[index] if dim is None else traced[index].shape[dim])
+            for symbol, index, dim in program.symbols}
+        program.rebuild = lambda bound: build_program(plan, compiled, bound)
+    return program
+
+
+def _traced_inputs(plan: Plan) -> list[Any]:
+    """One microbatch of each plan input as traced: real values, or (symbolic sizes) the graph's fake ones."""
+    if not size_symbols(plan.graph, plan.inputs):
+        return plan.example_inputs
+    return [node.meta.get("example_value") for node in plan.graph.graph.find_nodes(op="placeholder")]
 
 
 def _loss_program(plan: Plan) -> LossProgram | None:
@@ -197,7 +243,8 @@ def _loss_program(plan: Plan) -> LossProgram | None:
     return LossProgram(loss.mode, list(loss.weights), list(loss.outputs), list(loss.learned), denominator)
 
 
-def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], CompiledPiece]) -> StageProgram:
+def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], CompiledPiece],
+                   sizes: dict | None) -> StageProgram:
     graphs = [(name, stage.pieces[name]) for name in PIECES if stage.pieces.get(name) is not None]
     held = _held_keys([gm for _, gm in graphs])
     pieces = {}
@@ -206,12 +253,13 @@ def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], Com
         keys = output_keys(gm)
         drops = sorted(k for k in set(input_keys(gm)) | {k for k in keys if k} if k not in later)
         pieces[name] = Piece(name, stage.index, input_keys(gm), [_route(k, plan, held) for k in keys],
-                             [(k, k in held) for k in drops], piece_memory(gm), compiled.get((stage.index, name)))
+                             [(k, k in held) for k in drops], piece_memory(gm, sizes),
+                             compiled.get((stage.index, name)))
     forward = stage.forward
-    memory_b = sum(nbytes(v) for k, v in zip(output_keys(forward), _output_meta(forward)) if k in held)
+    memory_b = sum(nbytes(v, sizes) for k, v in zip(output_keys(forward), _output_meta(forward)) if k in held)
     weight = stage.backward_weight
-    memory_w = sum(nbytes(n.meta.get("val")) for n in (weight.graph.find_nodes(op="placeholder") if weight else [])
-                   if n.meta["zb_key"] in held)
+    saved = weight.graph.find_nodes(op="placeholder") if weight else []
+    memory_w = sum(nbytes(n.meta.get("val"), sizes) for n in saved if n.meta["zb_key"] in held)
     keys = [k for gm in ([stage.graph] if stage.graph is not None else []) + [gm for _, gm in graphs]
             for k in input_keys(gm)]
     reads = {int(k[3:]) for k in keys if k.startswith("in:")}
@@ -219,8 +267,9 @@ def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], Com
         index=stage.index,
         device=_device(forward),
         pieces=pieces,
-        receives_forward=[_boundary(k, shape, dtype, forward) for k, shape, dtype in stage.receives_forward],
-        receives_backward=[_boundary(k, shape, dtype, forward) for k, shape, dtype in stage.receives_backward],
+        receives_forward=[_boundary(k, shape, dtype, forward, sizes) for k, shape, dtype in stage.receives_forward],
+        receives_backward=[_boundary(k, shape, dtype, forward, sizes)
+                           for k, shape, dtype in stage.receives_backward],
         reads=frozenset(reads),
         memory_b=float(memory_b),
         memory_w=float(min(memory_w, memory_b)),
@@ -259,8 +308,9 @@ def _held_keys(pieces: list[fx.GraphModule]) -> set[str]:
     return keys - aliases
 
 
-def _boundary(key: str, shape: tuple, dtype: torch.dtype, forward: fx.GraphModule) -> TensorSpec:
-    return TensorSpec(key, tuple(shape), dtype, _device(forward))
+def _boundary(key: str, shape: tuple, dtype: torch.dtype, forward: fx.GraphModule, sizes: dict | None
+              ) -> TensorSpec:
+    return TensorSpec(key, concrete_shape(shape, sizes), dtype, _device(forward))
 
 
 def _device(gm: fx.GraphModule) -> torch.device:
@@ -276,7 +326,7 @@ def _output_meta(gm: fx.GraphModule) -> list[Any]:
     return [node.meta.get("val") if isinstance(node, fx.Node) else node for node in output_values(gm)]
 
 
-def _spec(key: str, value: Any) -> TensorSpec | None:
+def _spec(key: str, value: Any, sizes: dict | None) -> TensorSpec | None:
     if not isinstance(value, torch.Tensor):
         return None
-    return TensorSpec(key, tuple(value.shape), value.dtype, value.device)
+    return TensorSpec(key, concrete_shape(value.shape, sizes), value.dtype, value.device)

@@ -271,6 +271,11 @@ class Options:
         "recently used one is freed when another arrives (per Dynamo graph)",
         _positive_int,
     )
+    symbolic_sizes: bool = _option(
+        True, "when Dynamo makes a size dynamic (a sequence length that changed between calls), plan and compile the "
+        "pipeline once with that size symbolic, for every later size its guards admit; False: one pipeline per size",
+        _boolean,
+    )
     param_dtype: Any = _option(
         None, "mixed precision (torchtitan's MixedPrecisionPolicy): compute with copies of the float32 parameters in "
         "this dtype (torch.bfloat16 or torch.float16), made once per step on each rank for its stages and freed after "

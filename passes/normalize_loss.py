@@ -64,7 +64,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zb.core.errors import ZbUnsupportedError
-from zb.passes.plan import InputSpec, Plan, ancestors, descendants
+from zb.passes.plan import InputSpec, Plan, ancestors, concrete, descendants
 
 # F.*_loss functions whose `reduction` says how they normalise: (mean of elements) or (sum).
 ELEMENTWISE_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy,
@@ -202,9 +202,9 @@ class _Analysis:
         twin = self.twin(node)
         mine = node.meta.get("example_value")
         theirs = twin.meta.get("example_value") if twin is not None else None
-        if not isinstance(mine, torch.Tensor) or not isinstance(theirs, torch.Tensor) or mine.numel() == 0:
+        if not isinstance(mine, torch.Tensor) or not isinstance(theirs, torch.Tensor) or concrete(mine.numel()) == 0:
             return None
-        return theirs.numel() / mine.numel()
+        return concrete(theirs.numel()) / concrete(mine.numel())  # (at the traced sizes: no guard on a symbol)
 
     def check_per_sample(self, explicit: bool = False, within: set[fx.Node] | None = None,
                          auxiliary: bool = True) -> None:

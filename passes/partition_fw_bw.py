@@ -48,15 +48,21 @@ def _label(forward: fx.GraphModule, backward: fx.GraphModule, stage, fwd_keys, g
     (fw_out,) = forward.graph.find_nodes(op="output")
     saved = fw_out.args[0][len(fwd_keys):]
     forward.meta["zb_output_keys"] = list(fwd_keys) + [f"saved:{n.name}" for n in saved]
-    # The backward takes the saved values in the order the forward returns them, then the tangents. A saved
-    # value's placeholder is usually named after it, but not always (the RNG state of a recomputed random op
-    # arrives as rng_state_output_<k>), so they are matched by position.
+    # A saved value's placeholder in the backward is named after it, but not always (the RNG state of a recomputed
+    # random op arrives as rng_state_output_<k>), and the order differs where sizes are symbolic (the backward
+    # takes the saved sizes first, the forward returns them last): matched by name, the others by position.
     inputs = backward.graph.find_nodes(op="placeholder")
     received = [n for n in inputs if not by_name.get(n.name, "").startswith("tangent:")]
     if len(received) != len(saved):
         raise AssertionError(f"stage {stage.index}: the backward takes {len(received)} saved values, the forward "
                              f"returns {len(saved)}")
-    for node, value in zip(received, saved):
+    saved_names = {value.name for value in saved}
+    received_names = {node.name for node in received}
+    for node in received:
+        if node.name in saved_names:
+            node.meta["zb_key"] = f"saved:{node.name}"
+    rest = [node for node in received if node.name not in saved_names]
+    for node, value in zip(rest, [value for value in saved if value.name not in received_names]):
         node.meta["zb_key"] = f"saved:{value.name}"
     for node in inputs:
         node.meta.setdefault("zb_key", by_name.get(node.name))

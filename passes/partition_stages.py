@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from zb.core.errors import ZbOptionError, ZbUnsupportedError
-from zb.passes.plan import Plan, Stage, nbytes
+from zb.passes.plan import Plan, Stage, concrete, fake_like, nbytes, symbolic_sizes
 
 BALANCE_WINDOW = 0.05  # a cut may move this fraction of the total cost away from the even split to cross less
 
@@ -222,13 +222,13 @@ def _estimate_costs(plan: Plan, compute: list[fx.Node]) -> list[float]:
                         node.target(*args, **kwargs)
                     else:
                         getattr(args[0], node.target)(*args[1:], **kwargs)
-                flops = float(counter.get_total_flops())
+                flops = float(concrete(counter.get_total_flops()))  # (at the traced sizes: a symbolic one too)
             except Exception:  # an op fake tensors cannot run: fall back to its size  # noqa: BLE001
                 flops = 0.0
         if node.op != "get_attr":
             env[node] = node.meta.get("example_value")
         value = node.meta.get("example_value")
-        size = value.numel() if isinstance(value, torch.Tensor) else 0
+        size = concrete(value.numel()) if isinstance(value, torch.Tensor) else 0
         costs.append(flops + size)
     return costs
 
@@ -269,16 +269,20 @@ def _stage_graph(plan: Plan, s: int, stage_of: dict[fx.Node, int]) -> tuple[fx.G
     env: dict[fx.Node, fx.Node] = {}
     examples = []
     placeholders = {n: i for i, n in enumerate(graph.find_nodes(op="placeholder"))}
+    symbolic = symbolic_sizes(plan.graph)  # traced with fake tensors of symbolic sizes, every input alike
     for node in graph.find_nodes(op="placeholder"):
         if any(stage_of.get(u) == s for u in node.users) or (s == last and node in outputs):
             env[node] = new.placeholder(node.name)
             env[node].meta = {"zb_key": f"in:{placeholders[node]}", "example_value": node.meta.get("example_value")}
             index = placeholders[node]
-            examples.append(plan.traced_inputs.get(index, plan.example_inputs[index]))
+            example = plan.traced_inputs.get(index, plan.example_inputs[index])
+            if symbolic:
+                example = fake_like(node.meta["example_value"], getattr(example, "requires_grad", False))
+            examples.append(example)
     for node in incoming:
         env[node] = new.placeholder(f"act_{node.name}")
         env[node].meta = {"zb_key": f"act:{node.name}", "example_value": node.meta.get("example_value")}
-        examples.append(_example(node.meta.get("example_value"), plan.training))
+        examples.append(_example(node.meta.get("example_value"), plan.training, symbolic))
     for node in mine:
         env[node] = new.node_copy(node, lambda a: env[a])
     if s < last:
@@ -305,9 +309,12 @@ def _copy_if_passthrough(graph: fx.Graph, value: fx.Node, passthrough: bool) -> 
     return copy
 
 
-def _example(value, training: bool):
-    """A real tensor shaped like Dynamo's fake one, needing a gradient when the activation does."""
+def _example(value, training: bool, symbolic: bool):
+    """A tensor shaped like Dynamo's fake one, needing a gradient when the activation does: real, or fake (of the
+    same symbolic sizes) when the graph is symbolic."""
     if not isinstance(value, torch.Tensor):
         return value
-    tensor = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
-    return tensor.requires_grad_(training and value.requires_grad and value.is_floating_point())
+    requires_grad = training and value.requires_grad and value.is_floating_point()
+    if symbolic:
+        return fake_like(value, requires_grad)
+    return torch.zeros(value.shape, dtype=value.dtype, device=value.device).requires_grad_(requires_grad)

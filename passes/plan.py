@@ -21,6 +21,7 @@ runtime is a loop over `env[key]`, and the dumps show how data flows between pie
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -240,13 +241,44 @@ def _reachable(start: list[fx.Node], step) -> set[fx.Node]:
     return seen
 
 
-def nbytes(value: Any) -> int:
-    """Bytes of a tensor (real or fake), or of a tuple or list of them; 0 for anything else."""
+def nbytes(value: Any, sizes: dict | None = None) -> int:
+    """Bytes of a tensor (real or fake), or of a tuple or list of them; 0 for anything else. A symbolic size counts
+    at `sizes` (symbol -> int), or at the size it was traced with when `sizes` is None (see `concrete`)."""
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        return concrete(value.numel(), sizes) * value.element_size()
     if isinstance(value, (tuple, list)):
-        return sum(nbytes(v) for v in value)
+        return sum(nbytes(v, sizes) for v in value)
     return 0
+
+
+def concrete(size: Any, sizes: dict | None = None) -> int:
+    """An int for a size of a traced value: itself when static; for a symbolic one (a sequence length traced with
+    dynamic shapes) its value at `sizes` (symbol -> int), or the example's when `sizes` is None. Reads the
+    expression, so the size is not specialised (no guard is added to the trace's shape environment)."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    expr = size.node.expr
+    if sizes is None:
+        return int(size.node.hint)
+    return int(expr.xreplace({k: v for k, v in sizes.items() if k in expr.free_symbols}))
+
+
+def concrete_shape(shape: Sequence[Any], sizes: dict | None = None) -> tuple[int, ...]:
+    return tuple(concrete(d, sizes) for d in shape)
+
+
+def size_symbols(graph: fx.GraphModule, inputs: Sequence[InputSpec]) -> list[tuple[Any, int, int | None]]:
+    """Where the call shows each symbolic size of `graph` (traced with dynamic shapes): (symbol, index of the plan
+    input, dim), dim None for an input that is the size itself. Empty for a static graph."""
+    found: dict[Any, tuple[int, int | None]] = {}
+    for spec, node in zip(inputs, graph.graph.find_nodes(op="placeholder")):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        dims = [(None, value)] if isinstance(value, torch.SymInt) else \
+            list(enumerate(value.shape)) if isinstance(value, torch.Tensor) else []
+        for dim, size in dims:
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                found.setdefault(size.node.expr, (spec.index, dim))
+    return [(symbol, index, dim) for symbol, (index, dim) in found.items()]
 
 
 def op_counts(gm: fx.GraphModule) -> collections.Counter:
@@ -274,6 +306,25 @@ def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     copy = fx.GraphModule(gm, graph)
     copy.meta.update(gm.meta)
     return copy
+
+
+def symbolic_sizes(graph: fx.GraphModule) -> bool:
+    """Whether some input of `graph` has a symbolic size (traced with dynamic shapes: zb/dynamo.py)."""
+    for node in graph.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.SymInt) or (
+                isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape)):
+            return True
+    return False
+
+
+def fake_like(value: Any, requires_grad: bool) -> Any:
+    """A fresh fake tensor of `value`'s (fake, possibly symbolic) shape, strides and dtype in its fake mode."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    made = run_fake(lambda: torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device),
+                    value)
+    return made.requires_grad_(requires_grad)
 
 
 def run_fake(fn, *values, mode=None):

@@ -171,6 +171,7 @@ class PipelineRunner:
         return freed
 
     def _call(self, args: Sequence[Any]) -> Any:
+        self.program.bind(args)  # a plan traced with a symbolic length: this call's shapes and bytes
         if self.optimizer is not None:
             return self._optimizer_step(args)
         if self.program.training:

@@ -23,10 +23,11 @@ from zb.codegen import build_program, compile_plan
 from zb.core.errors import ZbError, ZbOptionError, ZbUnsupportedError
 from zb.core.options import Options
 from zb.dynamo import (
-    FrameCapture, describe_inputs, frame_modules, has_symbolic_shape, input_source, reject_graph_break,
+    FrameCapture, describe_inputs, frame_modules, has_symbolic_shape, input_source, reject_graph_break, size_guards,
 )
 from zb.materialize import materialize
 from zb.passes import PASSES, InputSpec, Plan, run_passes
+from zb.passes.plan import concrete
 from zb.pipeline import Pipeline
 from zb.runtime import PipelineRunner, split_microbatches
 from zb.runtime.released import zb_internal
@@ -135,14 +136,15 @@ class CompiledGraph:
         training = torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args
         )
-        key = self._key(args, training)
-        entry = self.cache.get(key)
+        key, entry, dynamic = self._lookup(args, training)
         if entry is None:
             model = self.modules[0] if self.modules else None
             keep = _CUTS.get(model) if model is not None and _releases(self.options) else None
-            plan, arg_map = self.build_plan(args, training, keep_cuts=keep)
+            plan, arg_map = self.build_plan(args, training, keep_cuts=keep, dynamic=dynamic)
             entry = plan_cache.Entry(plan, self._runner(plan) if self.codegen else None,
-                                     [self.inputs[i].source for i in arg_map])
+                                     [self.inputs[i].source for i in arg_map], size_guards(plan))
+            if dynamic and entry.guards is None:  # every size came out static: a pipeline for this signature only
+                key = self._key(args, training)
             self.cache.put(key, entry)
             if entry.runner is not None:
                 values = [args[i] for i in arg_map]
@@ -166,11 +168,44 @@ class CompiledGraph:
         adapt.after_step(self, key, entry.runner, args)
         return result
 
-    def _key(self, args: Sequence[Any], training: bool) -> tuple:
+    def _lookup(self, args: Sequence[Any], training: bool) -> tuple[tuple, plan_cache.Entry | None, dict]:
+        """(the cache key, its entry or None, the dims to trace symbolic when building one). A pipeline built for
+        this exact signature serves first; else, when Dynamo made sizes dynamic (option symbolic_sizes), the
+        symbolic pipeline of the signature with those sizes left out, if its shape guards admit this call's
+        sizes; one that does not gets a pipeline of its own, at these sizes."""
+        exact = self._key(args, training)
+        entry = self.cache.get(exact)
+        dims = self._dynamic_dims() if entry is None and self.options.symbolic_sizes else {}
+        if not dims:
+            return exact, entry, {}
+        generic = self._key(args, training, dims)
+        entry = self.cache.get(generic)
+        if entry is None:
+            return generic, None, dims
+        if entry.guards is not None and entry.guards([args[i] for i in self._arg_map(entry)]):
+            return generic, entry, dims
+        return exact, None, {}
+
+    def _dynamic_dims(self) -> dict[int, list[int]]:
+        """Per user input (position in this graph), the dims Dynamo made symbolic, but the batch dim of a split
+        input (each microbatch has a fixed size)."""
+        dims = {}
+        for spec, node in zip(self.inputs, self.gm.graph.find_nodes(op="placeholder")):
+            value = node.meta.get("example_value")
+            if spec.kind == "input" and isinstance(value, torch.Tensor):
+                symbolic = [d for d in range(value.dim()) if isinstance(value.shape[d], torch.SymInt)
+                            and not (d == 0 and spec.batched)]
+                if symbolic:
+                    dims[spec.index] = symbolic
+        return dims
+
+    def _key(self, args: Sequence[Any], training: bool, generic: dict[int, list[int]] | None = None) -> tuple:
         """The call's signature: each input's shape, dtype, device (a non-tensor's value) by its source; the sizes
-        a dynamic graph takes as arguments are left out (the tensors' shapes say them). What Dynamo baked into the
-        graph (flags, module.training, Python constants) is fixed per graph by its guards, so the cache is too."""
-        named = ((spec.source, _signature(value)) for spec, value in zip(self.inputs, args)
+        a dynamic graph takes as arguments are left out (the tensors' shapes say them), and so are the `generic`
+        dims (position -> dims) of a symbolic pipeline. What Dynamo baked into the graph (flags, module.training,
+        Python constants) is fixed per graph by its guards, so the cache is too."""
+        generic = generic or {}
+        named = ((spec.source, _signature(value, generic.get(spec.index, ()))) for spec, value in zip(self.inputs, args)
                  if isinstance(value, torch.Tensor) or not _is_size(spec.source))
         autocast = tuple(sorted((device, enabled, str(dtype)) for device, (enabled, dtype) in autocast_state().items()))
         return (training, autocast, *sorted(named, key=lambda item: item[0]))
@@ -191,9 +226,12 @@ class CompiledGraph:
 
     def build_plan(self, args: Sequence[Any], training: bool, measured: tuple[float, ...] | None = None,
                    previous: tuple[int, ...] | None = None, balance_window: float | None = None,
-                   keep_cuts: tuple | None = None) -> tuple[Plan, list[int]]:
+                   keep_cuts: tuple | None = None, dynamic: dict[int, list[int]] | None = None
+                   ) -> tuple[Plan, list[int]]:
         """The plan for one call's inputs, and for each of the plan graph's inputs its position in `args`;
-        `keep_cuts`: (cuts, operations) of an earlier plan to cut at the same places (option release)."""
+        `keep_cuts`: (cuts, operations) of an earlier plan to cut at the same places (option release); `dynamic`:
+        per input position, the dims traced with a symbolic size (the plan then serves every size its guards
+        admit)."""
         self.pipeline.schedule_for(training)  # impossible placements fail here, on every rank, before any work
         autocast = autocast_state()  # around the call: its operations run under it (passes/autocast_regions.py)
         outer = _split_axes([_with_requires_grad(s, a) for s, a in zip(self.inputs, args)], args,
@@ -208,12 +246,16 @@ class CompiledGraph:
         else:
             if self.frame is None:
                 raise ZbUnsupportedError("this graph was not captured by Dynamo, so zb cannot split its batch")
-            gm, example, inner = self.frame.capture({s.index: first[s.index] for s in outer if s.kind == "input"})
+            gm, example, inner = self.frame.capture({s.index: first[s.index] for s in outer if s.kind == "input"},
+                                                    dynamic=dynamic)
             position = {s.source: s.index for s in outer}
             missing = [s.source for s in inner if s.source not in position]
             if missing:
                 raise ZbUnsupportedError(f"re-tracing at microbatch size read inputs Dynamo did not: {missing}")
             arg_map = [position[s.source] for s in inner]
+            # A size traced symbolic is the call's own number in the examples the passes run on (the graph keeps
+            # the symbol; running the graph on a static example with the symbol would specialise it).
+            example = [concrete(v) if isinstance(v, torch.SymInt) else v for v in example]
             specs = [replace(s, requires_grad=outer[i].requires_grad, batched=outer[i].batched)
                      for s, i in zip(inner, arg_map)]
         plan = Plan(
@@ -229,14 +271,16 @@ class CompiledGraph:
             balance_window=balance_window,
             keep_cuts=keep_cuts,
             autocast=autocast,
-            batch_graph=self._batch_graph(batch, outer),
+            batch_graph=self._batch_graph(batch, outer, dynamic),
             placement=self.pipeline.placement_summary,
         )
         with no_autocast():  # the passes apply the caller's autocast op by op; nothing else may
             return run_passes(plan, PASSES), arg_map
 
-    def _batch_graph(self, batch: Sequence[Any], outer: list[InputSpec]) -> fx.GraphModule | None:
-        """The graph of the global batch at static shapes, which normalize_loss compares with the graph of one split
+    def _batch_graph(self, batch: Sequence[Any], outer: list[InputSpec], dynamic: dict[int, list[int]] | None = None
+                     ) -> fx.GraphModule | None:
+        """The graph of the global batch at static shapes (but the `dynamic` dims, symbolic as in the split's
+        graph), which normalize_loss compares with the graph of one split
         (passes/normalize_loss.py): the batch eager would see, every replica's batch together, n = microbatches x
         data_parallel times a split's samples. None when n = 1 (nothing is split: nothing to compare).
 
@@ -254,7 +298,7 @@ class CompiledGraph:
                                      "it must weigh the loss against")
         copies = replicas // self.pipeline.local_replicas  # this process's batches in the global one
         full, _, _ = self.frame.capture({s.index: _tiled(batch[s.index], copies) if s.batched else batch[s.index]
-                                         for s in outer if s.kind == "input"})
+                                         for s in outer if s.kind == "input"}, dynamic=dynamic)
         return full
 
     def _runner(self, plan: Plan, measure_first: bool | None = None) -> PipelineRunner:
@@ -359,9 +403,11 @@ def _is_size(source: str) -> bool:
     return any(part in source for part in (".size()", ".stride()", ".storage_offset()"))
 
 
-def _signature(value: Any) -> Any:
+def _signature(value: Any, generic: Sequence[int] = ()) -> Any:
+    """A tensor's shape (None at the `generic` dims), dtype, device and requires_grad; anything else itself."""
     if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), value.dtype, value.device.type, value.requires_grad)
+        shape = tuple(None if d in generic else size for d, size in enumerate(value.shape))
+        return (shape, value.dtype, value.device.type, value.requires_grad)
     return value
 
 

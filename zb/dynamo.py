@@ -31,7 +31,7 @@ import copy
 import inspect
 import re
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -55,9 +55,15 @@ class FrameCapture:
         direct = {s.local_name for s in user_inputs.values() if isinstance(s, LocalSource)}
         self.locals = {k: (None if k in direct else v) for k, v in tx.f_locals.items() if k in _arg_names(code)}
 
-    def capture(self, args_by_position: dict[int, Any]) -> tuple[fx.GraphModule, list[Any], list[InputSpec]]:
-        """Trace the frame with these user inputs; returns (graph, its example inputs, their descriptions)."""
+    def capture(self, args_by_position: dict[int, Any], dynamic: dict[int, list[int]] | None = None
+                ) -> tuple[fx.GraphModule, list[Any], list[InputSpec]]:
+        """Trace the frame with these user inputs; returns (graph, its example inputs, their descriptions).
+        `dynamic`: per input position, the dims traced with a symbolic size."""
         local = dict(self.locals)
+        for position, dims in (dynamic or {}).items():
+            value = args_by_position[position] = args_by_position[position].detach().requires_grad_(
+                args_by_position[position].requires_grad)
+            torch._dynamo.mark_dynamic(value, dims)
         for position, source in self.sources.items():
             _assign(local, source, args_by_position[position])
         code = self.function.__code__
@@ -257,3 +263,42 @@ def reject_graph_break(gm: fx.GraphModule):
             "use torch.compile(..., fullgraph=True) to see every break." + hint
         )
     return tx
+
+
+def size_guards(plan) -> Callable[[list[Any]], bool] | None:
+    """For a plan traced with symbolic sizes: a check whether it serves a call (its inputs in the plan's order),
+    from the shape guards the trace, the passes and the compilers recorded (`ShapeEnv.produce_guards_expression`:
+    `s0 <= 64`, ...) and the static sizes of the user inputs (but a split input's batch dim, which the signature
+    holds). None for a static plan."""
+    from zb.passes.plan import size_symbols
+
+    symbols = size_symbols(plan.graph, plan.inputs)
+    if not symbols:
+        return None
+    values = [node.meta.get("example_value") for node in placeholders(plan.graph)]
+    users = [spec.index for spec in plan.inputs if spec.kind in ("input", "constant")]
+    shape_env = _shape_env(values)
+    code = shape_env.produce_guards_expression([values[i] for i in users], ignore_static=True)
+
+    def admits(args: list[Any]) -> bool:
+        for i in users:
+            traced, given = values[i], args[i]
+            if isinstance(traced, torch.Tensor):
+                if not isinstance(given, torch.Tensor) or given.dim() != traced.dim():
+                    return False
+                first = 1 if plan.inputs[i].batched else 0
+                if any(not isinstance(t, torch.SymInt) and t != g
+                       for t, g in list(zip(traced.shape, given.shape))[first:]):
+                    return False
+        return code is None or bool(shape_env.evaluate_guards_expression(code, [args[i] for i in users]))
+
+    return admits
+
+
+def _shape_env(values: Sequence[Any]):
+    for value in values:
+        sizes = [value] if isinstance(value, torch.SymInt) else value.shape if isinstance(value, torch.Tensor) else []
+        for size in sizes:
+            if isinstance(size, torch.SymInt):
+                return size.node.shape_env
+    raise AssertionError("no symbolic size")

@@ -17,6 +17,7 @@ import collections
 import logging
 import weakref
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from zb.passes import Plan
@@ -33,6 +34,8 @@ class Entry:
     plan: Plan
     runner: PipelineRunner | None
     sources: list[str]
+    # A plan traced with symbolic sizes: whether it serves a call (its inputs in plan order); None for a static plan.
+    guards: Callable[[list[Any]], bool] | None = None
 
 
 class PlanCache:
