@@ -277,7 +277,9 @@ def _rewrite(gm: fx.GraphModule, match: _Match) -> None:
                            (match.mask, match.mask_value, match.mask_keeps, dtype))
         elif bias is not None:
             bias = _insert(graph, end, "call_method", "to", (bias, dtype))
-        if bias is not None and three_d:
+        # The kernels take a mask of 2 or 4 dims; leading dims of size 1 keep eager's (right-aligned) broadcast: a 3-D
+        # bias (of 3-D q, k, v, unsqueezed above) gets one, a [L, S] bias stays as it is.
+        while bias is not None and _value(bias).dim() not in (2, 4):
             bias = _insert(graph, end, "call_method", "unsqueeze", (bias, 0))
         fused = _insert(graph, end, "call_function", attention, (q, k, v, bias, match.causal, match.scale))
         if three_d:

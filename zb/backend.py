@@ -175,7 +175,7 @@ class CompiledGraph:
         sizes; one that does not gets a pipeline of its own, at these sizes."""
         exact = self._key(args, training)
         entry = self.cache.get(exact)
-        dims = self._dynamic_dims() if entry is None and self.options.symbolic_sizes else {}
+        dims = self._dynamic_dims(args) if entry is None and self.options.symbolic_sizes else {}
         if not dims:
             return exact, entry, {}
         generic = self._key(args, training, dims)
@@ -186,11 +186,13 @@ class CompiledGraph:
             return generic, entry, dims
         return exact, None, {}
 
-    def _dynamic_dims(self) -> dict[int, list[int]]:
+    def _dynamic_dims(self, args: Sequence[Any]) -> dict[int, list[int]]:
         """Per user input (position in this graph), the dims Dynamo made symbolic, but the batch dim of a split
         input (each microbatch has a fixed size)."""
         dims = {}
-        for spec, node in zip(self.inputs, self.gm.graph.find_nodes(op="placeholder")):
+        specs = _split_axes([_with_requires_grad(s, a) for s, a in zip(self.inputs, args)], args,
+                            self.options.unbatched)
+        for spec, node in zip(specs, self.gm.graph.find_nodes(op="placeholder")):
             value = node.meta.get("example_value")
             if spec.kind == "input" and isinstance(value, torch.Tensor):
                 symbolic = [d for d in range(value.dim()) if isinstance(value.shape[d], torch.SymInt)

@@ -53,7 +53,13 @@ class FrameCapture:
         # Batch tensors are replaced at every call, so the frame does not keep them alive; everything else
         # (self, flags, containers) is kept as traced.
         direct = {s.local_name for s in user_inputs.values() if isinstance(s, LocalSource)}
-        self.locals = {k: (None if k in direct else v) for k, v in tx.f_locals.items() if k in _arg_names(code)}
+        names = _arg_names(code)
+        # An argument that is the same tensor as a batch argument (`model(ids, ids)`: Dynamo's graph reads it once)
+        # takes that argument's microbatch too.
+        self.aliases = {k: d for k, v in tx.f_locals.items() if k in names and k not in direct
+                        for d in direct if isinstance(v, torch.Tensor) and v is tx.f_locals.get(d)}
+        self.locals = {k: (None if k in direct or k in self.aliases else v) for k, v in tx.f_locals.items()
+                       if k in names}
 
     def capture(self, args_by_position: dict[int, Any], dynamic: dict[int, list[int]] | None = None
                 ) -> tuple[fx.GraphModule, list[Any], list[InputSpec]]:
@@ -63,9 +69,11 @@ class FrameCapture:
         for position, dims in (dynamic or {}).items():
             value = args_by_position[position] = args_by_position[position].detach().requires_grad_(
                 args_by_position[position].requires_grad)
-            torch._dynamo.mark_dynamic(value, dims)
+            torch._dynamo.maybe_mark_dynamic(value, dims)  # (a size the model needs static stays static)
         for position, source in self.sources.items():
             _assign(local, source, args_by_position[position])
+        for name, same in self.aliases.items():
+            local[name] = local[same]
         code = self.function.__code__
         names = _arg_names(code)
         positional = [local[n] for n in names[: code.co_argcount]]
