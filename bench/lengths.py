@@ -1,14 +1,13 @@
 """Changing sequence lengths (dynamic padding): how many pipelines zb builds and what a step costs.
 
-    .venv/bin/python bench/lengths.py [--steps 20] [--compiler inductor] [--plan-cache 8]
+    .venv/bin/python bench/lengths.py [--steps 20] [--compiler inductor] [--per-length]
 
 The example GPT ("small" preset, block size 64) trains `--steps` steps on 2 pipeline stages in one process
-(zb-h1, 4 microbatches, batch 8). In the "changing" run each step's sequence length is drawn from 8..64 (seeded);
-in the "fixed" run every step has length 64. Reported per run: zb pipelines built (one per signature that was not
-in the cache: trace, plan and compile), Dynamo graphs, the time of all steps, and the mean step time of the steps
-that built nothing. The ratio compares the changing run's total time with the fixed run's, measured in the same
-process. zb builds one pipeline per new length (there is no symbolic-length pipeline yet); a length seen before
-is served from the cache (option plan_cache).
+(zb-h1, 4 microbatches, batch 8). In the "changing" runs each step's sequence length is drawn from 8..64 (seeded);
+in the "fixed" run every step has length 64. Reported per run: zb pipelines built (trace, plan and compile; one
+for Dynamo's first, static graph, one symbolic for its dynamic graph), Dynamo graphs, the time of all steps, and
+the mean step time of the steps that built nothing. `--per-length` adds a run with option symbolic_sizes=False
+(one pipeline per length, as zb did before). Ratios compare runs measured in the same process.
 """
 
 from __future__ import annotations
@@ -28,13 +27,13 @@ from examples.gpt import GPT, PRESETS  # noqa: E402
 from zb.backend import CompiledGraph  # noqa: E402
 
 
-def run(lengths: list[int], compiler: str, plan_cache: int) -> dict:
+def run(lengths: list[int], compiler: str, symbolic: bool = True) -> dict:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(PRESETS["small"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     backend = zb.ZbBackend({"stages": 2, "microbatches": 4, "schedule": "zb-h1", "compiler": compiler,
-                            "plan_cache": plan_cache})
+                            "plan_cache": 32, "symbolic_sizes": symbolic})
     step = torch.compile(model, backend=backend)
     builds = []
     original = CompiledGraph.build_plan
@@ -62,26 +61,33 @@ def run(lengths: list[int], compiler: str, plan_cache: int) -> dict:
     finally:
         CompiledGraph.build_plan = original
     return {"builds": len(builds), "graphs": len(backend.graphs), "total": sum(times),
-            "steady": sum(steady) / len(steady) if steady else float("nan"), "distinct": len(set(lengths))}
+            "steady": sum(steady) / len(steady) if steady else float("nan"), "distinct": len(set(lengths)),
+            "mean_length": sum(lengths) / len(lengths)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compiler", default="inductor", choices=["inductor", "eager"])
-    parser.add_argument("--plan-cache", type=int, default=8)
+    parser.add_argument("--per-length", action="store_true", help="also run with option symbolic_sizes=False")
     args = parser.parse_args()
     rng = random.Random(0)
     changing = [rng.randint(8, 64) for _ in range(args.steps)]
-    fixed = run([64] * args.steps, args.compiler, args.plan_cache)
-    varying = run(changing, args.compiler, args.plan_cache)
-    print(f"lengths of the changing run: {changing}")
-    print(f"| run ({args.compiler}) | distinct lengths | pipelines built | Dynamo graphs | all {args.steps} steps (s) "
-          "| mean step without a build (s) |")
-    print("|---|---|---|---|---|---|")
-    for name, r in [("fixed length 64", fixed), ("lengths drawn from 8..64", varying)]:
-        print(f"| {name} | {r['distinct']} | {r['builds']} | {r['graphs']} | {r['total']:.1f} | {r['steady']:.3f} |")
-    print(f"changing / fixed, all steps: {varying['total'] / fixed['total']:.2f}x")
+    runs = [("fixed length 64", run([64] * args.steps, args.compiler)),
+            ("lengths drawn from 8..64", run(changing, args.compiler))]
+    if args.per_length:
+        runs.append(("lengths drawn from 8..64, symbolic_sizes=False", run(changing, args.compiler, symbolic=False)))
+    print(f"lengths of the changing runs: {changing}")
+    print(f"| run ({args.compiler}) | distinct lengths | mean length | pipelines built | Dynamo graphs "
+          f"| all {args.steps} steps (s) | mean step without a build (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in runs:
+        print(f"| {name} | {r['distinct']} | {r['mean_length']:.1f} | {r['builds']} | {r['graphs']} | {r['total']:.1f} "
+              f"| {r['steady']:.3f} |")
+    fixed = runs[0][1]
+    for name, r in runs[1:]:
+        print(f"{name} / fixed: all steps {r['total'] / fixed['total']:.2f}x, "
+              f"mean step without a build {r['steady'] / fixed['steady']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -136,25 +136,37 @@ class Program:
     sizes: dict = field(default_factory=dict)
     rebuild: Any = None
 
+    memory_sizes: dict = field(default_factory=dict)  # the sizes the byte counts (memory_b, piece memory) are at
+
     def bind(self, args: Sequence[Any]) -> None:
-        """Evaluate the shapes and bytes for this call's sizes (a symbolic plan; nothing to do for a static one).
-        In place: the runtime's parts hold this program and its lists."""
+        """Evaluate the tensor shapes for this call's sizes (a symbolic plan; nothing to do for a static one): a few
+        expressions per call. In place: the runtime's parts hold this program and its lists. The byte counts
+        follow when read (`refresh_memory`)."""
         if not self.symbols:
             return
         sizes = {symbol: int(args[index] if dim is None else args[index].shape[dim])
                  for symbol, index, dim in self.symbols}
         if sizes == self.sizes:
             return
-        fresh = self.rebuild(sizes)
-        self.input_specs[:] = fresh.input_specs
-        self.outputs[:] = fresh.outputs
+        input_specs, outputs, boundaries = self.rebuild(sizes, specs_only=True)
+        self.input_specs[:] = input_specs
+        self.outputs[:] = outputs
+        for mine, (forward, backward) in zip(self.stages, boundaries):
+            mine.receives_forward[:] = forward
+            mine.receives_backward[:] = backward
+        self.sizes = sizes
+
+    def refresh_memory(self) -> None:
+        """The byte counts (each stage's memory_b and memory_w, each piece's memory) at the bound sizes: what reads
+        them (the memory replay, the cost model) calls this first. Walks the plan's graphs once per new size."""
+        if not self.symbols or self.memory_sizes == self.sizes:
+            return
+        fresh = self.rebuild(self.sizes)
         for mine, theirs in zip(self.stages, fresh.stages):
-            mine.receives_forward[:] = theirs.receives_forward
-            mine.receives_backward[:] = theirs.receives_backward
             mine.memory_b, mine.memory_w = theirs.memory_b, theirs.memory_w
             for name, piece in mine.pieces.items():
                 piece.memory = theirs.pieces[name].memory
-        self.sizes = sizes
+        self.memory_sizes = dict(self.sizes)
 
     @property
     def num_stages(self) -> int:
@@ -223,8 +235,22 @@ def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], si
         program.sizes = sizes if sizes is not None else {
             symbol: concrete(traced[index] if dim is None else traced[index].shape[dim])
             for symbol, index, dim in program.symbols}
-        program.rebuild = lambda bound: build_program(plan, compiled, bound)
+        program.memory_sizes = dict(program.sizes)
+        program.rebuild = lambda bound, specs_only=False: _specs(plan, bound) if specs_only else \
+            build_program(plan, compiled, bound)
     return program
+
+
+def _specs(plan: Plan, sizes: dict) -> tuple[list, list, list[tuple[list, list]]]:
+    """The tensor shapes of a program at `sizes` (its input specs, output specs, and each stage's boundaries):
+    what Program.bind evaluates per call, without walking the graphs."""
+    last = plan.stages[-1].forward
+    outs = {key: value for key, value in zip(output_keys(last), _output_meta(last)) if key and key.startswith("out:")}
+    boundaries = [([_boundary(k, shape, dtype, stage.forward, sizes) for k, shape, dtype in stage.receives_forward],
+                   [_boundary(k, shape, dtype, stage.forward, sizes) for k, shape, dtype in stage.receives_backward])
+                  for stage in plan.stages]
+    return ([_spec(f"in:{i}", value, sizes) for i, value in enumerate(_traced_inputs(plan))],
+            [_spec(f"out:{j}", outs.get(f"out:{j}"), sizes) for j in range(plan.num_outputs)], boundaries)
 
 
 def _traced_inputs(plan: Plan) -> list[Any]:

@@ -57,6 +57,7 @@ class _Alloc:
 
 def planned_memory(program: Program, items: Sequence[Sequence], ranks: Sequence[int]) -> dict[int, RankMemory]:
     """Each of `ranks`' planned memory over one step of `program` run as `items` (the communication program)."""
+    program.refresh_memory()  # (a symbolic plan: the bytes at the last call's sizes)
     return {rank: _Replay(program).run(items[rank]) for rank in ranks}
 
 

@@ -79,6 +79,7 @@ def timed_runs(piece, args: list, repeat: int, clock: ActionClock) -> tuple[tupl
 
 
 def modelled_costs(program: Program, comm: float = 0.0) -> Costs:
+    program.refresh_memory()  # (a symbolic plan: the bytes at the last call's sizes)
     n = program.num_stages
     return Costs((1.0,) * n, (1.0,) * n, (1.0,) * n, comm, tuple(s.memory_b for s in program.stages),
                  tuple(s.memory_w for s in program.stages))
@@ -87,6 +88,7 @@ def modelled_costs(program: Program, comm: float = 0.0) -> Costs:
 def measured_costs(trace, program: Program, statistic=statistics.median) -> Costs:
     """F, B, W seconds per stage (the median over microbatches, or `statistic`) from (rank, action, start, end)
     records of all ranks."""
+    program.refresh_memory()
     times: dict[tuple[int, str], list[float]] = defaultdict(list)
     receives = []
     for _, text, start, end in trace:

@@ -1,14 +1,15 @@
 """The compiled pipelines of one Dynamo graph, by input signature, bounded.
 
-A graph Dynamo made dynamic (a new sequence length under dynamic padding) serves every later shape, and zb builds a
-pipeline per shape it sees (trace at that shape, plan, compile). They are kept here, keyed by the call's signature
-(the shapes, dtypes and devices of its tensors, named by where Dynamo read them from), so a length seen before costs
-nothing. At most `options.plan_cache` signatures are kept; the least recently used one is dropped (its plan,
-compiled pieces and runner freed) when another arrives. Dynamo's graphs of one function share a cache only when
-their code is the same (with the same models and options): each graph bakes in its own constants (a flag,
-`module.training`, static sizes) that the signature does not see, and the code shows them. Identical code comes
-back when Dynamo traces again only because a guard on a tensor's type failed (zb releasing a parameter, or
-materialising a meta-built one), and that trace then finds its pipelines built.
+A graph Dynamo made dynamic (a new sequence length under dynamic padding) serves every later shape. zb builds one
+pipeline with those sizes symbolic, keyed by the signature without them and admitted per call by its shape guards
+(`Entry.guards`), and a pipeline per shape for what they do not admit (or with option symbolic_sizes=False). They
+are kept here, keyed by the call's signature (the shapes, dtypes and devices of its tensors, named by where Dynamo
+read them from), so a signature seen before costs nothing. At most `options.plan_cache` signatures are kept; the
+least recently used one is dropped (its plan, compiled pieces and runner freed) when another arrives. Dynamo's
+graphs of one function share a cache only when their code is the same (with the same models and options): each graph
+bakes in its own constants (a flag, `module.training`, static sizes) that the signature does not see, and the code
+shows them. Identical code comes back when Dynamo traces again only because a guard on a tensor's type failed (zb
+releasing a parameter, or materialising a meta-built one), and that trace then finds its pipelines built.
 """
 
 from __future__ import annotations
