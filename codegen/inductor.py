@@ -36,22 +36,43 @@ class CompiledPiece:
     # (position, strides) of the inputs that cross a stage boundary (act:, tangent:), as the graph was traced:
     # the same value arrives with other strides by another path (a contiguous receive buffer, or the previous
     # stage's output on the same rank), and a graph traced for one layout may view its input as only that allows.
-    layouts: list[tuple[int, tuple[int, ...]]]
+    layouts: list[tuple[int, Any]]  # (strides, or _SymbolicStrides for symbolic sizes)
     source_code: str | None = None  # Inductor's generated module, when compiled with Inductor
 
     def __call__(self, args: list[Any]) -> tuple:
         for position, strides in self.layouts:
-            args[position] = _in_layout(args[position], strides)
+            value = args[position]
+            want = strides(value.shape) if callable(strides) and isinstance(value, torch.Tensor) else strides
+            args[position] = _in_layout(value, want)
         return tuple(self.run(args))
 
 
-def boundary_layouts(gm: fx.GraphModule) -> list[tuple[int, tuple[int, ...]]]:
+class _SymbolicStrides:
+    """The strides a boundary input was traced with, in the symbolic sizes of its own shape (a plan traced with a
+    symbolic length): evaluated at each call's shape."""
+
+    def __init__(self, strides: tuple, dims: dict):
+        self.strides, self.dims = strides, dims  # sympy expressions; symbol -> the dim whose size it is
+
+    def __call__(self, shape: torch.Size) -> tuple[int, ...]:
+        sizes = {symbol: shape[dim] for symbol, dim in self.dims.items()}
+        return tuple(int(s.xreplace(sizes)) if hasattr(s, "xreplace") else int(s) for s in self.strides)
+
+
+def boundary_layouts(gm: fx.GraphModule) -> list[tuple[int, tuple[int, ...] | _SymbolicStrides]]:
     found = []
     for position, node in enumerate(gm.graph.find_nodes(op="placeholder")):
         value = node.meta.get("val")
-        if node.meta.get("zb_key", "").startswith(("act:", "tangent:")) and isinstance(value, torch.Tensor) \
-                and all(isinstance(s, int) for s in value.stride()):
+        if not (node.meta.get("zb_key", "").startswith(("act:", "tangent:")) and isinstance(value, torch.Tensor)):
+            continue
+        if all(isinstance(s, int) for s in value.stride()):
             found.append((position, tuple(value.stride())))
+            continue
+        strides = tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in value.stride())
+        dims = {d.node.expr: i for i, d in enumerate(value.shape)
+                if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
+        if all(symbol in dims for s in strides if hasattr(s, "free_symbols") for symbol in s.free_symbols):
+            found.append((position, _SymbolicStrides(strides, dims)))
     return found
 
 

@@ -260,7 +260,10 @@ def concrete(size: Any, sizes: dict | None = None) -> int:
     expr = size.node.expr
     if sizes is None:
         return int(size.node.hint)
-    return int(expr.xreplace({k: v for k, v in sizes.items() if k in expr.free_symbols}))
+    expr = expr.xreplace({k: v for k, v in sizes.items() if k in expr.free_symbols})
+    if getattr(expr, "free_symbols", None):  # a size no input shows (a recomputed dropout's RNG state): as traced
+        expr = expr.xreplace(size.node.shape_env.backed_var_to_val)
+    return int(expr)
 
 
 def concrete_shape(shape: Sequence[Any], sizes: dict | None = None) -> tuple[int, ...]:

@@ -28,7 +28,7 @@ import operator
 
 import torch
 from torch import fx
-from zb.passes.plan import Plan, ancestors, grad_key, output_keys, output_values
+from zb.passes.plan import Plan, ancestors, grad_key, output_keys, output_values, size_symbols
 
 
 def split_backward(plan: Plan) -> Plan:
@@ -57,7 +57,49 @@ def split_backward(plan: Plan) -> Plan:
         plan.counters["split_backward.b_nodes"] += sum(n.op == "call_function" for n in b_nodes) if b_results else 0
         plan.counters["split_backward.w_nodes"] += sum(n.op == "call_function" for n in w_nodes)
         plan.counters["split_backward.stash_values"] += len(stash) if b_results else 0
+    for stage in plan.stages:
+        for gm in stage.pieces.values():
+            if gm is not None:
+                plan.counters["split_backward.sizes_exposed"] += _expose_sizes(gm, plan)
     return plan
+
+
+def _expose_sizes(gm: fx.GraphModule, plan: Plan) -> int:
+    """A piece of a plan traced with symbolic sizes takes each size its values are shaped by as an input of its own
+    where none of its inputs shows it alone (W reading only [4*s0, 16] values): Inductor computes the sizes
+    of the code it generates from its inputs. The size comes as the plan input that shows it (in:<i>: the size
+    itself, or a tensor with that dim). Returns how many inputs were added."""
+    shown, needed = set(), set()
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    for node in placeholders:
+        value = node.meta.get("val")
+        sizes = [value] if isinstance(value, torch.SymInt) else \
+            [*value.shape, *value.stride()] if isinstance(value, torch.Tensor) else []
+        for size in sizes:
+            if isinstance(size, torch.SymInt):
+                needed |= size.node.expr.free_symbols
+        dims = [value] if isinstance(value, torch.SymInt) else list(value.shape) if isinstance(value, torch.Tensor) \
+            else []
+        shown |= {d.node.expr for d in dims if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
+    missing = needed - shown
+    if not missing:
+        return 0
+    providers = {symbol: index for symbol, index, _ in size_symbols(plan.graph, plan.inputs)}
+    inputs = list(plan.graph.graph.find_nodes(op="placeholder"))
+    keys = {node.meta.get("zb_key") for node in placeholders}
+    added = 0
+    for symbol in sorted(missing, key=str):
+        index = providers.get(symbol)
+        if index is None or f"in:{index}" in keys:
+            continue  # (a size no plan input shows: the compiler says so)
+        with gm.graph.inserting_after(placeholders[-1]):
+            node = gm.graph.placeholder(f"zb_size_{index}")
+        node.meta.update(val=inputs[index].meta.get("example_value"), zb_key=f"in:{index}")
+        placeholders.append(node)
+        keys.add(f"in:{index}")
+        added += 1
+    gm.recompile()
+    return added
 
 
 def _output_mask_index(node: fx.Node) -> int | None:

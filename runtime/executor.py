@@ -306,7 +306,9 @@ class StepExecutor:
             raise ZbError(f"stage {s} {name} was not compiled in this process (rank {self.placement[s]})")
         env = self.env[(s, mb)]
         rank = self.placement[s]
-        results = self._call(piece.run, [env[k] for k in piece.inputs])
+        # (a plan input no earlier piece of the microbatch read: a size a symbolic B or W takes, passes/split_backward)
+        results = self._call(piece.run, [env[k] if k in env or not k.startswith("in:") else self.inputs[mb][int(k[3:])]
+                                         for k in piece.inputs])
         summed = []  # (input index, gradient) of unbatched inputs (parameters): summed over microbatches here
         held = 0
         for route, value in zip(piece.routes, results):

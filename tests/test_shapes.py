@@ -237,6 +237,133 @@ def test_inductor_compiles_the_symbolic_pipeline_once(monkeypatch):
     assert any("s13" in source or "ks0" in source for source in sources)  # the length is an argument of the code
 
 
+class _Tokens(torch.nn.Module):
+    """Embedding, linear layers, cross entropy: the shape of most token models, small."""
+
+    def __init__(self, depth=2, checkpointed_dropout=False):
+        super().__init__()
+        self.checkpointed_dropout = checkpointed_dropout
+        self.emb = torch.nn.Embedding(64, 16)
+        self.fc = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(depth))
+        self.head = torch.nn.Linear(16, 64)
+
+    def forward(self, ids, labels):
+        h = self.emb(ids)
+        for fc in self.fc:
+            if self.checkpointed_dropout:
+                block = lambda x, fc=fc: F.dropout(torch.tanh(fc(x)), 0.3, self.training)  # noqa: E731
+                h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+            else:
+                h = torch.tanh(fc(h))
+        return F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
+
+
+def _tokens(length):
+    generator = torch.Generator().manual_seed(length)
+    return tuple(torch.randint(0, 64, (8, length), generator=generator) for _ in "xy")
+
+
+def test_inductor_compiles_pieces_whose_values_show_the_length_only_in_products(monkeypatch):
+    """Stage 1's W reads only [4*L, 16] values; Inductor needs L itself: the piece takes it as an input."""
+    backend, built = _train([16, 12, 7], monkeypatch, factory=lambda: (_Tokens(), None), batch=_tokens,
+                            compiler="inductor")
+    assert [symbolic for _, symbolic in built] == [False, True], built
+    assert backend.graphs[1].symbolic_failed is None
+    plan = next(iter(backend.graphs[1].cache.entries.values())).plan
+    assert plan.counters["split_backward.sizes_exposed"] >= 1
+
+
+def test_a_boundary_value_keeps_its_traced_layout_at_every_length(monkeypatch):
+    """Cut right before a fused attention: the gradients of q, k, v come back in the kernel's layout, which
+    stage 0's B views as traced (strides that are products of the length)."""
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return (q @ k.transpose(-1, -2) / 4.0).softmax(-1) @ v
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(64, 16)
+            self.q, self.k, self.v = (torch.nn.Linear(16, 16) for _ in range(3))
+            self.attn, self.post, self.head = Attention(), torch.nn.Linear(16, 16), torch.nn.Linear(16, 64)
+
+        def forward(self, ids, labels):
+            h = self.emb(ids)
+            h = h + self.post(self.attn(self.q(h), self.k(h), self.v(h)))
+            return F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
+
+    backend, built = _train([16, 12, 8, 5], monkeypatch, factory=lambda: (Model(), None), batch=_tokens,
+                            split_points=["attn"])
+    assert [symbolic for _, symbolic in built] == [False, True], built
+
+
+def test_checkpointed_dropout_and_the_memory_at_the_current_length(monkeypatch):
+    """A recomputed dropout saves its RNG state, whose size no input shows: counted as traced. Dropout draws
+    differ from eager's (zb seeds each microbatch), so this checks that the steps run and report memory."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    backend = zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager"})
+    step = torch.compile(_Tokens(depth=4, checkpointed_dropout=True), backend=backend)
+    for length in [16, 12, 8, 5, 12]:
+        step(*_tokens(length)).backward()
+    (entry,) = backend.graphs[1].cache.entries.values()
+    assert entry.guards is not None
+    memory = entry.runner.planned_memory()
+    step(*_tokens(9)).backward()
+    assert entry.runner.planned_memory() != memory  # the activations of length 9, not 12
+
+
+def test_a_loss_zb_cannot_normalise_at_a_symbolic_length_falls_back_to_a_pipeline_per_length(monkeypatch):
+    """A sum divided by the number of tokens as a symbolic number: normalize_loss reads scales that are numbers;
+    the graph then builds per length (exact), and says so once."""
+
+    class Model(_Tokens):
+        def forward(self, ids, labels):
+            h = self.emb(ids)
+            total = F.cross_entropy(self.head(torch.tanh(self.fc[0](h))).flatten(0, 1), labels.flatten(),
+                                    reduction="sum")
+            return total / labels.numel()
+
+    import zb.backend
+
+    warned = []
+    monkeypatch.setattr(zb.backend.log, "warning", lambda message, *args: warned.append(message % args))
+    backend, built = _train([16, 12, 8, 12], monkeypatch, factory=lambda: (Model(), None), batch=_tokens)
+    assert [shape for shape, _ in built] == [(8, 16), (8, 12), (8, 12), (8, 8)], built
+    assert "how the loss is normalised" in backend.graphs[1].symbolic_failed
+    assert len(warned) == 1 and "one pipeline per input shape" in warned[0], warned
+
+
+def test_an_int_argument_dynamo_made_dynamic_is_the_calls_own():
+    """`forward(ids, labels, k)` slicing [:, :k]: Dynamo makes k a graph input on its second value; the re-trace
+    at microbatch size must use each call's k (it once kept the first call's, silently)."""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(64, 16), torch.nn.Linear(16, 64)
+
+        def forward(self, ids, labels, k: int):
+            return F.cross_entropy(self.head(self.emb(ids)[:, :k]).flatten(0, 1), labels[:, :k].flatten())
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Model()
+    reference = copy.deepcopy(model)
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager"}))
+    ids, labels = _tokens(12)
+    for k in [6, 5, 4, 7, 5]:
+        loss = step(ids, labels, k)
+        loss.backward()
+        expected = reference(ids, labels, k)
+        expected.backward()
+        assert_close(loss, expected, f"k={k}: loss")
+        assert_grads_match(model, reference, f"k={k}: ")
+        model.zero_grad()
+        reference.zero_grad()
+
+
 def test_graphs_with_other_constants_never_share_a_pipeline():
     """A flag argument and module.training are baked into Dynamo's graphs, not into zb's signature key."""
 

@@ -114,7 +114,7 @@ def _recut(graph: CompiledGraph, key: tuple, runner: PipelineRunner, args: Seque
     decision = None
     if runner.ranks[0] == 0 and needs_rebalancing(runner):
         measured = runner.stage_times()
-        plan, arg_map = _build(graph, args, old, measured)
+        plan, arg_map = _build(graph, key, args, old, measured)
         predicted = max(plan.stage_costs, default=max(measured))
         times = [round(t * 1e3, 2) for t in measured]
         if plan.cuts == old.cuts or predicted > (1 - RECUT_GAIN) * max(measured):
@@ -129,16 +129,17 @@ def _recut(graph: CompiledGraph, key: tuple, runner: PipelineRunner, args: Seque
     if decision is None:
         return None
     if runner.ranks[0] != 0:
-        plan, arg_map = _build(graph, args, old, decision[0])
+        plan, arg_map = _build(graph, key, args, old, decision[0])
     if plan.cuts != decision[1]:
         raise ZbError(f"rank {runner.ranks[0]} re-cut the model at {plan.cuts} but rank 0 at {decision[1]}: the "
                       "ranks traced different graphs")
     return plan, arg_map
 
 
-def _build(graph: CompiledGraph, args: Sequence[Any], old: Plan, measured: Sequence[float]):
+def _build(graph: CompiledGraph, key: tuple, args: Sequence[Any], old: Plan, measured: Sequence[float]):
+    """The plan re-cut on `measured` times, traced as the signature's plan was (its symbolic dims too)."""
     return graph.build_plan(args, old.training, measured=tuple(measured), previous=old.cuts,
-                            balance_window=MEASURED_BALANCE_WINDOW)
+                            balance_window=MEASURED_BALANCE_WINDOW, dynamic=graph.cache.entries[key].dynamic)
 
 
 def _suggest_split_points(old: Plan, runner: PipelineRunner) -> None:

@@ -20,7 +20,7 @@ from torch import fx
 
 from zb import adapt, checkpoint, plan_cache
 from zb.codegen import build_program, compile_plan
-from zb.core.errors import ZbError, ZbOptionError, ZbUnsupportedError
+from zb.core.errors import ZbError, ZbOptionError, ZbPeerError, ZbUnsupportedError
 from zb.core.options import Options
 from zb.dynamo import (
     FrameCapture, describe_inputs, frame_modules, has_symbolic_shape, input_source, reject_graph_break, size_guards,
@@ -96,7 +96,11 @@ class CompiledGraph:
         self.options = options
         self.codegen = codegen
         self.inputs = describe_inputs(gm, example_inputs)
-        user_inputs = {s.index: input_source(gm, s.index) for s in self.inputs if s.kind == "input"}
+        # What the re-trace takes from each call: its tensor arguments, and the numbers among its arguments that
+        # Dynamo made graph inputs (an int argument it made dynamic: the trace must see the call's value, not the
+        # one the frame was first traced with).
+        user_inputs = {s.index: input_source(gm, s.index) for s in self.inputs
+                       if s.kind == "input" or (s.kind == "constant" and not _is_size(s.source))}
         self.frame = FrameCapture(tx, user_inputs) if tx is not None else None
         nodes = gm.graph.find_nodes(op="placeholder")
         self.static = not any(s.kind == "constant" or has_symbolic_shape(n) for s, n in zip(self.inputs, nodes))
@@ -107,6 +111,7 @@ class CompiledGraph:
         # The graph's code without its inputs' type annotations (a released parameter's class shows there).
         identity = (tx.f_code, re.sub(r" : [\w.]+(?=[,)])", "", gm.code)) if tx is not None and codegen else None
         self.cache = plan_cache.shared(identity, options, modules)
+        self.symbolic_failed: str | None = None  # why a pipeline with symbolic sizes could not be built
         # The models this graph trains: their state_dict() on a pipeline rank holds only what the rank owns.
         for module in modules:
             checkpoint.guard(module)
@@ -140,12 +145,14 @@ class CompiledGraph:
         if entry is None:
             model = self.modules[0] if self.modules else None
             keep = _CUTS.get(model) if model is not None and _releases(self.options) else None
-            plan, arg_map = self.build_plan(args, training, keep_cuts=keep, dynamic=dynamic)
-            entry = plan_cache.Entry(plan, self._runner(plan) if self.codegen else None,
-                                     [self.inputs[i].source for i in arg_map], size_guards(plan))
-            if dynamic and entry.guards is None:  # every size came out static: a pipeline for this signature only
+            entry = self._build_symbolic(args, training, keep, dynamic) if dynamic else None
+            if entry is None:  # static sizes: a pipeline for this signature only
                 key = self._key(args, training)
+                plan, arg_map = self.build_plan(args, training, keep_cuts=keep)
+                entry = plan_cache.Entry(plan, self._runner(plan) if self.codegen else None,
+                                         [self.inputs[i].source for i in arg_map])
             self.cache.put(key, entry)
+            plan, arg_map = entry.plan, self._arg_map(entry)
             if entry.runner is not None:
                 values = [args[i] for i in arg_map]
                 releasing = entry.runner.distributed and _releases(self.options)
@@ -168,6 +175,37 @@ class CompiledGraph:
         adapt.after_step(self, key, entry.runner, args)
         return result
 
+    def _build_symbolic(self, args: Sequence[Any], training: bool, keep: tuple | None,
+                        dynamic: dict[int, list[int]]) -> plan_cache.Entry | None:
+        """The pipeline traced with the `dynamic` dims symbolic, or None where it came out static or zb cannot
+        plan or compile it symbolically (a loss normalised by a symbolic size, an operation Inductor cannot
+        compile at symbolic sizes): then this graph builds a pipeline per signature, as with option
+        symbolic_sizes=False, and says so once."""
+        failed = program = None
+        try:
+            plan, arg_map = self.build_plan(args, training, keep_cuts=keep, dynamic=dynamic)
+            program = self._program(plan) if self.codegen else None
+        except ZbPeerError:
+            raise
+        except Exception as e:  # noqa: BLE001  (the static build below raises what is not about symbolic sizes)
+            failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        # Every rank compiles only its own stages, so one rank may fail where another does not: they agree (with
+        # replicas too), so that every process builds the same pipelines and runs the same collectives.
+        comms = [self.pipeline.comm(), self.pipeline.replica_comm()] if self.codegen else []
+        for comm in (c for c in comms if c is not None and c.distributed):
+            failed = next((f for f in comm.all_gather_object(failed, "agreeing on a pipeline with symbolic sizes")
+                           if f is not None), None)
+        if failed is not None:
+            self.symbolic_failed = failed
+            log.warning("zb: could not plan this graph with symbolic sizes (%s); it builds one pipeline per input "
+                        "shape instead (option symbolic_sizes=False does so without trying)", failed)
+            return None
+        guards = size_guards(plan)
+        if guards is None:
+            return None
+        runner = self._runner(plan, program=program) if self.codegen else None
+        return plan_cache.Entry(plan, runner, [self.inputs[i].source for i in arg_map], guards, dynamic)
+
     def _lookup(self, args: Sequence[Any], training: bool) -> tuple[tuple, plan_cache.Entry | None, dict]:
         """(the cache key, its entry or None, the dims to trace symbolic when building one). A pipeline built for
         this exact signature serves first; else, when Dynamo made sizes dynamic (option symbolic_sizes), the
@@ -175,7 +213,8 @@ class CompiledGraph:
         sizes; one that does not gets a pipeline of its own, at these sizes."""
         exact = self._key(args, training)
         entry = self.cache.get(exact)
-        dims = self._dynamic_dims(args) if entry is None and self.options.symbolic_sizes else {}
+        symbolic = self.options.symbolic_sizes and self.symbolic_failed is None
+        dims = self._dynamic_dims(args) if entry is None and symbolic else {}
         if not dims:
             return exact, entry, {}
         generic = self._key(args, training, dims)
@@ -223,7 +262,10 @@ class CompiledGraph:
         """Run `plan` for this input signature from now on (a re-cut: zb/adapt.py)."""
         fresh = self._runner(plan, measure_first=False)
         fresh.steps = steps  # zb-auto re-plans at the same step as without the re-cut
-        self.cache.put(key, plan_cache.Entry(plan, fresh, [self.inputs[i].source for i in arg_map]))
+        old = self.cache.entries.get(key)
+        dynamic = old.dynamic if old is not None else {}
+        self.cache.put(key, plan_cache.Entry(plan, fresh, [self.inputs[i].source for i in arg_map],
+                                             size_guards(plan) if dynamic else None, dynamic))
         return fresh
 
     def build_plan(self, args: Sequence[Any], training: bool, measured: tuple[float, ...] | None = None,
@@ -248,7 +290,7 @@ class CompiledGraph:
         else:
             if self.frame is None:
                 raise ZbUnsupportedError("this graph was not captured by Dynamo, so zb cannot split its batch")
-            gm, example, inner = self.frame.capture({s.index: first[s.index] for s in outer if s.kind == "input"},
+            gm, example, inner = self.frame.capture({i: first[i] for i in self.frame.sources},
                                                     dynamic=dynamic)
             position = {s.source: s.index for s in outer}
             missing = [s.source for s in inner if s.source not in position]
@@ -300,17 +342,24 @@ class CompiledGraph:
                                      "it must weigh the loss against")
         copies = replicas // self.pipeline.local_replicas  # this process's batches in the global one
         full, _, _ = self.frame.capture({s.index: _tiled(batch[s.index], copies) if s.batched else batch[s.index]
-                                         for s in outer if s.kind == "input"}, dynamic=dynamic)
+                                         for s in outer if s.index in self.frame.sources}, dynamic=dynamic)
         return full
 
-    def _runner(self, plan: Plan, measure_first: bool | None = None) -> PipelineRunner:
-        """Compile this process's stages of `plan` and build what runs them."""
+    def _program(self, plan: Plan):
+        """Compile this process's stages of `plan`: the program the runtime runs."""
+        local = self.pipeline.local_ranks
+        schedule = self.pipeline.schedule_for(plan.training)
+        stages = {s for s, r in enumerate(schedule.placement) if r in local}
+        with no_autocast():
+            return build_program(plan, compile_plan(plan, stages=stages))
+
+    def _runner(self, plan: Plan, measure_first: bool | None = None, program=None) -> PipelineRunner:
+        """Compile this process's stages of `plan` (unless `program` is the compiled one) and build what runs
+        them."""
         pipeline = self.pipeline
         schedule = pipeline.schedule_for(plan.training)
         local = pipeline.local_ranks
-        stages = {s for s, r in enumerate(schedule.placement) if r in local}
-        with no_autocast():
-            program = build_program(plan, compile_plan(plan, stages=stages))
+        program = program if program is not None else self._program(plan)
         if measure_first is None:
             options = plan.options
             measure_first = plan.training and plan.num_stages > 1 and options.rebalance and not options.split_points

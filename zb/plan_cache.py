@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +37,7 @@ class Entry:
     sources: list[str]
     # A plan traced with symbolic sizes: whether it serves a call (its inputs in plan order); None for a static plan.
     guards: Callable[[list[Any]], bool] | None = None
+    dynamic: dict = field(default_factory=dict)  # the dims traced symbolic (position -> dims); a re-cut keeps them
 
 
 class PlanCache:
