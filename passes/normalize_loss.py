@@ -64,6 +64,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zb.core.errors import ZbUnsupportedError
+from zb.passes.analyze_batch import source_line
 from zb.passes.plan import InputSpec, Plan, ancestors, concrete, descendants
 
 # F.*_loss functions whose `reduction` says how they normalise: (mean of elements) or (sum).
@@ -218,6 +219,7 @@ class _Analysis:
         batch = self.plan.batch
         if batch is None:
             return
+        self._check_sample_shapes(within)
         nodes = self.nodes
         excused = self._auxiliary_only() if auxiliary else set()
         if auxiliary:
@@ -235,6 +237,32 @@ class _Analysis:
                 f"zb splits the batch into {self.m} parts (microbatches x data-parallel replicas) and each would "
                 "compute it over its own samples only, so zb cannot give eager's result. Compute it per sample "
                 "(normalise over features, not over dim 0), or use microbatches=1 without data parallelism")
+
+    def _check_sample_shapes(self, within: set[fx.Node] | None) -> None:
+        """Every value that carries the batch has the same size in each other dim for one split as for the whole
+        batch. Where it does not, the batch was reshaped into another dimension (`h.reshape(L, b, d)` of a
+        [b, L, d] value): each row still holds one sample's numbers, but which of them depends on the batch size,
+        so a split computes something else for its samples than the whole batch does."""
+        for node in self.graph.nodes:
+            twin = self.twin(node)
+            dims = self.plan.batch.batch_dims(node.name)
+            if twin is None or not dims or (within is not None and node not in within):
+                continue
+            mine, theirs = node.meta.get("example_value"), twin.meta.get("example_value")
+            if not isinstance(mine, torch.Tensor) or not isinstance(theirs, torch.Tensor) or mine.dim() != theirs.dim():
+                continue
+            other = [d for d in range(mine.dim()) if d not in dims]
+            a = [concrete(mine.shape[d]) for d in other]
+            b = [concrete(theirs.shape[d]) for d in other]
+            if a != b:
+                where = source_line(node)
+                raise ZbUnsupportedError(
+                    f"{node.name} ({_describe(node)}){' at ' + where if where else ''} holds the batch in dim(s) "
+                    f"{sorted(dims)}, but its other dims {other} are {a} for one of the {self.m} splits and {b} for "
+                    "the whole batch: the batch was reshaped into another dimension, so which numbers of a sample "
+                    "end up together depends on the batch size, and each split would compute something else than "
+                    "eager. Keep the batch in a dimension of its own (reshape [b, L, d] to [b, L', d'], or use "
+                    "transpose/permute to move it), or use microbatches=1 without data parallelism")
 
     def _auxiliary_only(self) -> set[fx.Node]:
         """The nodes that feed the per-microbatch auxiliary terms and nothing else: not the per-sample path (the

@@ -260,3 +260,17 @@ def test_a_view_that_hides_where_one_samples_batch_dim_goes_is_refused_clearly()
     """einsum permutes the size-1 batch dim behind the others and views it away: zb cannot tell where it goes."""
     with pytest.raises(ZbError, match="cannot tell which dimension its batch dimension becomes"):
         run_op(ALONG_OTHER["einsum per sample"], microbatches=B)
+
+
+@pytest.mark.parametrize("name, op", [
+    ("[b, T, H] read as [T, b, H], batch back in front", lambda h: h.reshape(6, h.shape[0], H).transpose(0, 1)),
+    ("[b, T, H] read as [T, b, H], summed over b", lambda h: h.reshape(6, h.shape[0], H).sum(1)[None]
+     .expand(h.shape[0], 6, H)),
+    ("[b*T] split as [T, b]", lambda h: torch.tanh(h.reshape(-1, H).view(6, -1, H)).view(h.shape)),
+])
+def test_a_reshape_that_moves_the_batch_into_another_dimension_is_refused(name, op):
+    """Each row keeps one sample's numbers, but which ones depends on the batch size: a split computes another
+    function of its samples than the whole batch does (silently wrong before)."""
+    with pytest.raises(ZbError, match=r"reshaped into another dimension") as e:
+        run_op(op)
+    assert "test_batch_analysis.py" in str(e.value), str(e.value)
