@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
+import operator
 import weakref
 from collections.abc import Sequence
 from dataclasses import replace
@@ -108,8 +108,8 @@ class CompiledGraph:
         modules = frame_modules(tx, example_inputs)
         self.modules = modules
         # Planning only (codegen=False, zb.explain) keeps its plans to itself: they have nothing to run.
-        # The graph's code without its inputs' type annotations (a released parameter's class shows there).
-        identity = (tx.f_code, re.sub(r" : [\w.]+(?=[,)])", "", gm.code)) if tx is not None and codegen else None
+        # The graph as a computation (graph_identity: a released parameter changes how Dynamo spells some of it).
+        identity = (tx.f_code, graph_identity(gm)) if tx is not None and codegen else None
         self.cache = plan_cache.shared(identity, options, modules)
         self.symbolic_failed: str | None = None  # why a pipeline with symbolic sizes could not be built
         # The models this graph trains: their state_dict() on a pipeline rank holds only what the rank owns.
@@ -390,6 +390,22 @@ def _release(runner: PipelineRunner, values: list[Any], foreign: dict[int, str])
     if freed:
         log.info("zb: pipeline rank %d released %.1f MiB of parameters and buffers other ranks own (option "
                  "release=False keeps them)", runner.ranks[0], freed / 2**20)
+
+
+def graph_identity(gm: fx.GraphModule) -> tuple:
+    """What makes two Dynamo graphs of one frame the same computation, for sharing their pipelines: each node's
+    operation, target and arguments, with an operator written as a method (`w.mul(x)`, which Dynamo traces for a
+    tensor subclass such as a parameter zb released) the same as the operator (`w * x`), and without the inputs'
+    classes."""
+    items = []
+    for node in gm.graph.nodes:
+        op, target = node.op, node.target
+        if op == "call_method" and callable(getattr(operator, target, None)):
+            op, target = "call_function", getattr(operator, target)
+        if callable(target):
+            target = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', repr(target))}"
+        items.append((node.name, op, target, repr(node.args), repr(node.kwargs)))
+    return tuple(items)
 
 
 def autocast_state() -> dict[str, tuple[bool, torch.dtype]]:

@@ -75,24 +75,27 @@ def held_bytes(model: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
-def changing_lengths(rank: int) -> None:
-    """With release, sequence lengths 16, 2, 8 (whose balanced cuts differ for this model: tests.models.Pooled)
-    each build a pipeline with the first one's cuts: eager's losses and gradients, and each rank still holds only
-    its own stages' tensors."""
+def changing_lengths(rank: int, symbolic: bool) -> None:
+    """With release, sequence lengths 16, 2, 8, 12 (whose balanced cuts differ for this model: tests.models.Pooled)
+    keep the first pipeline's cuts: eager's losses and gradients, and each rank still holds only its own stages'
+    tensors. One pipeline per length with option symbolic_sizes=False; else the static first one and one with the
+    length symbolic, traced at 2, serving 8 and 12."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = models.Pooled()
     reference = copy.deepcopy(model)
-    backend = zb.ZbBackend({"schedule": "zb-h1", "microbatches": 4, "compiler": "eager", "timeout": 120.0})
+    backend = zb.ZbBackend({"schedule": "zb-h1", "microbatches": 4, "compiler": "eager", "timeout": 120.0,
+                            "symbolic_sizes": symbolic})
     step = torch.compile(model, backend=backend)
-    for length in (16, 2, 8):
+    for length in (16, 2, 8, 12):
         generator = torch.Generator().manual_seed(length)
         batch = [torch.randint(0, 256, (8, length), generator=generator), torch.randn(8, 32, generator=generator)]
         for m in (model, reference):
             m.zero_grad(set_to_none=True)
         step_next_to_eager(step, model, reference, batch, f"length {length}")
     cuts = {plan.cuts for plan in backend.plans}
-    assert len(backend.plans) == 3 and len(cuts) == 1, [p.cuts for p in backend.plans]
+    assert len(backend.plans) == (2 if symbolic else 4) and len(cuts) == 1, [p.cuts for p in backend.plans]
+    assert all(graph.symbolic_failed is None for graph in backend.graphs)
     assert held_bytes(model) == own_bytes(backend, model, rank) < held_bytes(reference)
 
 
@@ -157,7 +160,8 @@ def main() -> None:
     for key, value in zb.full_state_dict(model).items():
         torch.testing.assert_close(value, full[key], rtol=0, atol=0, msg=key)
     if not args.no_release:
-        changing_lengths(rank)
+        changing_lengths(rank, symbolic=False)
+        changing_lengths(rank, symbolic=True)
     sys.stdout.write(f"ok release {rank} {held} {own} {total}\n")  # one write: the ranks share the pipe
     sys.stdout.flush()
     dist.destroy_process_group()
