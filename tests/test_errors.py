@@ -21,7 +21,7 @@ def test_unknown_option_lists_the_valid_ones():
                        r"valid options: aux_loss, compiler, data_parallel, fuse_attention, grad_scaler, group, init, "
                        r"init_seed, loss_reduction, max_grad_norm, memory_limit, mesh, microbatches, optimizer, "
                        r"param_dtype, plan_cache, post_validation, profile, rebalance, reduce_dtype, release, "
-                       r"schedule, shard_optimizer, split_points, stages, timeout, unbatched"):
+                       r"schedule, shard_optimizer, split_points, stages, symbolic_sizes, timeout, unbatched"):
         zb.Options.from_dict({"microbatch": 2})
 
 

@@ -36,6 +36,7 @@ from zb.core.errors import ZbError
 from zb.passes import Plan, partition_stages
 from zb.passes.partition_stages import split_points_for
 from zb.runtime import PipelineRunner
+from zb.runtime.released import is_released, restore
 from zb.schedules import replan
 
 if TYPE_CHECKING:
@@ -169,6 +170,7 @@ def _rebalance_across_ranks(graph: CompiledGraph, key: tuple, runner: PipelineRu
             runner.schedule.placement, fresh.program, fresh.schedule.placement)
     if runner.ranks[0] == 0:
         log.info("zb: %d parameters and buffers moved to their new rank", len({m.index for m in planned}))
+    graph.recut_done(fresh, values, plan)  # option release: what this rank gave away is freed here
     return fresh
 
 
@@ -220,6 +222,8 @@ def migrate(planned: list[Move], rank: int, comm, values: Sequence[torch.Tensor]
             piece = flat[offset: offset + target.numel()].view(target.shape).to(target.device)
             offset += target.numel()
             if what == "value":
+                if is_released(target):  # (option release: this rank did not hold it until now)
+                    restore(target)
                 with torch.no_grad():
                     target.copy_(piece)
             else:

@@ -258,6 +258,16 @@ class CompiledGraph:
             raise ZbError(f"a pipeline built for this function reads inputs this graph of it does not: {missing}")
         return [position[source] for source in entry.sources]
 
+    def recut_done(self, runner: PipelineRunner, values: list[Any], plan: Plan) -> None:
+        """After a re-cut across ranks (zb/adapt.py), with option release: free what this rank no longer reads
+        (the parameters it sent to their new rank), and let every later plan of the model keep the new cuts."""
+        if not (runner.distributed and _releases(self.options)):
+            return
+        _release(runner, values, runner.foreign(values))
+        model = self.modules[0] if self.modules else None
+        if model is not None:
+            _CUTS[model] = (plan.cuts, plan.operations)
+
     def install(self, key: tuple, plan: Plan, arg_map: list[int], steps: int) -> PipelineRunner:
         """Run `plan` for this input signature from now on (a re-cut: zb/adapt.py)."""
         fresh = self._runner(plan, measure_first=False)
@@ -375,10 +385,9 @@ _CUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _releases(options: Options) -> bool:
-    """Option release, unless option rebalance may re-cut the stages later: the re-cut graph is traced again by
-    Dynamo after the released tensors change class, and its pipeline would not carry the re-cut (not supported yet:
-    with rebalance every rank keeps every tensor)."""
-    return options.release and not options.rebalance
+    """Option release. With option rebalance too, a re-cut moves the parameters that change rank: the new owner
+    gets storage again (zb/adapt.py migrate), the old one frees it (CompiledGraph.recut_done)."""
+    return options.release
 
 
 def _tensors(modules: Sequence[torch.nn.Module]) -> list[torch.Tensor]:

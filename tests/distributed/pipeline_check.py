@@ -28,6 +28,7 @@ from tests import models  # noqa: E402
 from zb.pipeline import Pipeline  # noqa: E402
 from zb.adapt import moves  # noqa: E402
 from zb.codegen import build_program  # noqa: E402
+from zb.runtime.released import is_released  # noqa: E402
 from zb.schedules import SCHEDULES  # noqa: E402
 
 FACTORIES = {"gpt": models.gpt, "mlp": models.deep_mlp}
@@ -75,6 +76,14 @@ def check(schedule: str, factory, microbatches: int, compiler: str, rank: int, r
         moved = moves(build_program(before, {}), placement, build_program(after, {}), placement)
         if not moved:
             raise AssertionError(f"{schedule}: the re-cut {before.cuts} -> {after.cuts} moved no parameter")
+        # Option release (on by default) with the re-cut: each rank holds exactly what its new stages read.
+        read = build_program(after, {}).readers(placement)
+        parameters = dict(model.named_parameters())
+        wrong = [spec.name for index, spec in enumerate(after.inputs) if spec.kind == "parameter"
+                 and is_released(parameters[spec.name]) != (rank not in read.get(index, set()))]
+        if wrong:
+            raise AssertionError(f"{schedule}: after the re-cut rank {rank} holds what it does not read or lacks "
+                                 f"what it reads: {wrong}")
     # Parameters of other ranks' stages get no gradient here, so this rank's optimizer leaves them alone.
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         if name in owned:
