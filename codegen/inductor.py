@@ -12,7 +12,7 @@ import os
 import pathlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,11 +39,16 @@ class CompiledPiece:
     layouts: list[tuple[int, Any]]  # (strides, or _SymbolicStrides for symbolic sizes)
     source_code: str | None = None  # Inductor's generated module, when compiled with Inductor
 
+    # A plan traced with symbolic sizes: each symbol's value in the current call (codegen/program.py Program.bind).
+    sizes: dict = field(default_factory=dict)
+
     def __call__(self, args: list[Any]) -> tuple:
         for position, strides in self.layouts:
             value = args[position]
-            want = strides(value.shape) if callable(strides) and isinstance(value, torch.Tensor) else strides
-            args[position] = _in_layout(value, want)
+            want = strides(value.shape, self.sizes) if callable(strides) and isinstance(value, torch.Tensor) \
+                else strides
+            if want is not None:
+                args[position] = _in_layout(value, want)
         return tuple(self.run(args))
 
 
@@ -54,9 +59,14 @@ class _SymbolicStrides:
     def __init__(self, strides: tuple, dims: dict):
         self.strides, self.dims = strides, dims  # sympy expressions; symbol -> the dim whose size it is
 
-    def __call__(self, shape: torch.Size) -> tuple[int, ...]:
-        sizes = {symbol: shape[dim] for symbol, dim in self.dims.items()}
-        return tuple(int(s.xreplace(sizes)) if hasattr(s, "xreplace") else int(s) for s in self.strides)
+    def __call__(self, shape: torch.Size, bound: dict) -> tuple[int, ...] | None:
+        """The strides at this shape, with the call's `bound` sizes for symbols the shape does not show
+        (`h[:, -1]` of a [m, L, d] value: strides (L*d, 1)); None if some symbol has no value."""
+        sizes = {**bound, **{symbol: shape[dim] for symbol, dim in self.dims.items()}}
+        strides = [s.xreplace(sizes) if hasattr(s, "xreplace") else s for s in self.strides]
+        if any(getattr(s, "free_symbols", None) for s in strides):
+            return None
+        return tuple(int(s) for s in strides)
 
 
 def boundary_layouts(gm: fx.GraphModule) -> list[tuple[int, tuple[int, ...] | _SymbolicStrides]]:
@@ -71,8 +81,7 @@ def boundary_layouts(gm: fx.GraphModule) -> list[tuple[int, tuple[int, ...] | _S
         strides = tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in value.stride())
         dims = {d.node.expr: i for i, d in enumerate(value.shape)
                 if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
-        if all(symbol in dims for s in strides if hasattr(s, "free_symbols") for symbol in s.free_symbols):
-            found.append((position, _SymbolicStrides(strides, dims)))
+        found.append((position, _SymbolicStrides(strides, dims)))
     return found
 
 

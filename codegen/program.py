@@ -154,6 +154,9 @@ class Program:
         for mine, (forward, backward) in zip(self.stages, boundaries):
             mine.receives_forward[:] = forward
             mine.receives_backward[:] = backward
+            for piece in mine.pieces.values():
+                if piece.run is not None:
+                    piece.run.sizes = sizes  # (a boundary's strides may need a size its shape does not show)
         self.sizes = sizes
 
     def refresh_memory(self) -> None:
@@ -236,6 +239,10 @@ def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], si
             symbol: concrete(traced[index] if dim is None else traced[index].shape[dim])
             for symbol, index, dim in program.symbols}
         program.memory_sizes = dict(program.sizes)
+        for stage in program.stages:
+            for piece in stage.pieces.values():
+                if piece.run is not None:
+                    piece.run.sizes = program.sizes
         program.rebuild = lambda bound, specs_only=False: _specs(plan, bound) if specs_only else \
             build_program(plan, compiled, bound)
     return program

@@ -18,6 +18,7 @@ import zb
 from tests import hf_models, models
 from tests.helpers import assert_close, assert_grads_match
 from zb.backend import CompiledGraph
+from zb.codegen.inductor import _in_layout
 
 LENGTHS = [16, 12, 8, 12, 16, 10]
 
@@ -298,6 +299,29 @@ def test_a_boundary_value_keeps_its_traced_layout_at_every_length(monkeypatch):
     assert [symbolic for _, symbolic in built] == [False, True], built
 
 
+def test_a_boundary_strided_by_a_length_its_shape_does_not_show(monkeypatch):
+    """The last token's state `h[:, -1]` crosses to the head's stage, traced as a view with strides (L*d, 1) of a
+    [m, d] value. In one process the view itself arrives; over torch.distributed a contiguous buffer does, and the
+    piece lays it out as traced, with the call's L (its shape does not show L): checked on the piece's layout."""
+
+    class LastToken(_Tokens):
+        def forward(self, ids, labels):
+            h = torch.tanh(self.fc[0](self.emb(ids)))
+            return F.cross_entropy(self.head(h[:, -1]), labels[:, -1])
+
+    backend, built = _train([16, 12, 7], monkeypatch, factory=lambda: (LastToken(), None), batch=_tokens,
+                            compiler="inductor", split_points=["head"])
+    assert [symbolic for _, symbolic in built] == [False, True], built
+    assert backend.graphs[1].symbolic_failed is None
+    (entry,) = backend.graphs[1].cache.entries.values()
+    piece = entry.runner.program.stages[1].pieces["forward"].run
+    (position, strides), = [(p, s) for p, s in piece.layouts if callable(s)]
+    received = torch.randn(4, 16)  # contiguous, as a receive buffer
+    assert strides(received.shape, piece.sizes) == (16 * 7, 1)  # the last call's length, 7
+    laid_out = [_in_layout(received, strides(received.shape, piece.sizes))]
+    assert laid_out[0].stride() == (16 * 7, 1) and torch.equal(laid_out[0], received)
+
+
 def test_checkpointed_dropout_and_the_memory_at_the_current_length(monkeypatch):
     """A recomputed dropout saves its RNG state, whose size no input shows: counted as traced. Dropout draws
     differ from eager's (zb seeds each microbatch), so this checks that the steps run and report memory."""
@@ -362,6 +386,17 @@ def test_an_int_argument_dynamo_made_dynamic_is_the_calls_own():
         assert_grads_match(model, reference, f"k={k}: ")
         model.zero_grad()
         reference.zero_grad()
+
+
+def test_graphs_that_differ_inside_a_checkpointed_block_never_share_a_pipeline():
+    """Dropout inside an activation-checkpointed block: train and eval graphs differ only in the block's body."""
+    torch.manual_seed(0)
+    model = _Tokens(depth=2, checkpointed_dropout=True)
+    step = torch.compile(model, backend=zb.ZbBackend({"stages": 2, "microbatches": 2, "compiler": "eager"}))
+    batch = _tokens(8)
+    step(*batch).backward()
+    model.eval()
+    torch.testing.assert_close(step(*batch), model(*batch), rtol=1e-5, atol=1e-6)  # no dropout, grad enabled
 
 
 def test_graphs_with_other_constants_never_share_a_pipeline():

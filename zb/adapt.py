@@ -66,7 +66,8 @@ def after_step(graph: CompiledGraph, key: tuple, runner: PipelineRunner, args: S
     """What to change after a step; returns the runner for the next step (the same, or a re-cut one)."""
     if runner.program.training and runner.schedule.name == "zb-auto" and runner.steps == REPLAN_AFTER:
         runner.install(_replanned(runner))
-    if key in graph.rebalanced or not runner.program.options.rebalance or runner.stage_times() is None:
+    if key in graph.rebalanced or not runner.program.options.rebalance or runner.stage_times() is None \
+            or not graph.may_recut():
         return runner
     graph.rebalanced.add(key)  # decided once per input signature, on the first measured step
     if runner.distributed and runner.optimizer is not None:

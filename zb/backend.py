@@ -101,7 +101,8 @@ class CompiledGraph:
         # one the frame was first traced with).
         user_inputs = {s.index: input_source(gm, s.index) for s in self.inputs
                        if s.kind == "input" or (s.kind == "constant" and not _is_size(s.source))}
-        self.frame = FrameCapture(tx, user_inputs) if tx is not None else None
+        numbers = frozenset(s.index for s in self.inputs if s.kind == "constant")
+        self.frame = FrameCapture(tx, user_inputs, numbers) if tx is not None else None
         nodes = gm.graph.find_nodes(op="placeholder")
         self.static = not any(s.kind == "constant" or has_symbolic_shape(n) for s, n in zip(self.inputs, nodes))
         self.pipeline = Pipeline(options)
@@ -191,20 +192,26 @@ class CompiledGraph:
             failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         # Every rank compiles only its own stages, so one rank may fail where another does not: they agree (with
         # replicas too), so that every process builds the same pipelines and runs the same collectives.
-        comms = [self.pipeline.comm(), self.pipeline.replica_comm()] if self.codegen else []
-        for comm in (c for c in comms if c is not None and c.distributed):
-            failed = next((f for f in comm.all_gather_object(failed, "agreeing on a pipeline with symbolic sizes")
-                           if f is not None), None)
+        failed = next((f for f in self._agree(failed, "agreeing on a pipeline with symbolic sizes") if f is not None),
+                      None)
         if failed is not None:
             self.symbolic_failed = failed
             log.warning("zb: could not plan this graph with symbolic sizes (%s); it builds one pipeline per input "
                         "shape instead (option symbolic_sizes=False does so without trying)", failed)
             return None
-        guards = size_guards(plan)
+        guards = size_guards(plan, self._agree)
         if guards is None:
             return None
         runner = self._runner(plan, program=program) if self.codegen else None
         return plan_cache.Entry(plan, runner, [self.inputs[i].source for i in arg_map], guards, dynamic)
+
+    def _agree(self, value: Any, what: str = "agreeing on the shape guards") -> list[Any]:
+        """`value` of every process of this pipeline and its replicas (just this one's without torch.distributed)."""
+        values = [value]
+        comms = [self.pipeline.comm(), self.pipeline.replica_comm()] if self.codegen else []
+        for comm in (c for c in comms if c is not None and c.distributed):
+            values = [v for gathered in comm.all_gather_object(values, what) for v in gathered]
+        return values
 
     def _lookup(self, args: Sequence[Any], training: bool) -> tuple[tuple, plan_cache.Entry | None, dict]:
         """(the cache key, its entry or None, the dims to trace symbolic when building one). A pipeline built for
@@ -265,8 +272,21 @@ class CompiledGraph:
             return
         _release(runner, values, runner.foreign(values))
         model = self.modules[0] if self.modules else None
-        if model is not None:
-            _CUTS[model] = (plan.cuts, plan.operations)
+        if model is None:
+            return
+        _CUTS[model] = (plan.cuts, plan.operations)
+        _RECUT.add(model)
+        # Pipelines of the model built with the old cuts (other input signatures, other graphs) would read what this
+        # rank just freed: they are dropped, and built again with the new cuts when called.
+        for cache in plan_cache.caches_of(model):
+            for key in [k for k, e in cache.entries.items() if e.plan.cuts != plan.cuts]:
+                del cache.entries[key]
+
+    def may_recut(self) -> bool:
+        """Whether a re-cut may still happen: with option release, once per model (a second one, on another
+        signature's times, would cut the model differently from pipelines that freed other tensors)."""
+        model = self.modules[0] if self.modules else None
+        return not (_releases(self.options) and model is not None and model in _RECUT)
 
     def install(self, key: tuple, plan: Plan, arg_map: list[int], steps: int) -> PipelineRunner:
         """Run `plan` for this input signature from now on (a re-cut: zb/adapt.py)."""
@@ -275,7 +295,7 @@ class CompiledGraph:
         old = self.cache.entries.get(key)
         dynamic = old.dynamic if old is not None else {}
         self.cache.put(key, plan_cache.Entry(plan, fresh, [self.inputs[i].source for i in arg_map],
-                                             size_guards(plan) if dynamic else None, dynamic))
+                                             size_guards(plan, self._agree) if dynamic else None, dynamic))
         return fresh
 
     def build_plan(self, args: Sequence[Any], training: bool, measured: tuple[float, ...] | None = None,
@@ -382,6 +402,7 @@ class CompiledGraph:
 # Every later pipeline of the model (another input shape, another Dynamo graph of it) keeps them, so that no rank's
 # stages read a tensor the rank released.
 _CUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_RECUT: weakref.WeakSet = weakref.WeakSet()  # models re-cut with option release (CompiledGraph.may_recut)
 
 
 def _releases(options: Options) -> bool:
@@ -413,6 +434,9 @@ def graph_identity(gm: fx.GraphModule) -> tuple:
             op, target = "call_function", getattr(operator, target)
         if callable(target):
             target = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', repr(target))}"
+        body = getattr(gm, node.target, None) if op == "get_attr" else None
+        if isinstance(body, fx.GraphModule):  # the body of a higher-order op (an activation-checkpointed block)
+            target = graph_identity(body)
         items.append((node.name, op, target, repr(node.args), repr(node.kwargs)))
     return tuple(items)
 

@@ -21,8 +21,8 @@ Re-capturing the frame at microbatch size: Dynamo traces the user's function at 
 into the graph (a `view(8, 16, ...)` means "batch 8"), so that graph cannot run one microbatch. Dynamo's translator
 holds the real frame it traced: its code, globals, closure and arguments. `FrameCapture` keeps those (minus the
 batch tensors, which it does not hold on to) and, for a concrete call, traces the same function again on the first
-microbatch with a capturing backend (fullgraph, static shapes). The resulting graph has the same inputs as
-Dynamo's, matched by source.
+microbatch with a capturing backend (fullgraph; static shapes, but the dims the caller asks to trace symbolic: a
+sequence length Dynamo made dynamic). The resulting graph has the same inputs as Dynamo's, matched by source.
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ from zb.passes.plan import InputSpec
 
 
 class FrameCapture:
-    def __init__(self, tx, user_inputs: dict[int, Any]):
-        """`tx`: Dynamo's InstructionTranslator for the frame; `user_inputs`: graph position -> Dynamo source."""
+    def __init__(self, tx, user_inputs: dict[int, Any], numbers: frozenset[int] = frozenset()):
+        """`tx`: Dynamo's InstructionTranslator for the frame; `user_inputs`: graph position -> Dynamo source (of
+        tensors, and of the `numbers`)."""
         code = tx.f_code
         self.function = types.FunctionType(code, tx.f_globals, code.co_name, None, tx.closure or None)
         self.sources = user_inputs
-        for source in user_inputs.values():
-            _check_source(source)
+        for position, source in user_inputs.items():
+            _check_source(source, position in numbers)
         # Batch tensors are replaced at every call, so the frame does not keep them alive; everything else
         # (self, flags, containers) is kept as traced.
         direct = {s.local_name for s in user_inputs.values() if isinstance(s, LocalSource)}
@@ -136,14 +137,20 @@ def _arg_names(code: types.CodeType) -> list[str]:
     return list(code.co_varnames[:count])
 
 
-def _check_source(source) -> None:
+def _check_source(source, number: bool = False) -> None:
     while isinstance(source, GetItemSource):
         source = source.base
-    if not isinstance(source, LocalSource):
+    if isinstance(source, LocalSource):
+        return
+    if number:
         raise ZbUnsupportedError(
-            f"zb splits the tensor arguments of the compiled function into microbatches, but one input comes "
-            f"from {source.name}; pass batch tensors as arguments (or in tuples, lists or dicts of arguments)"
-        )
+            f"zb re-traces the compiled function with each call's inputs, and a number Dynamo made an input of the "
+            f"graph (it changed between calls) comes from {source.name}, which zb cannot give each call's value; "
+            "pass it as an argument of the compiled function (or in a tuple, list or dict argument)")
+    raise ZbUnsupportedError(
+        f"zb splits the tensor arguments of the compiled function into microbatches, but one input comes "
+        f"from {source.name}; pass batch tensors as arguments (or in tuples, lists or dicts of arguments)"
+    )
 
 
 def _assign(local: dict, source, value: Any) -> None:
@@ -273,11 +280,14 @@ def reject_graph_break(gm: fx.GraphModule):
     return tx
 
 
-def size_guards(plan) -> Callable[[list[Any]], bool] | None:
+def size_guards(plan, agree: Callable[[str | None], list[str | None]] = lambda code: [code]
+                ) -> Callable[[list[Any]], bool] | None:
     """For a plan traced with symbolic sizes: a check whether it serves a call (its inputs in the plan's order),
     from the shape guards the trace, the passes and the compilers recorded (`ShapeEnv.produce_guards_expression`:
     `s0 <= 64`, ...) and the static sizes of the user inputs (but a split input's batch dim, which the signature
-    holds). None for a static plan."""
+    holds). None for a static plan. Each process compiles only its own stages, and a compiler may add guards:
+    `agree` gathers every process's guard expression (over the same inputs, in the same order), and a call is
+    admitted when all of them hold, so every process makes the same choice."""
     from zb.passes.plan import size_symbols
 
     symbols = size_symbols(plan.graph, plan.inputs)
@@ -286,7 +296,8 @@ def size_guards(plan) -> Callable[[list[Any]], bool] | None:
     values = [node.meta.get("example_value") for node in placeholders(plan.graph)]
     users = [spec.index for spec in plan.inputs if spec.kind in ("input", "constant")]
     shape_env = _shape_env(values)
-    code = shape_env.produce_guards_expression([values[i] for i in users], ignore_static=True)
+    codes = [c for c in dict.fromkeys(agree(shape_env.produce_guards_expression([values[i] for i in users],
+                                                                                 ignore_static=True))) if c]
 
     def admits(args: list[Any]) -> bool:
         for i in users:
@@ -298,7 +309,8 @@ def size_guards(plan) -> Callable[[list[Any]], bool] | None:
                 if any(not isinstance(t, torch.SymInt) and t != g
                        for t, g in list(zip(traced.shape, given.shape))[first:]):
                     return False
-        return code is None or bool(shape_env.evaluate_guards_expression(code, [args[i] for i in users]))
+        given = [args[i] for i in users]
+        return all(shape_env.evaluate_guards_expression(code, given) for code in codes)
 
     return admits
 

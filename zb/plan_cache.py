@@ -87,6 +87,11 @@ def shared(key: Any, options: Any, modules: list[Any]) -> PlanCache:
     return cache
 
 
+def caches_of(model: Any) -> list[PlanCache]:
+    """Every cache whose graphs train `model`."""
+    return [cache for cache in list(_CACHES.values()) if any(r() is model for r in cache.modules)]
+
+
 def _describe(key: tuple) -> str:
     shapes = [f"{source}{list(sig[0])}" for source, sig in key[1:] if isinstance(sig, tuple) and sig
               and isinstance(sig[0], tuple)]
