@@ -75,24 +75,31 @@ def held_bytes(model: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
-def changing_lengths(rank: int, symbolic: bool) -> None:
-    """With release, sequence lengths 16, 2, 8, 12 (whose balanced cuts differ for this model: tests.models.Pooled)
-    keep the first pipeline's cuts: eager's losses and gradients, and each rank still holds only its own stages'
-    tensors. One pipeline per length with option symbolic_sizes=False; else the static first one and one with the
-    length symbolic, traced at 2, serving 8 and 12."""
+def pooled_at_lengths(lengths, **options):
+    """tests.models.Pooled trained with zb (release on) next to eager at each sequence length in turn; returns
+    (backend, model, reference)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = models.Pooled()
     reference = copy.deepcopy(model)
     backend = zb.ZbBackend({"schedule": "zb-h1", "microbatches": 4, "compiler": "eager", "timeout": 120.0,
-                            "symbolic_sizes": symbolic})
+                            **options})
     step = torch.compile(model, backend=backend)
-    for length in (16, 2, 8, 12):
+    for length in lengths:
         generator = torch.Generator().manual_seed(length)
         batch = [torch.randint(0, 256, (8, length), generator=generator), torch.randn(8, 32, generator=generator)]
         for m in (model, reference):
             m.zero_grad(set_to_none=True)
         step_next_to_eager(step, model, reference, batch, f"length {length}")
+    return backend, model, reference
+
+
+def changing_lengths(rank: int, symbolic: bool) -> None:
+    """With release, sequence lengths 16, 2, 8, 12 (whose balanced cuts differ for this model: tests.models.Pooled)
+    keep the first pipeline's cuts: eager's losses and gradients, and each rank still holds only its own stages'
+    tensors. One pipeline per length with option symbolic_sizes=False; else the static first one and one with the
+    length symbolic, traced at 2, serving 8 and 12."""
+    backend, model, reference = pooled_at_lengths((16, 2, 8, 12), symbolic_sizes=symbolic)
     cuts = {plan.cuts for plan in backend.plans}
     assert len(backend.plans) == (2 if symbolic else 4) and len(cuts) == 1, [p.cuts for p in backend.plans]
     assert all(graph.symbolic_failed is None for graph in backend.graphs)
@@ -106,19 +113,7 @@ def recut_then_other_lengths(rank: int) -> None:
     from tests.distributed.pipeline_check import force_recut
 
     force_recut()
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = models.Pooled()
-    reference = copy.deepcopy(model)
-    backend = zb.ZbBackend({"schedule": "zb-h1", "microbatches": 4, "compiler": "eager", "timeout": 120.0,
-                            "rebalance": True})
-    step = torch.compile(model, backend=backend)
-    for length in (16, 16, 12, 12, 9):
-        generator = torch.Generator().manual_seed(length)
-        batch = [torch.randint(0, 256, (8, length), generator=generator), torch.randn(8, 32, generator=generator)]
-        for m in (model, reference):
-            m.zero_grad(set_to_none=True)
-        step_next_to_eager(step, model, reference, batch, f"length {length}")
+    backend, model, reference = pooled_at_lengths((16, 16, 12, 12, 9), rebalance=True)
     cuts = {plan.cuts for plan in backend.plans if plan.measured_stage_times is not None}
     assert len(cuts) == 1, f"re-cut {len(cuts)} times: {cuts}"
     kept = {entry.plan.cuts for graph in backend.graphs for entry in graph.cache.entries.values()}
