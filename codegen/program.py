@@ -207,21 +207,21 @@ def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], si
     """The runtime's view of `plan`, with the compiled pieces of the stages this process runs. A plan traced with
     symbolic sizes (a sequence length) gives a program whose shapes and bytes are those at `sizes` (symbol ->
     int; None: the traced example's), and that `Program.bind` re-evaluates for each call's sizes."""
-    stages = [_stage_program(plan, stage, compiled, sizes) for stage in plan.stages]
+    input_specs, outputs, boundaries = _specs(plan, sizes)
+    stages = [_stage_program(plan, stage, compiled, sizes, *received)
+              for stage, received in zip(plan.stages, boundaries)]
     producers: dict[int, set[int]] = {}
     for stage in plan.stages:
         for gm in (stage.backward_input, stage.backward_weight) if plan.training else ():
             for key in output_keys(gm) if gm is not None else ():
                 if key and key.startswith("grad:in:"):
                     producers.setdefault(int(key[len("grad:in:"):]), set()).add(stage.index)
-    last = plan.stages[-1].forward
-    outs = {key: value for key, value in zip(output_keys(last), _output_meta(last)) if key and key.startswith("out:")}
     program = Program(
         training=plan.training,
         options=plan.options,
         inputs=list(plan.inputs),
-        input_specs=[_spec(f"in:{i}", value, sizes) for i, value in enumerate(_traced_inputs(plan))],
-        outputs=[_spec(f"out:{j}", outs.get(f"out:{j}"), sizes) for j in range(plan.num_outputs)],
+        input_specs=input_specs,
+        outputs=outputs,
         stages=stages,
         grad_producers={i: frozenset(s) for i, s in sorted(producers.items())},
         updates={s: list(v) for s, v in plan.updates.items()},
@@ -248,9 +248,9 @@ def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], si
     return program
 
 
-def _specs(plan: Plan, sizes: dict) -> tuple[list, list, list[tuple[list, list]]]:
-    """The tensor shapes of a program at `sizes` (its input specs, output specs, and each stage's boundaries):
-    what Program.bind evaluates per call, without walking the graphs."""
+def _specs(plan: Plan, sizes: dict | None) -> tuple[list, list, list[tuple[list, list]]]:
+    """The tensor shapes of a program at `sizes` (its input specs, output specs, and each stage's boundaries, as
+    received going forward and backward): what Program.bind evaluates per call, without walking the graphs."""
     last = plan.stages[-1].forward
     outs = {key: value for key, value in zip(output_keys(last), _output_meta(last)) if key and key.startswith("out:")}
     boundaries = [([_boundary(k, shape, dtype, stage.forward, sizes) for k, shape, dtype in stage.receives_forward],
@@ -276,8 +276,8 @@ def _loss_program(plan: Plan) -> LossProgram | None:
     return LossProgram(loss.mode, list(loss.weights), list(loss.outputs), list(loss.learned), denominator)
 
 
-def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], CompiledPiece],
-                   sizes: dict | None) -> StageProgram:
+def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], CompiledPiece], sizes: dict | None,
+                   receives_forward: list[TensorSpec], receives_backward: list[TensorSpec]) -> StageProgram:
     graphs = [(name, stage.pieces[name]) for name in PIECES if stage.pieces.get(name) is not None]
     held = _held_keys([gm for _, gm in graphs])
     pieces = {}
@@ -300,9 +300,8 @@ def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], Com
         index=stage.index,
         device=_device(forward),
         pieces=pieces,
-        receives_forward=[_boundary(k, shape, dtype, forward, sizes) for k, shape, dtype in stage.receives_forward],
-        receives_backward=[_boundary(k, shape, dtype, forward, sizes)
-                           for k, shape, dtype in stage.receives_backward],
+        receives_forward=receives_forward,
+        receives_backward=receives_backward,
         reads=frozenset(reads),
         memory_b=float(memory_b),
         memory_w=float(min(memory_w, memory_b)),

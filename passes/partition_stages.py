@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from zb.core.errors import ZbOptionError, ZbUnsupportedError
-from zb.passes.plan import Plan, Stage, concrete, fake_like, nbytes, symbolic_sizes
+from zb.passes.plan import Plan, Stage, concrete, fake_like, nbytes, size_symbols
 
 BALANCE_WINDOW = 0.05  # a cut may move this fraction of the total cost away from the even split to cross less
 
@@ -269,7 +269,7 @@ def _stage_graph(plan: Plan, s: int, stage_of: dict[fx.Node, int]) -> tuple[fx.G
     env: dict[fx.Node, fx.Node] = {}
     examples = []
     placeholders = {n: i for i, n in enumerate(graph.find_nodes(op="placeholder"))}
-    symbolic = symbolic_sizes(plan.graph)  # traced with fake tensors of symbolic sizes, every input alike
+    symbolic = bool(size_symbols(plan.graph, plan.inputs))  # traced with fake tensors of symbolic sizes: all alike
     for node in graph.find_nodes(op="placeholder"):
         if any(stage_of.get(u) == s for u in node.users) or (s == last and node in outputs):
             env[node] = new.placeholder(node.name)

@@ -311,16 +311,6 @@ def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def symbolic_sizes(graph: fx.GraphModule) -> bool:
-    """Whether some input of `graph` has a symbolic size (traced with dynamic shapes: zb/dynamo.py)."""
-    for node in graph.graph.find_nodes(op="placeholder"):
-        value = node.meta.get("example_value", node.meta.get("val"))
-        if isinstance(value, torch.SymInt) or (
-                isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape)):
-            return True
-    return False
-
-
 def fake_like(value: Any, requires_grad: bool) -> Any:
     """A fresh fake tensor of `value`'s (fake, possibly symbolic) shape, strides and dtype in its fake mode."""
     if not isinstance(value, torch.Tensor):

@@ -73,13 +73,14 @@ def _expose_sizes(gm: fx.GraphModule, plan: Plan) -> int:
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     for node in placeholders:
         value = node.meta.get("val")
-        sizes = [value] if isinstance(value, torch.SymInt) else \
-            [*value.shape, *value.stride()] if isinstance(value, torch.Tensor) else []
-        for size in sizes:
-            if isinstance(size, torch.SymInt):
-                needed |= size.node.expr.free_symbols
-        dims = [value] if isinstance(value, torch.SymInt) else list(value.shape) if isinstance(value, torch.Tensor) \
-            else []
+        if isinstance(value, torch.SymInt):
+            dims, strides = [value], []
+        elif isinstance(value, torch.Tensor):
+            dims, strides = list(value.shape), list(value.stride())
+        else:
+            continue
+        symbolic = [d.node.expr for d in dims + strides if isinstance(d, torch.SymInt)]
+        needed.update(*(expr.free_symbols for expr in symbolic))
         shown |= {d.node.expr for d in dims if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
     missing = needed - shown
     if not missing:

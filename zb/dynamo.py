@@ -296,8 +296,9 @@ def size_guards(plan, agree: Callable[[str | None], list[str | None]] = lambda c
     values = [node.meta.get("example_value") for node in placeholders(plan.graph)]
     users = [spec.index for spec in plan.inputs if spec.kind in ("input", "constant")]
     shape_env = _shape_env(values)
-    codes = [c for c in dict.fromkeys(agree(shape_env.produce_guards_expression([values[i] for i in users],
-                                                                                 ignore_static=True))) if c]
+    texts = agree(shape_env.produce_guards_expression([values[i] for i in users], ignore_static=True))
+    # Compiled once here: each call only evaluates them (evaluate_guards_expression takes the code object too).
+    codes = [compile(text, "<zb shape guards>", "eval") for text in dict.fromkeys(texts) if text]
 
     def admits(args: list[Any]) -> bool:
         for i in users:
