@@ -91,7 +91,7 @@ def report(result: dict) -> None:
     dist.destroy_process_group()
 
 
-def zb_worker(mode: str, layers: int, compiler: str) -> None:
+def zb_worker(mode: str, layers: int, compiler: str, schedule: str) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -108,7 +108,7 @@ def zb_worker(mode: str, layers: int, compiler: str) -> None:
     imports = maxrss()
     rank, world = dist.get_rank(), dist.get_world_size()
     config = llama_config(layers)
-    options = {"schedule": "zb-h1", "microbatches": 2 * world, "compiler": compiler,
+    options = {"schedule": schedule, "microbatches": 2 * world, "compiler": compiler,
                "timeout": float(os.environ.get("ZB_BENCH_TIMEOUT", "600"))}
     torch.manual_seed(0)
     if mode == "meta + init":
@@ -266,6 +266,7 @@ def main() -> None:
     parser.add_argument("--ranks", default="2,4")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--compiler", default="eager", choices=["eager", "inductor"], help="zb's compiler")
+    parser.add_argument("--schedule", default="zb-h1", help="zb's schedule (the torch baseline runs Schedule1F1B)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--parts", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,22 +274,22 @@ def main() -> None:
         torch_worker(args.layers, json.loads(args.parts))
         return
     if args.worker:
-        zb_worker(args.worker, args.layers, args.compiler)
+        zb_worker(args.worker, args.layers, args.compiler, args.schedule)
         return
     import torch
 
     mib = 2**20
     print(f"Llama hidden 256, {args.layers} layers, vocabulary {VOCAB}; 2 x ranks microbatches of 2 x 64 tokens, "
-          f"SGD momentum 0.9, 2 steps; zb compiler={args.compiler}; torch {torch.__version__}, {os.cpu_count()} cores; "
-          f"MiB")
+          f"SGD momentum 0.9, 2 steps; zb compiler={args.compiler}, schedule {args.schedule}; "
+          f"torch {torch.__version__}, {os.cpu_count()} cores; MiB")
     notes = []
     for ranks in [int(r) for r in args.ranks.split(",")]:
         print("\n| ranks | start | rank | held | own stages | held / own | grads | optimizer state | "
               "held + grads + state | RSS after imports | RSS peak by planned | by step 1 | peak RSS | "
               "peak - imports | peak RSS zb / torch |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        results = {mode: run(["--worker", mode, "--layers", str(args.layers), "--compiler", args.compiler],
-                             ranks, mode) for mode in MODES}
+        worker = ["--layers", str(args.layers), "--compiler", args.compiler, "--schedule", args.schedule]
+        results = {mode: run(["--worker", mode, *worker], ranks, mode) for mode in MODES}
         parts = stage_parts(results["meta + init"], args.layers)
         results[TORCH] = run(["--worker", TORCH, "--layers", str(args.layers), "--parts", json.dumps(parts)],
                              ranks, TORCH)

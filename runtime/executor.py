@@ -151,6 +151,13 @@ class StepExecutor:
         self.trace = self.clock.records()
         return self.outs, self.grads
 
+    def end_step(self) -> None:
+        """Forget the step's values once the runner has combined them: between steps the executor holds no
+        gradient, activation or batch slice (the gradients live on in what the step returned, until backward)."""
+        self.env, self.forward_box, self.backward_box, self.receiving = defaultdict(dict), {}, {}, {}
+        self.outs, self.grads, self.slices, self.owned = [], defaultdict(list), defaultdict(dict), set()
+        self.inputs = []
+
     def _make_copies(self) -> None:
         """Mixed precision (option param_dtype): each parameter a stage of this process reads, copied once for the
         step in the policy's dtype; every microbatch's pieces read the copy (passes/precision_policy.py)."""

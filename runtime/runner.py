@@ -65,7 +65,9 @@ class PipelineRunner:
         # (the quickest run counts) to measure it.
         self.profile_steps: set[int] = set()
         self.repeat: dict[int, int] = {}
-        self.last_grads: list[torch.Tensor | None] | None = None  # what backward hands out for the last step
+        # What backward hands out for the step just run, until the step's re-cut has read it (zb/adapt.py migrate);
+        # then dropped, so that no rank holds a second copy of its gradients between steps.
+        self.last_grads: list[torch.Tensor | None] | None = None
         self.trace: list[tuple[int, str, float, float]] = []  # every rank's actions in the last profiled step
         self.costs = None  # costs measured in the last profiled step
         self.quickest: dict = {}  # (stage, kind) -> quickest of repeated runs per action, in a measured step
@@ -243,6 +245,7 @@ class PipelineRunner:
         outs, grads = executor.run(None, **self._hooks())
         self._land_reductions(grads)
         outputs, combined = combine(outs, grads, executor.slices, program, executor.denominators)
+        executor.end_step()
         if self.distributed:
             outputs = self._broadcast_outputs(outputs)
             self._sum_shared_gradients(combined)
@@ -272,6 +275,7 @@ class PipelineRunner:
             if last:
                 self._land_reductions(grads)
             outputs, combined = combine(outs, grads, executor.slices, program, executor.denominators)
+            executor.end_step()
             if self.reduction is not None:
                 self.reduction.reduce_shared(combined)
             per_replica.append(outputs)

@@ -136,3 +136,27 @@ def test_a_pieces_working_memory_is_what_the_allocator_holds():
     assert memory.outputs[0][0] == memory.outputs[2][0] == "new"
     assert memory.peak == pytest.approx(allocator_peak(prof), rel=0.02), (memory, allocator_peak(prof))
     del outputs
+
+
+def _tensors_in(value, depth=4):
+    """The tensors reachable from `value` through containers and plain objects' attributes."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth == 0:
+        return []
+    if isinstance(value, dict):
+        value = list(value.values())
+    elif not isinstance(value, (list, tuple, set)):
+        value = list(getattr(value, "__dict__", {}).values())
+    return [t for v in value for t in _tensors_in(v, depth - 1)]
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_between_steps_the_runner_holds_no_gradient_activation_or_batch(schedule):
+    # Gradients live in what the step hands to backward, then in .grad: a copy kept by the runner or its executor
+    # (the last step's gradients, its microbatch slices) would be a second gradient-sized buffer on every rank.
+    runner = _runner(schedule, steps=2)
+    params = {id(p) for p in runner.state.values()}
+    held = [t for t in _tensors_in(runner.executor) + _tensors_in(runner.last_grads) if id(t) not in params]
+    assert runner.last_grads is None
+    assert sum(t.numel() for t in held if t.numel() > 1) == 0, [tuple(t.shape) for t in held]

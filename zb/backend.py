@@ -174,6 +174,7 @@ class CompiledGraph:
         with no_autocast():  # the pieces carry autocast's casts already; it must not apply again
             result = entry.runner(*[args[i] for i in arg_map])
         adapt.after_step(self, key, entry.runner, args)
+        entry.runner.last_grads = None  # read by a re-cut only (adapt); backward holds the gradients it hands out
         return result
 
     def _build_symbolic(self, args: Sequence[Any], training: bool, keep: tuple | None,
