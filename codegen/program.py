@@ -210,12 +210,6 @@ def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], si
     input_specs, outputs, boundaries = _specs(plan, sizes)
     stages = [_stage_program(plan, stage, compiled, sizes, *received)
               for stage, received in zip(plan.stages, boundaries)]
-    producers: dict[int, set[int]] = {}
-    for stage in plan.stages:
-        for gm in (stage.backward_input, stage.backward_weight) if plan.training else ():
-            for key in output_keys(gm) if gm is not None else ():
-                if key and key.startswith("grad:in:"):
-                    producers.setdefault(int(key[len("grad:in:"):]), set()).add(stage.index)
     program = Program(
         training=plan.training,
         options=plan.options,
@@ -223,7 +217,7 @@ def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], si
         input_specs=input_specs,
         outputs=outputs,
         stages=stages,
-        grad_producers={i: frozenset(s) for i, s in sorted(producers.items())},
+        grad_producers=plan.grad_producers(),
         updates={s: list(v) for s, v in plan.updates.items()},
         shared_updates=list(plan.shared_updates),
         loss=_loss_program(plan),

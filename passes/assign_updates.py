@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from zb.ops.optimizer import check_group
 from zb.core.errors import ZbUnsupportedError
-from zb.passes.plan import Plan, output_keys
+from zb.passes.plan import Plan
 
 
 def assign_updates(plan: Plan) -> Plan:
@@ -25,12 +25,7 @@ def assign_updates(plan: Plan) -> Plan:
         why = check_group(optimizer, group)
         if why:
             raise ZbUnsupportedError(f"zb cannot fuse this {type(optimizer).__name__} update: {why}")
-    producers: dict[int, set[int]] = {}
-    for stage in plan.stages:
-        for gm in (stage.backward_input, stage.backward_weight):
-            for key in output_keys(gm) if gm is not None else []:
-                if key and key.startswith("grad:in:") and plan.inputs[int(key[8:])].kind == "parameter":
-                    producers.setdefault(int(key[8:]), set()).add(stage.index)
+    producers = {i: stages for i, stages in plan.grad_producers().items() if plan.inputs[i].kind == "parameter"}
     plan.updates = {s.index: [] for s in plan.stages}
     plan.shared_updates = []
     for index, stages in sorted(producers.items()):

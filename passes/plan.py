@@ -155,6 +155,18 @@ class Plan:
     def parameters(self) -> list[InputSpec]:
         return [s for s in self.inputs if s.kind == "parameter"]
 
+    def grad_producers(self) -> dict[int, frozenset[int]]:
+        """Input index -> the stages whose B or W outputs a gradient for it (several: a tied weight), the one
+        derivation the fused updates (passes/assign_updates.py) and the runtime's gradient sums
+        (codegen/program.py) both read."""
+        producers: dict[int, set[int]] = {}
+        for stage in self.stages if self.training else ():
+            for gm in (stage.backward_input, stage.backward_weight):
+                for key in output_keys(gm) if gm is not None else ():
+                    if key and key.startswith("grad:in:"):
+                        producers.setdefault(int(key[len("grad:in:"):]), set()).add(stage.index)
+        return {index: frozenset(stages) for index, stages in sorted(producers.items())}
+
     def summary(self) -> str:
         """A readable account of what was built: inputs, pieces with op counts, counters, pass times."""
         lines = [
