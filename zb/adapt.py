@@ -19,6 +19,9 @@ rank first; see runtime/runner.py `_profile`).
     old: stage 0 on rank 0 reads w0, w1; stage 1 on rank 1 reads w2
     new: stage 0 reads w0;               stage 1 reads w1, w2
     moves: w1 (value and gradient) rank 0 -> rank 1; rank 0's backward no longer returns w1's gradient
+
+The compiled graph whose pipeline changes comes in as an argument (`Graph`: what this module reads and calls of it;
+zb/backend.py `CompiledGraph` is one), so this module does not import the backend that calls it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -35,12 +38,10 @@ from zb.codegen.program import Program
 from zb.core.errors import ZbError
 from zb.passes import Plan, partition_stages
 from zb.passes.partition_stages import split_points_for
+from zb.plan_cache import PlanCache
 from zb.runtime import PipelineRunner
 from zb.runtime.released import is_released, restore
 from zb.schedules import replan
-
-if TYPE_CHECKING:
-    from zb.backend import CompiledGraph
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,31 @@ REBALANCE_ABOVE = 1.15  # re-cut when the slowest measured stage is this much ov
 RECUT_GAIN = 0.05  # ... and only if the slowest stage gets (by the measured costs) at least this much quicker
 MEASURED_BALANCE_WINDOW = 0.01  # a re-cut may trade this fraction of the total cost for a cheaper crossing
 MIGRATE = 16  # control message kinds from here on: one per message of a migration
+
+
+class Graph(Protocol):
+    """What this module needs of the compiled graph whose pipeline it changes: its pipelines, a plan built again."""
+
+    cache: PlanCache  # the pipelines by input signature (their plans, re-cut decisions, symbolic dims)
+
+    @property
+    def built(self) -> dict[tuple, tuple[PipelineRunner | None, list[int]]]:
+        """Signature -> (what runs it, the position in the graph's arguments of each of the plan's inputs)."""
+
+    def build_plan(self, args: Sequence[Any], training: bool, measured: tuple[float, ...] | None = None,
+                   previous: tuple[int, ...] | None = None, balance_window: float | None = None,
+                   keep_cuts: tuple | None = None, dynamic: dict[int, list[int]] | None = None
+                   ) -> tuple[Plan, list[int]]:
+        """The plan for one call's inputs, and for each of its inputs its position in `args`."""
+
+    def install(self, key: tuple, plan: Plan, arg_map: list[int], steps: int) -> PipelineRunner:
+        """Run `plan` for signature `key` from now on; returns its runner."""
+
+    def may_recut(self) -> bool:
+        """Whether a re-cut may still happen (option release: once per model)."""
+
+    def recut_done(self, runner: PipelineRunner, values: list[Any], plan: Plan) -> None:
+        """After a re-cut across ranks: free what this rank gave away (option release)."""
 
 
 def configure(runner: PipelineRunner, *, measure_first: bool) -> PipelineRunner:
@@ -62,17 +88,17 @@ def configure(runner: PipelineRunner, *, measure_first: bool) -> PipelineRunner:
     return runner
 
 
-def after_step(graph: CompiledGraph, key: tuple, runner: PipelineRunner, args: Sequence[Any]) -> PipelineRunner:
+def after_step(graph: Graph, key: tuple, runner: PipelineRunner, args: Sequence[Any]) -> PipelineRunner:
     """What to change after a step; returns the runner for the next step (the same, or a re-cut one)."""
     if runner.program.training and runner.schedule.name == "zb-auto" and runner.steps == REPLAN_AFTER:
         runner.install(_replanned(runner))
-    if key in graph.rebalanced or not runner.program.options.rebalance or runner.stage_times() is None \
+    if key in graph.cache.rebalanced or not runner.program.options.rebalance or runner.stage_times() is None \
             or not graph.may_recut():
         return runner
-    graph.rebalanced.add(key)  # decided once per input signature, on the first measured step
+    graph.cache.rebalanced.add(key)  # decided once per input signature, on the first measured step
     if runner.distributed and runner.optimizer is not None:
         if needs_rebalancing(runner):
-            _suggest_split_points(graph.plans[key], runner)
+            _suggest_split_points(graph.cache.entries[key].plan, runner)
         return runner
     recut = _recut(graph, key, runner, args)
     if recut is None:
@@ -108,11 +134,11 @@ def _agree(runner: PipelineRunner, value: Any, what: str) -> Any:
     return value
 
 
-def _recut(graph: CompiledGraph, key: tuple, runner: PipelineRunner, args: Sequence[Any]):
+def _recut(graph: Graph, key: tuple, runner: PipelineRunner, args: Sequence[Any]):
     """The plan re-cut on the runner's measured stage times, or None. Rank 0 decides (the stages are uneven, and
     the new cut makes the slowest stage at least RECUT_GAIN quicker as the measured costs predict) and broadcasts
     the decision with the times it used, so that every rank builds the same plan."""
-    old = graph.plans[key]
+    old = graph.cache.entries[key].plan
     decision = None
     if runner.ranks[0] == 0 and needs_rebalancing(runner):
         measured = runner.stage_times()
@@ -138,7 +164,7 @@ def _recut(graph: CompiledGraph, key: tuple, runner: PipelineRunner, args: Seque
     return plan, arg_map
 
 
-def _build(graph: CompiledGraph, key: tuple, args: Sequence[Any], old: Plan, measured: Sequence[float]):
+def _build(graph: Graph, key: tuple, args: Sequence[Any], old: Plan, measured: Sequence[float]):
     """The plan re-cut on `measured` times, traced as the signature's plan was (its symbolic dims too)."""
     return graph.build_plan(args, old.training, measured=tuple(measured), previous=old.cuts,
                             balance_window=MEASURED_BALANCE_WINDOW, dynamic=graph.cache.entries[key].dynamic)
@@ -156,10 +182,10 @@ def _suggest_split_points(old: Plan, runner: PipelineRunner) -> None:
                     "options={'split_points': %s}", [round(t * 1e3, 2) for t in runner.stage_times()], suggestion)
 
 
-def _rebalance_across_ranks(graph: CompiledGraph, key: tuple, runner: PipelineRunner, args: Sequence[Any],
+def _rebalance_across_ranks(graph: Graph, key: tuple, runner: PipelineRunner, args: Sequence[Any],
                             plan: Plan, arg_map: list[int]) -> PipelineRunner:
     """Run the re-cut `plan` and move the parameters whose stage changes rank, with this step's gradients."""
-    old_plan = graph.plans[key]
+    old_plan = graph.cache.entries[key].plan
     if arg_map != graph.built[key][1] or [(s.kind, s.name) for s in plan.inputs] != \
             [(s.kind, s.name) for s in old_plan.inputs]:
         log.warning("zb: re-tracing for the re-cut gave different inputs; the stages stay where they are")
@@ -177,6 +203,8 @@ def _rebalance_across_ranks(graph: CompiledGraph, key: tuple, runner: PipelineRu
 
 @dataclass(frozen=True)
 class Move:
+    """One parameter or buffer that travels to a rank whose stages read it after a re-cut."""
+
     index: int  # the plan input (parameter or buffer)
     src: int  # pipeline rank that holds its value
     dst: int  # pipeline rank that reads it from now on

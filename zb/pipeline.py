@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 
 class Pipeline:
+    """Says where one compiled graph's pipeline runs: its stages, this process's ranks, their communication, the
+    schedule."""
+
     def __init__(self, options: Options):
         self.options = options
         self.replicas = options.data_parallel
@@ -108,6 +111,14 @@ class Pipeline:
             return None
         return DistributedComm(self.replica_group, self.options.timeout, _comm_device(self.replica_group), "replica",
                                self.failures)
+
+    def agree(self, value, what: str) -> list:
+        """`value` of every process of this pipeline and its replicas (just this one's without torch.distributed),
+        for what every process must decide alike although each compiled only its own stages."""
+        values = [value]
+        for comm in (c for c in (self.comm(), self.replica_comm()) if c is not None and c.distributed):
+            values = [v for gathered in comm.all_gather_object(values, what) for v in gathered]
+        return values
 
     def schedule_for(self, training: bool, costs: Costs | None = None) -> Schedule:
         """The compute-only schedule (validated); raises ScheduleError as a ZbOptionError for a bad request."""

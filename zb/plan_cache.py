@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import weakref
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
+
+from torch import fx
 
 from zb.passes import Plan
 from zb.runtime import PipelineRunner
@@ -66,7 +69,6 @@ class PlanCache:
             log.info("zb: freed the pipeline of the least recently used input signature (option plan_cache=%d): %s",
                      self.size, _describe(old))
 
-
     def serves(self, options: Any, modules: list[Any]) -> bool:
         """Whether this cache belongs to these options and exactly these (live) models."""
         return options == self.options and len(modules) == len(self.modules) and all(
@@ -85,6 +87,25 @@ def shared(key: Any, options: Any, modules: list[Any]) -> PlanCache:
         if key is not None:
             _CACHES[key] = cache
     return cache
+
+
+def graph_identity(gm: fx.GraphModule) -> tuple:
+    """What makes two Dynamo graphs of one frame the same computation, for sharing their pipelines: each node's
+    operation, target and arguments, with an operator written as a method (`w.mul(x)`, which Dynamo traces for a
+    tensor subclass such as a parameter zb released) the same as the operator (`w * x`), and without the inputs'
+    classes."""
+    items = []
+    for node in gm.graph.nodes:
+        op, target = node.op, node.target
+        if op == "call_method" and callable(getattr(operator, target, None)):
+            op, target = "call_function", getattr(operator, target)
+        if callable(target):
+            target = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', repr(target))}"
+        body = getattr(gm, node.target, None) if op == "get_attr" else None
+        if isinstance(body, fx.GraphModule):  # the body of a higher-order op (an activation-checkpointed block)
+            target = graph_identity(body)
+        items.append((node.name, op, target, repr(node.args), repr(node.kwargs)))
+    return tuple(items)
 
 
 def caches_of(model: Any) -> list[PlanCache]:
