@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from zb.schedules.actions import BW, Action, B, F, Schedule, ScheduleError, W
 from zb.schedules.bound import lower_bound, rank_bounds
+from zb.schedules.catalog import SCHEDULES, generate
 from zb.schedules.auto import resolve_memory_limit
 from zb.schedules.costs import Costs
 from zb.schedules.lower import validate
@@ -283,8 +284,6 @@ def _may_follow(a: Action, b: Action, before) -> bool:
 def _warm_start(placement, m, costs, memory_limit, limit, hint, generated: bool) -> Schedule | None:
     """The shortest of `hint` and (if `generated`) the schedules `generate` offers for this placement that fit the
     limit, with B and W split and stage 0's forwards in microbatch order (None if none fits)."""
-    from zb.schedules import SCHEDULES, generate  # the package imports this module's siblings
-
     ranks, n = max(placement) + 1, len(placement)
     candidates = [hint] if hint is not None else []
     for name in SCHEDULES if generated else ():

@@ -32,8 +32,6 @@ NO_TORCH = ("torch", "triton", "numpy")  # what zb.schedules may not import, eve
 
 # (importer, imported) -> why it is allowed for now; each one is a cycle or upward import to remove.
 _KNOWN: dict[tuple[str, str], str] = {
-    ("zb.schedules.exact", "zb.schedules"): "schedules/exact.py `_warm_start` imports SCHEDULES and generate from the "
-                                            "package, which imports exact.py (a cycle closed by a lazy import)",
     ("zb.runtime.autograd_step", "zb.runtime.runner"): "runtime/autograd_step.py imports PipelineRunner under "
                                                        "TYPE_CHECKING from runtime/runner.py, which imports it",
 }
