@@ -2,8 +2,8 @@
 
 from zb.runtime.comm import DistributedComm, LocalComm
 from zb.runtime.executor import StepExecutor
-from zb.runtime.microbatch import combine_outputs, split_microbatches
+from zb.runtime.microbatch import split_microbatches
 from zb.runtime.runner import PipelineRunner, sequential_schedule
 
-__all__ = ["DistributedComm", "LocalComm", "PipelineRunner", "StepExecutor", "combine_outputs",
-           "sequential_schedule", "split_microbatches"]
+__all__ = ["DistributedComm", "LocalComm", "PipelineRunner", "StepExecutor", "sequential_schedule",
+           "split_microbatches"]

@@ -24,11 +24,13 @@ sides issue the same order; `LocalComm` checks it). A receive buffer exists from
 reader is done with it; a sent tensor is dropped as soon as its batch has completed (`release_sent`). Control
 messages (the optimizer's norms, parameter migration) go the same way, one operation per batch, in an order
 both sides derive from the same data.
+
+On gloo a work completes only inside its own `wait`, which nothing interrupts: such waits, and store calls, run on
+threads of runtime/comm_threads.py, which this module waits for under its timeout and which end in order at exit.
 """
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import os
 import pickle
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 
 from zb.core.errors import ZbError, ZbPeerError
-
+from zb.runtime.comm_threads import Waiter, aside, hand
 from zb.schedules.p2p import SEND, NcclModel, Op
 
 
@@ -158,13 +160,13 @@ class Failures:
             except Exception:  # noqa: BLE001  (the store itself is gone: the peers will time out instead)
                 pass
 
-        _aside(record, STORE_WAIT)
+        aside(record, STORE_WAIT)
 
     def check(self) -> str | None:
         """The recorded failure, if any. The store is asked on a daemon thread, waited for at most POLL seconds:
         a store whose host is unreachable cannot stretch a wait past zb's timeout (the next look asks again)."""
         if self.known is None and (self._probe is None or not self._probe.is_alive()):
-            self._probe = _aside(self._look, POLL)
+            self._probe = aside(self._look, POLL)
         return self.known
 
     def _look(self) -> None:
@@ -186,105 +188,15 @@ _FAILURES: dict[int, Failures] = {}
 STORE_WAIT = 1.0  # seconds a failing rank waits for its error to be recorded before it raises
 
 
-def _aside(work, seconds: float) -> threading.Thread:
-    """Run `work` on a daemon thread and wait for it at most `seconds` (a store call can block for its own,
-    much longer, timeout)."""
-    thread = _start(work, "zb-store")
-    thread.join(seconds)
-    return thread
-
-
-# Threads blocked in a C++ call (a gloo wait, a store call) must not return into Python while the interpreter
-# shuts down: a daemon thread that takes the GIL back then is ended by pthread_exit, whose unwinding through
-# pybind11's GIL guard (a noexcept destructor) aborts the process ("terminate called without an active
-# exception"). So at exit, before the shutdown, every zb thread still running is made to return and joined (for
-# at most SETTLE seconds): a waiter stuck on an abandoned step's operation gets its group's connections closed
-# first (below). A store call in flight cannot be interrupted; store calls take milliseconds.
-#
-# gloo runs a collective on a worker thread of its own (C++), which drops its references to the work's tensors
-# after the work has completed, possibly after the Python side dropped its own: the tensor's Python object then
-# belongs to C++, and the worker takes the GIL to free it. If that happens while the interpreter shuts down, the
-# worker is ended in pthread_exit through a noexcept frame and the process aborts with the same message (seen
-# after a normal run: a core showed gloo's runLoop freeing an AsyncAllgatherWork's tensors from inside
-# Py_FinalizeEx). So the tensors zb hands to gloo collectives are kept (`_HANDED`) until nothing but their Python
-# object holds them (`_use_count() == 1`), and at exit `_settle` releases the GIL until that is so, for at most
-# GLOO_QUIET seconds (a view of a handed tensor also counts, so the wait is bounded), then GLOO_YIELD seconds more
-# for gloo's threads to finish collectives zb did not issue (a script's own last barrier: what the core showed);
-# that last part lowers the odds, it cannot prove the thread done.
-_THREADS: set[threading.Thread] = set()
-_WAITERS: set[_Waiter] = set()
-_HANDED: dict[int, torch.Tensor] = {}
-_GLOO: list[int] = []  # [the size of _HANDED after its last pruning], once a gloo group is used
-GLOO_QUIET = 0.2
-GLOO_YIELD = 0.05
-SETTLE = 5.0  # seconds the exit waits, at most, for zb's threads to return (a store call is not interrupted)
-ABANDON_TAG = 0x7A62  # the receive that closes a stuck gloo group at exit; no message of zb's uses it
-_SETTLING: list = []
-
-
-def _settle_at_exit() -> None:
-    if not _SETTLING:
-        _SETTLING.append(atexit.register(_settle))  # once; after torch's own handlers, so it runs before them
-
-
-def _start(target, name: str) -> threading.Thread:
-    _settle_at_exit()
-
-    def run():
-        try:
-            target()
-        finally:
-            _THREADS.discard(threading.current_thread())
-
-    thread = threading.Thread(target=run, daemon=True, name=name)
-    thread.start()
-    _THREADS.add(thread)  # (a thread done already is joined at once)
-    return thread
-
-
-def _settle() -> None:
-    """At exit: close the connections stuck waiters wait on, then join every zb thread, then let gloo's worker
-    threads let go of the tensors zb handed them (all bounded by SETTLE)."""
-    closed: set = set()
-    for waiter in list(_WAITERS):
-        if not waiter.done.is_set():
-            waiter.abandon(closed)
-    deadline = time.monotonic() + SETTLE
-    for thread in list(_THREADS):
-        if thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()))
-    if _GLOO:
-        quiet = time.monotonic() + GLOO_QUIET
-        while _held() and time.monotonic() < quiet:
-            time.sleep(0.002)  # (the GIL released: a gloo thread freeing a work can take it)
-        time.sleep(GLOO_YIELD)
-
-
-def _hand(*tensors: torch.Tensor) -> None:
-    """Keep `tensors` (given to a gloo collective) alive until gloo's worker thread has dropped them."""
-    _settle_at_exit()
-    if not _GLOO:
-        _GLOO.append(0)
-    if len(_HANDED) > max(64, 2 * _GLOO[0]):
-        _held()
-        _GLOO[0] = len(_HANDED)
-    _HANDED.update((id(t), t) for t in tensors)
-
-
-def _held() -> bool:
-    """Drop the handed tensors held by nothing else any more; whether any is left."""
-    for key in [k for k, t in _HANDED.items() if t._use_count() == 1]:
-        del _HANDED[key]
-    return bool(_HANDED)
-
-
 def _describe(record: str) -> str:
     rank, _, text = record.partition("\n")
     return f"global rank {rank} failed with {text}"
 
 
 class DistributedComm:
-    """Over a process group; `device` is where collective and control buffers live (a CUDA device with NCCL)."""
+    """Carries boundary tensors, control messages and collectives over a process group, every wait bounded by
+    the timeout and watching the failure key; `device` is where collective and control buffers live (a CUDA
+    device with NCCL)."""
 
     distributed = True
 
@@ -307,7 +219,7 @@ class DistributedComm:
         self.world = dist.get_world_size(group)
         self.pending: list[_Batch] = []  # batches with sends not known to be complete
         if self.gloo:
-            _hand()  # (at exit, _settle gives gloo's worker threads time to let go of what they hold)
+            hand()  # (at exit, comm_threads._settle gives gloo's worker threads time to let go of what they hold)
 
     @property
     def spans_job(self) -> bool:
@@ -333,7 +245,7 @@ class DistributedComm:
         works = self.dist.batch_isend_irecv(p2p) if p2p else []
         batch = _Batch(works, sorted({op.peer for op in ops}), [str(op) for op in ops],
                        [t for op, mine in zip(ops, tensors) if op.kind == SEND for t in mine],
-                       _Waiter(works, self, sorted({op.peer for op in ops}))
+                       Waiter(works, self, sorted({op.peer for op in ops}))
                        if self.gloo and works else None)
         if any(op.kind == SEND for op in ops):
             self.pending.append(batch)
@@ -459,8 +371,8 @@ class DistributedComm:
 
     # Waiting ---------------------------------------------------------------------------------------------------
     def _handed(self, *tensors: torch.Tensor) -> None:
-        if self.gloo:  # (a collective runs on gloo's own worker thread: see _settle)
-            _hand(*tensors)
+        if self.gloo:  # (a collective runs on gloo's own worker thread: see runtime/comm_threads.py)
+            hand(*tensors)
 
     def _others(self) -> list[int]:
         return [r for r in range(self.world) if r != self.rank]
@@ -472,10 +384,10 @@ class DistributedComm:
                 self._wait(one, what, peers)
             return
         try:
-            if isinstance(work, _Waiter):
+            if isinstance(work, Waiter):
                 self._await(work, what)
             elif self.gloo:
-                self._await(_Waiter([work], self, peers), what)
+                self._await(Waiter([work], self, peers), what)
             else:
                 self._poll(work, what)
                 work.wait()  # complete: makes the current CUDA stream wait for it (NCCL)
@@ -491,9 +403,9 @@ class DistributedComm:
             raise ZbError(f"{self.role} peer {who} failed while {what}: {e}. A rank died or is stuck; the step is "
                           f"abandoned (timeout {self.timeout.total_seconds():g} s, option 'timeout')") from e
 
-    def _await(self, waiter: _Waiter, what: str) -> None:
+    def _await(self, waiter: Waiter, what: str) -> None:
         """gloo: wait for `waiter`'s thread, at most the timeout from now, while this thread watches the failure key
-        every POLL seconds. A thread given up on is left waiting (runtime/comm.py `_settle` ends it at exit)."""
+        every POLL seconds. A thread given up on is left waiting (runtime/comm_threads.py `_settle` ends it at exit)."""
         deadline = time.monotonic() + self.timeout.total_seconds()
         while not waiter.done.wait(POLL):
             if self.failures is not None:
@@ -519,44 +431,6 @@ class DistributedComm:
             pause = min(2 * pause, 2e-3)
 
 
-class _Waiter:
-    """gloo: a point-to-point work completes only inside its own `wait`, which nothing interrupts. A daemon thread
-    waits for `works` (abandoned, not joined, if this rank gives up) and sets `done`; an error lands in `failed`.
-    `comm` and `peers` (group ranks) say which connections the works use, for `abandon`."""
-
-    def __init__(self, works: list, comm: DistributedComm, peers: Sequence[int]):
-        self.done, self.failed = threading.Event(), []
-        self.comm, self.peers = comm, list(peers)
-
-        def wait():
-            try:
-                for work in works:
-                    # No deadline of zb's here: a batch is posted before its values are due (a send may wait for a
-                    # receive its peer posts much later); the waiting thread's `_await` counts zb's timeout from
-                    # when it starts waiting. (The group's own timeout still bounds this thread.)
-                    work.wait()
-            except BaseException as e:  # noqa: BLE001  (handed to the waiting thread)
-                self.failed.append(e)
-            finally:
-                self.done.set()
-                _WAITERS.discard(self)
-
-        _WAITERS.add(self)
-        _start(wait, "zb-wait")
-
-    def abandon(self, closed: set) -> None:
-        """Make the wait return now (at exit, for an operation of an abandoned step): a receive that times out at
-        once makes gloo close every connection of the group, and every operation waiting on one fails. It uses a
-        tag of its own (gloo matches by tag; zb's messages all use tag 0), so no message still in flight from the
-        abandoned step can meet it."""
-        group = self.comm.process_group
-        if id(group) in closed or not self.peers:
-            return
-        closed.add(id(group))
-        try:
-            group.recv([torch.empty(1)], self.peers[0], ABANDON_TAG).wait(datetime.timedelta(milliseconds=1))
-        except Exception:  # noqa: BLE001  (the timeout that closes it, or it was closed already)
-            pass
 
 
 class _Batch:
@@ -564,7 +438,7 @@ class _Batch:
     sends (alive until the batch is dropped) and, on gloo, the thread that waits for it."""
 
     def __init__(self, works: list, peers: list[int], what: list[str], sent: list[torch.Tensor],
-                 waiter: _Waiter | None):
+                 waiter: Waiter | None):
         self.works, self.peers, self.what, self.sent, self.waiter = works, peers, what, sent, waiter
         self.done = False
 

@@ -3,11 +3,11 @@ inside the schedule.
 
 Every replica runs the same program on its own batch. The loss is made global before anything runs: each
 microbatch's loss weight divides by the token count (or batch size) of all replicas' batches together
-(`exchange`), so that summing the replicas' gradients gives eager's gradient on the concatenated batch, with no
-division afterwards. The sum itself is the schedule's R action: right after a stage's last W its gradients start
-reducing over the replica group (bucketed, asynchronously, while the rest of the pipeline computes), and the
-stage's fused update runs once its own reduction has landed (`poll`). Gradients several stages produce (tied
-weights) are summed at the end of the step, after the pipeline's own sum.
+(runtime/replicas.py `Replicas.global_totals`), so that summing the replicas' gradients gives eager's gradient on
+the concatenated batch, with no division afterwards. The sum itself is the schedule's R action: right after a
+stage's last W its gradients start reducing over the replica group (bucketed, asynchronously, while the rest of
+the pipeline computes), and the stage's fused update runs once its own reduction has landed (`poll`).
+Gradients several stages produce (tied weights) are summed at the end of the step, after the pipeline's own sum.
 
 With `shard_optimizer`, each parameter has one owning replica (`owners`, balanced by bytes): its gradient is
 reduced to the owner only (a reduce, the per-parameter form of a reduce-scatter), only the owner keeps optimizer
@@ -15,6 +15,7 @@ state for it and updates it, and then broadcasts the new value to the others.
 
 Without a process group the replicas run one after another in this process (`LocalReduction`): the earlier
 ones leave their gradients here and the last one completes every sum, so one process checks the same arithmetic.
+The replicas' outputs combine by the same rules as microbatches (runtime/combine.py).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def _numel(program: Program, index: int) -> int:
 
 @dataclass
 class _Bucket:
+    """One flat bucket of a stage's gradients in flight over the replica group."""
+
     stage: int
     indices: list[int]
     flat: torch.Tensor
@@ -220,30 +223,3 @@ def check_same_weights(comm, program: Program, args: Sequence[Any]) -> None:
             error.agreed = comm.spans_job  # every rank saw the same gathered checksums
             raise error
 
-
-def combine_replicas(per_replica: list[list[Any]], rules: Sequence[Any], mode: str,
-                     counts: list[list[float]] | None) -> list[Any]:
-    """The step's outputs from each replica's (already combined) outputs, by the output rules of
-    passes/normalize_loss.py: the loss and scalar means are averaged over replicas (their batches are of one
-    size), sums added, ratios weighted by each replica's count, concatenations joined in replica order."""
-    replicas = len(per_replica)
-    combined = []
-    for j, rule in enumerate(rules):
-        values = [outputs[j] for outputs in per_replica]
-        first = values[0]
-        if rule == "loss":
-            rule = "mean" if mode == "mean" else "sum"
-        if not isinstance(first, torch.Tensor) or rule == "first":
-            combined.append(first)
-        elif rule == "mean":
-            combined.append((torch.stack(values).sum() / replicas).to(first.dtype))
-        elif rule == "sum":
-            combined.append(torch.stack(values).sum().to(first.dtype))
-        elif rule[0] == "concat":
-            combined.append(torch.cat(values, dim=rule[1]))
-        else:  # ("ratio", d)
-            weights = torch.tensor([c[rule[1]] for c in counts], dtype=torch.float64)
-            total = weights.sum()
-            value = (torch.stack(values).double().cpu() * weights).sum() / total if total else torch.zeros(())
-            combined.append(value.to(first.dtype).to(first.device))
-    return combined

@@ -21,13 +21,16 @@ import torch
 
 from zb.codegen.program import ACT, DISCARD, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, OUT, Program, TensorSpec, nbytes
 from zb.core.errors import ZbError
-from zb.runtime.microbatch import combine_outputs, split_microbatches
+from zb.runtime.microbatch import split_microbatches
 from zb.runtime.profile import ActionClock, timed_runs
 from zb.schedules import BW, REDUCE, SEND_F, Action, B, F, Schedule, W
 from zb.schedules.p2p import SEND, Batch, Wait, communication
 
 
 class StepExecutor:
+    """Runs one step's actions for this process's ranks: the pieces, the boundary mailboxes and the sends and
+    receives, keeping each microbatch's values only as long as a later piece reads them."""
+
     def __init__(self, program: Program, schedule: Schedule, ranks: Sequence[int], comm):
         self.program, self.ranks, self.comm = program, list(ranks), comm
         self.schedule = schedule  # lowered; sets the communication program too
@@ -68,7 +71,7 @@ class StepExecutor:
     def prepare(self, args: Sequence[Any]) -> torch.Tensor | None:
         """Split this step's batch into microbatches and count each microbatch's loss denominators; returns their
         totals over the batch (float64, one per denominator) or None. Data-parallel replicas sum these totals
-        (runtime/data_parallel.py) and hand the sum back as `totals` before `run`."""
+        (runtime/replicas.py) and hand the sum back as `totals` before `run`."""
         self.inputs = split_microbatches(self.program.inputs, args, self.program.microbatches)
         self.denominators = self._denominators()
         self.totals = None
@@ -386,11 +389,10 @@ def _checked(values: dict, specs: Sequence[TensorSpec], src: int, dst: int) -> d
     return values
 
 
-def combine(outs: list[list[Any]], grads: dict[int, list[torch.Tensor]], slices: dict[int, dict[int, torch.Tensor]],
-            program: Program, denominators: list[list[torch.Tensor]] | None = None):
-    """Per-microbatch results -> the step's outputs (passes/normalize_loss.py says how each combines) and one
-    gradient per input: a parameter's summed over microbatches as the pieces ran, a batched input's slices put
-    back in microbatch order."""
+def combine_gradients(grads: dict[int, list[torch.Tensor]], slices: dict[int, dict[int, torch.Tensor]],
+                      program: Program) -> list[torch.Tensor | None]:
+    """One gradient per input from a step's per-microbatch results: a parameter's summed over microbatches as the
+    pieces ran, a batched input's slices put back in microbatch order (the outputs: runtime/combine.py)."""
     microbatches = program.microbatches
     combined: list[torch.Tensor | None] = [None] * len(program.inputs)
     for index, values in grads.items():
@@ -403,8 +405,4 @@ def combine(outs: list[list[Any]], grads: dict[int, list[torch.Tensor]], slices:
             raise ZbError(f"input {program.inputs[index].name!r} got gradients for {len(by_microbatch)} of "
                           f"{microbatches} microbatches; the schedule ran a backward twice or not at all")
         combined[index] = torch.cat([by_microbatch[mb] for mb in range(microbatches)])
-    loss = program.loss
-    if loss is None:
-        return combine_outputs(outs, microbatches), combined
-    return combine_outputs(outs, microbatches, loss.outputs, loss.mode, denominators), combined
-
+    return combined

@@ -1,4 +1,5 @@
-"""Splitting a batch into microbatches and putting per-microbatch results back together."""
+"""Splitting a batch into microbatches (runtime/combine.py puts their outputs back together), and a checksum of a
+batch that tells two ranks handed different batches apart."""
 
 from __future__ import annotations
 
@@ -42,33 +43,3 @@ def fingerprint(specs: Sequence[InputSpec], args: Sequence[Any]) -> torch.Tensor
             sums.append((sample * weights).sum() + flat.numel())
     return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
 
-
-def combine_outputs(outs: list[list[Any]], microbatches: int, rules: Sequence[Any] | None = None,
-                    loss_mode: str = "mean", denominators: list[list[torch.Tensor]] | None = None) -> list[Any]:
-    """Each output's microbatch values combined by its rule (passes/normalize_loss.py): "loss" (averaged, or
-    added when the microbatch losses are already weighted), "mean", "sum", ("ratio", d) (weighted by denominator
-    d of each microbatch over its total), ("concat", dim), "first" (the same in every microbatch).
-    Without rules: scalars averaged, other tensors concatenated along dim 0."""
-    combined = []
-    for j, values in enumerate(outs):
-        if not values:
-            combined.append(None)
-            continue
-        first = values[0]
-        rule = rules[j] if rules is not None else ("mean" if isinstance(first, torch.Tensor) and first.dim() == 0
-                                                   else ("concat", 0))
-        if rule == "loss":
-            rule = "mean" if loss_mode == "mean" else "sum"
-        if not isinstance(first, torch.Tensor) or microbatches == 1 or rule == "first":
-            combined.append(first)
-        elif rule == "sum":
-            combined.append(torch.stack(values).sum())
-        elif rule == "mean":
-            combined.append(torch.stack(values).sum() / microbatches)
-        elif rule[0] == "concat":
-            combined.append(torch.cat(values, dim=rule[1]))
-        else:  # ("ratio", d): sum_mb value_mb * d_mb / sum of d (a microbatch with nothing to count adds nothing)
-            counts = torch.stack([d[rule[1]] for d in denominators]).to(first.dtype)
-            values = torch.stack(values)
-            combined.append(torch.where(counts == 0, 0, values * counts).sum() / counts.sum())
-    return combined

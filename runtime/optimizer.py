@@ -1,9 +1,10 @@
 """The optimizer step inside the pipeline: fused per-stage updates, and post-validation.
 
 With options["optimizer"], a call of the compiled model is a whole training step. Each stage's parameters are
-updated by one fused kernel (ops/optimizer.py, chosen by the assign_updates pass) as soon as the stage has
-run its last W. What an update must know first is global: the gradient norm over every rank (for
-`max_grad_norm`) and whether any gradient is NaN/Inf (then the step is skipped, as a loss-scaled loop skips it).
+updated by one fused kernel (ops/optimizer.py, chosen by the assign_updates pass; runtime/fused_update.py runs,
+backs up and restores it) as soon as the stage has run its last W. What an update must know first is global: the
+gradient norm over every rank (for `max_grad_norm`) and whether any gradient is NaN/Inf (then the step is skipped,
+as a loss-scaled loop skips it).
 
 A rank's *contribution* is (sum of squared gradient norms, any non-finite) over the parameters it updates (a
 parameter updated on several ranks, a tied weight, counts on the lowest of them).
@@ -47,11 +48,11 @@ import torch
 
 from zb.codegen.program import Program
 from zb.core.errors import ZbError
-from zb.ops.optimizer import update_kernel
+from zb.runtime.fused_update import FusedUpdater, Update, updated_scale
+from zb.runtime.fused_update import take_backup  # noqa: F401  (bench/optimizer.py imports it from here)
 from zb.schedules import COMPUTE, Schedule
 
 PARTIAL, FULL = 0, 1  # control messages: the partial sum going down the ranks, the global one coming back
-CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_: coefficient = max_norm / (norm + 1e-6)
 
 
 @dataclass
@@ -66,27 +67,20 @@ class StepRecord:
 
 
 @dataclass
-class _Update:
-    """One fused update of a set of parameters, kept until its step is validated."""
-
-    params: list[torch.Tensor]
-    grads: list[torch.Tensor]
-    groups: list[dict]  # a copy of each parameter's param group (lr, betas, ...) as it was for this step
-    applied: bool = False
-    backup: list | None = None  # (parameter copy, optimizer state copy or None) per parameter, while unvalidated
-    unscale: float = 1.0  # 1 / the step's loss scale: the gradients are that many times too large
-
-
-@dataclass
 class _Pending:
+    """A step's updates still waiting for its verdict, and how the global values reach them."""
+
     step: int
-    updates: list[_Update] = field(default_factory=list)
+    updates: list[Update] = field(default_factory=list)
     work: object = None  # the receive of the global values (other ranks than 0, across processes)
     buffer: torch.Tensor | None = None
     total: tuple[float, bool] | None = None
 
 
 class OptimizerStep:
+    """Runs the optimizer step of a pipeline's training steps on this process: counts each rank's gradient norm,
+    passes the sums between ranks, and updates (early, held back, restored or redone) as the verdict requires."""
+
     def __init__(self, program: Program, schedule: Schedule, ranks: Sequence[int], comm, replica_comm=None,
                  owner: dict[int, int] | None = None, replica: int = 0):
         options = program.options
@@ -94,26 +88,22 @@ class OptimizerStep:
         self.broadcasts: list = []  # owners' parameter broadcasts in flight (shard_optimizer)
         self.program = program
         self.optimizer = options.optimizer
-        self.kernel = update_kernel(self.optimizer)
-        self.max_norm = options.max_grad_norm
+        self.updater = FusedUpdater(self.optimizer, options.max_grad_norm)
+        self.group_of = self.updater.group_of
         self.post_validation = options.post_validation
         self.ranks = list(ranks)
         self.comm = comm
         self.distributed = comm.distributed
-        self.group_of = {p: g for g in self.optimizer.param_groups for p in g["params"]}
-        if not self.group_of:
-            raise ZbError("options['optimizer'] holds no parameters")
         self.set_schedule(schedule)
         self.steps = 0
         self.pending: list[_Pending] = []
         self.history = history(self.optimizer)  # shared by every plan driving this optimizer
         self.params: list = []
         self.contribution: dict[int, list[float]] = {}
-        self.updates: dict[int, list[_Update]] = {}
+        self.updates: dict[int, list[Update]] = {}
         self.sends: list = []
         self.scaler = None  # option grad_scaler of the running call (torch.amp.GradScaler), set by begin
         self.unscale = 1.0  # 1 / the running step's loss scale
-        self._spares: dict = {}  # backup buffers per parameter, reused every step
         _register(self)
 
     def set_schedule(self, schedule: Schedule) -> None:
@@ -264,17 +254,16 @@ class OptimizerStep:
     def _all_updated(self) -> list[int]:
         return [i for v in self.program.updates.values() for i in v] + list(self.program.shared_updates)
 
-    def _update(self, indices: list[int], grads: dict[int, torch.Tensor]) -> _Update | None:
+    def _update(self, indices: list[int], grads: dict[int, torch.Tensor]) -> Update | None:
+        """The update of the parameters among `indices` that have a gradient, belong to the optimizer and (with
+        shard_optimizer) this replica owns; None when there is none."""
         chosen = [i for i in indices if i in grads and self.params[i] in self.group_of
                   and (self.owner is None or self.owner.get(i, self.replica) == self.replica)]
         if not chosen:
             return None
-        params = [self.params[i] for i in chosen]
-        return _Update(params, [grads[i] for i in chosen],
-                       [{k: v for k, v in self.group_of[p].items() if k != "params"} for p in params],
-                       unscale=self.unscale)
+        return self.updater.make([self.params[i] for i in chosen], [grads[i] for i in chosen], self.unscale)
 
-    def _count(self, rank: int, update: _Update, shared_on: int | None = None) -> None:
+    def _count(self, rank: int, update: Update, shared_on: int | None = None) -> None:
         """Add the update's squared norm and non-finite flag to the rank's contribution (tied weights once)."""
         shared = {id(self.params[i]) for i, r in self.counted_shared.items() if r != shared_on}
         grads = [g for p, g in zip(update.params, update.grads) if id(p) not in shared]
@@ -286,19 +275,16 @@ class OptimizerStep:
         mine[0] += squares
         mine[1] = max(mine[1], float(not math.isfinite(squares)))
 
-    def _optimistic(self, update: _Update, known: Sequence[float]) -> None:
+    def _optimistic(self, update: Update, known: Sequence[float]) -> None:
         """Update now with what is known so far, unless it already says the step will be clipped or skipped."""
-        if self._verdict((known[0], bool(known[1])))[0] != "plain":
+        if self.updater.verdict((known[0], bool(known[1])))[0] != "plain":
             return  # held back until the global values arrive
-        self._backup(update)
+        self.updater.backup(update)
         self._apply(update, None)
 
-    def _backup(self, update: _Update) -> None:
-        update.backup = take_backup(self._spares, self.optimizer, update.params)
-
-    def _final(self, update: _Update, total: tuple[float, bool]) -> int:
+    def _final(self, update: Update, total: tuple[float, bool]) -> int:
         """Bring `update` in line with the global values; returns 1 when an applied update was rolled back."""
-        verdict, scale = self._verdict(total)
+        verdict, scale = self.updater.verdict(total)
         rolled = 0
         if update.applied and verdict != "plain":
             self._restore(update)
@@ -309,51 +295,16 @@ class OptimizerStep:
         update.grads = []
         return rolled
 
-    def _verdict(self, total: tuple[float, bool]) -> tuple[str, float | None]:
-        squares, bad = total
-        if bad or not math.isfinite(squares):
-            return "skip", None
-        if self.max_norm is None:
-            return "plain", None
-        coefficient = self.max_norm / (math.sqrt(squares) + CLIP_EPS)
-        return ("clip", coefficient) if coefficient < 1.0 else ("plain", None)
+    # (The two places an update changes parameters; tests/distributed/fault_check.py injects failures there.)
+    def _apply(self, update: Update, scale: float | None) -> None:
+        self.updater.apply(update, scale)
 
-    def _apply(self, update: _Update, scale: float | None) -> None:
-        """Run the update's fused kernel with its gradients times `scale` (the clip coefficient) and unscaled."""
-        grads = update.grads
-        factor = (1.0 if scale is None else scale) * update.unscale
-        if factor != 1.0:
-            grads = torch._foreach_mul([g.detach() for g in grads], factor)
-        with torch.no_grad():
-            buckets: dict[int, list[int]] = {}
-            for j, p in enumerate(update.params):
-                buckets.setdefault(id(self.group_of[p]), []).append(j)
-            for js in buckets.values():
-                params = [update.params[j] for j in js]
-                states = [self.optimizer.state[p] for p in params]
-                self.kernel(params, [grads[j] for j in js], states, update.groups[js[0]])
-        update.applied = True
-
-    def _restore(self, update: _Update) -> None:
-        sources, targets = [], []
-        for p, ((value, tensors), others) in zip(update.params, update.backup):
-            sources.append(value)
-            targets.append(p.detach())
-            if others is None:  # the step created the state: without it, the parameter never stepped
-                self.optimizer.state.pop(p, None)
-                continue
-            state = self.optimizer.state[p]
-            for k, v in tensors.items():
-                sources.append(v)
-                targets.append(state[k])
-            state.update(others)
-        with torch.no_grad():
-            torch._foreach_copy_(targets, sources)
-        update.applied = False
+    def _restore(self, update: Update) -> None:
+        self.updater.restore(update)
 
     def _record(self, step: int, total: tuple[float, bool], rolled_back: int) -> None:
         """A step's verdict is known on this process (once per step): its history, and the loss scale's update."""
-        verdict, _ = self._verdict(total)
+        verdict, _ = self.updater.verdict(total)
         self.history.append(StepRecord(step, math.sqrt(total[0]) if math.isfinite(total[0]) else math.inf,
                                        verdict == "clip", verdict == "skip", rolled_back))
         if self.scaler is not None:
@@ -416,43 +367,6 @@ def _sum_norms(comm, contribution: Sequence[float], whose: str = "") -> tuple[fl
     bad = comm.all_reduce(torch.tensor([contribution[1]], dtype=torch.float64),
                           f"checking {whose}gradients for NaN/Inf", op="max")
     return float(squares), bool(bad)
-
-
-def updated_scale(state: dict, found_inf: bool) -> dict:
-    """A GradScaler's state_dict after `scaler.update()` of a step that found (or not) a non-finite gradient:
-    torch's _amp_update_scale_, the scale held in float32 (backoff at once; growth after `growth_interval` clean
-    steps in a row, unless the grown scale is not finite)."""
-    scale, tracker = state["scale"], state["_growth_tracker"]
-    if found_inf:
-        scale, tracker = _float32(scale * state["backoff_factor"]), 0
-    elif tracker + 1 == state["growth_interval"]:
-        grown = _float32(scale * state["growth_factor"])
-        scale, tracker = (grown if math.isfinite(grown) else scale), 0
-    else:
-        tracker += 1
-    return {**state, "scale": scale, "_growth_tracker": tracker}
-
-
-def _float32(value: float) -> float:
-    return float(torch.tensor(value, dtype=torch.float64).float())
-
-
-def take_backup(spares: dict, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list:
-    """Copy parameters and their optimizer state into buffers kept from step to step (`spares`), in one
-    multi-tensor copy; returns per parameter ((parameter copy, state tensor copies), other state or None)."""
-    sources, targets, backup = [], [], []
-    for p in params:
-        state = optimizer.state.get(p) or {}
-        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        spare = spares.get(p)
-        if spare is None or spare[1].keys() != tensors.keys():
-            spare = spares[p] = (torch.empty_like(p), {k: torch.empty_like(v) for k, v in tensors.items()})
-        sources += [p.detach(), *tensors.values()]
-        targets += [spare[0], *spare[1].values()]
-        backup.append((spare, {k: v for k, v in state.items() if k not in tensors} if state else None))
-    with torch.no_grad():
-        torch._foreach_copy_(targets, sources)
-    return backup
 
 
 # Every OptimizerStep of an optimizer, so that its state_dict(), load_state_dict() and zb.synchronize() see

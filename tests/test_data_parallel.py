@@ -6,6 +6,7 @@ loss form); under torchrun with 4 processes, 2 replicas x 2 pipeline ranks (test
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -178,3 +179,47 @@ def test_torchrun_replica_errors_and_a_dead_rank():
 @pytest.mark.inductor
 def test_replicas_through_inductor():
     assert_matches_eager(models.gpt, stages=2, microbatches=2, data_parallel=2, schedule="zb-h1")
+
+
+def _token_mean_and_extras(o, y):
+    ce = F.cross_entropy(o.flatten(0, 1), y.flatten())
+    return ce, ce.detach() * 2, o.pow(2).mean(), (y != -100).sum(), o
+
+
+@pytest.mark.parametrize("empty_rows", [2, 4])
+@pytest.mark.parametrize("microbatches, replicas", [(4, 1), (2, 2), (1, 4), (1, 2)])
+def test_a_part_with_no_tokens_adds_nothing_as_a_microbatch_or_a_replica(microbatches, replicas, empty_rows):
+    """The batch's first rows hold no token (every label -100), so a microbatch or a replica (or both) has nothing
+    to count; the whole batch still has tokens. Eager's token mean ignores such a part, and so must the step's loss,
+    its token-mean extra output (a part's own mean is 0/0 there) and every gradient, whichever way the batch is
+    split: microbatches and replicas combine their outputs by the same rules."""
+    x, y = padded_batch()
+    y[:empty_rows] = -100
+    torch.manual_seed(0)
+    model = TokenNet()
+    reference = copy.deepcopy(model)
+    options = {"stages": 2, "microbatches": microbatches, "compiler": "eager"}
+    backend = zb.ZbBackend(options if replicas == 1 else {**options, "data_parallel": replicas})
+    got = torch.compile(lambda x, y: _token_mean_and_extras(model(x), y), backend=backend)(x, y)
+    want = _token_mean_and_extras(reference(x), y)
+    got[0].backward()
+    want[0].backward()
+    assert all(bool(torch.isfinite(v).all()) for v in want[:3])
+    assert_same_step(got, want, model, reference,
+                     f"{empty_rows} rows without tokens, {replicas} replicas of {microbatches} microbatches")
+
+
+@pytest.mark.parametrize("microbatches, replicas", [(4, 1), (2, 2), (1, 4)])
+def test_a_batch_with_no_tokens_at_all_is_nan_as_in_eager(microbatches, replicas):
+    """No part has a token: eager's token mean is 0/0, NaN, and so is the step's (not 0 from one way of splitting)."""
+    x, y = padded_batch()
+    y[:] = -100
+    torch.manual_seed(0)
+    model = TokenNet()
+    reference = copy.deepcopy(model)
+    options = {"stages": 2, "microbatches": microbatches, "compiler": "eager"}
+    backend = zb.ZbBackend(options if replicas == 1 else {**options, "data_parallel": replicas})
+    got = torch.compile(lambda x, y: _token_mean_and_extras(model(x), y), backend=backend)(x, y)
+    want = _token_mean_and_extras(reference(x), y)
+    for j in (0, 1):
+        assert bool(torch.isnan(want[j])) and bool(torch.isnan(got[j])), (j, got[j], want[j])
