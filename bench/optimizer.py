@@ -42,7 +42,7 @@ def median_ms(fn, steps: int, warmup: int = 3) -> float:
 
 def update_table(preset: str, steps: int) -> None:
     from zb.ops.optimizer import update_kernel as kernel_for
-    from zb.runtime.optimizer import take_backup
+    from zb.runtime.fused_update import take_backup
 
     torch.manual_seed(0)
     model = GPT(PRESETS[preset])

@@ -10,15 +10,12 @@ the loss it returns is a `StepLoss`, with no backward left to run.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from zb.core.errors import ZbError, ZbUnsupportedError
 from zb.runtime.released import zb_internal
-
-if TYPE_CHECKING:
-    from zb.runtime.runner import PipelineRunner
 
 
 class StepLoss(torch.Tensor):
@@ -37,7 +34,7 @@ class TrainingStep(torch.autograd.Function):
     """Connects a whole zb training step to autograd: forward runs it, backward hands out its gradients."""
 
     @staticmethod
-    def forward(ctx, runner: PipelineRunner, *args: Any):
+    def forward(ctx, runner: Any, *args: Any):  # runner: the PipelineRunner (runtime/runner.py) that calls it
         outputs, grads = runner.run(args)
         ctx.grads, ctx.program, ctx.scale = grads, runner.program, runner.executor.seed_scale
         # An extra output that depends on parameters requires grad, as in eager, so that differentiating it is

@@ -49,7 +49,6 @@ import torch
 from zb.codegen.program import Program
 from zb.core.errors import ZbError
 from zb.runtime.fused_update import FusedUpdater, Update, updated_scale
-from zb.runtime.fused_update import take_backup  # noqa: F401  (bench/optimizer.py imports it from here)
 from zb.schedules import COMPUTE, Schedule
 
 PARTIAL, FULL = 0, 1  # control messages: the partial sum going down the ranks, the global one coming back

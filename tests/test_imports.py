@@ -31,10 +31,7 @@ SCHEDULES = "zb.schedules"
 NO_TORCH = ("torch", "triton", "numpy")  # what zb.schedules may not import, even lazily
 
 # (importer, imported) -> why it is allowed for now; each one is a cycle or upward import to remove.
-_KNOWN: dict[tuple[str, str], str] = {
-    ("zb.runtime.autograd_step", "zb.runtime.runner"): "runtime/autograd_step.py imports PipelineRunner under "
-                                                       "TYPE_CHECKING from runtime/runner.py, which imports it",
-}
+_KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _packages() -> dict[str, pathlib.Path]:

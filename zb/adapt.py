@@ -2,7 +2,7 @@
 
 Every threshold of these decisions lives here. Each decision is taken on pipeline rank 0 and broadcast through
 the communication module, so every rank acts alike by construction (the measurements are gathered from every
-rank first; see runtime/runner.py `_profile`).
+rank first; see runtime/profiler.py `StepProfiler.collect`).
 
 * **Re-plan** (zb-auto): the step `REPLAN_AFTER` is profiled (the first warms caches up); rank 0 plans zb-auto
   with the measured costs and every rank installs that schedule. The stages and their placement stay.

@@ -283,7 +283,7 @@ def check_dead_rank(replicas: int) -> None:
         step(*[part(a, replica, replicas) for a in args]).backward()
     except zb.ZbError as e:
         print(f"caught on rank {rank} after {time.perf_counter() - start:.1f} s: {e}", flush=True)
-        sys.exit(0)  # a normal shutdown, clean after the failure (runtime/comm.py `_settle`)
+        sys.exit(0)  # a normal shutdown, clean after the failure (runtime/comm_threads.py `_settle`)
     raise SystemExit(f"rank {rank} finished a step without rank {world - 1}")
 
 

@@ -56,7 +56,7 @@ def main() -> None:
             step(*args)
         except ZbError as e:
             print(f"caught on rank {rank}: {e}", flush=True)
-            sys.exit(0)  # a normal shutdown, clean after the failure (runtime/comm.py `_settle`)
+            sys.exit(0)  # a normal shutdown, clean after the failure (runtime/comm_threads.py `_settle`)
         raise SystemExit("rank 0 finished a step without its peer")
 
 
@@ -98,7 +98,7 @@ def raise_in(method: str, model, args, rank: int) -> None:
                 loss.backward()
         except ZbError as e:
             print(f"caught on rank {rank} after {time.perf_counter() - start:.1f} s: {e}", flush=True)
-            sys.exit(0)  # a normal shutdown, clean after the failure (runtime/comm.py `_settle`)
+            sys.exit(0)  # a normal shutdown, clean after the failure (runtime/comm_threads.py `_settle`)
         except RuntimeError as e:
             if rank != 1 or "injected failure" not in str(e):
                 raise

@@ -248,7 +248,8 @@ def main() -> None:
     sys.stdout.flush()
     if a.mode == "checkpoint" and rank == 0:
         shutil.rmtree(saved.parent, ignore_errors=True)
-    dist.destroy_process_group()  # and a normal exit: nothing may abort in the shutdown (runtime/comm.py `_settle`)
+    # and a normal exit: nothing may abort in the shutdown (runtime/comm_threads.py `_settle`)
+    dist.destroy_process_group()
     sys.stdout.write(f"exit {a.mode} rank {rank}\n")
     sys.stdout.flush()
 
