@@ -2,9 +2,10 @@
 
 On a GPU every piece's Inductor output is Triton anyway. On CPU, Inductor's Triton backend
 (`cpu_backend="triton"`) generates the same kind of module but cannot compile it ("0 active drivers"). Here the
-generation runs with the compile step replaced (`torch._inductor.utils.get_code`), caches off (a cached C++ result
-must not stand in), and triton's backend hash stubbed (it asks the missing driver). The text is what Inductor
-would run; it is written for reading, not executed.
+generation runs with the compile step replaced (Inductor's `get_code`), caches off (a cached C++ result must not
+stand in), and, without a GPU, triton's backend hash read as a placeholder (it asks the missing driver; see
+`zb.core.torch_internals.triton_hash_without_driver`). The text is what Inductor would run; it is written for
+reading, not executed.
 """
 
 from __future__ import annotations
@@ -12,27 +13,21 @@ from __future__ import annotations
 import copy
 import pathlib
 import re
-from unittest import mock
 
 import torch
 from torch import fx
 
+from zb.core import torch_internals
 from zb.passes.plan import PIECES, Plan
 
 
 def emit_triton(gm: fx.GraphModule) -> str:
     """Inductor's generated module for one piece (wrapper and kernels), with its backend set to Triton."""
-    import torch._functorch.config as functorch_config
-    from torch._inductor import config as inductor_config
-    from torch._inductor.compile_fx import compile_fx_inner
-    from torch._inductor.utils import get_code
-
     example = [n.meta["val"] for n in gm.graph.find_nodes(op="placeholder")]
     settings = {"cpu_backend": "triton", "fx_graph_cache": False, "force_disable_caches": True}
-    with (mock.patch("torch.utils._triton.triton_hash_with_backend", lambda: "ZB-EMIT-ONLY"),
-          inductor_config.patch(settings), functorch_config.patch(decompose_custom_triton_ops=False),
+    with (torch_internals.triton_hash_without_driver("ZB-EMIT-ONLY"), torch_internals.custom_triton_ops_opaque(),
           torch.no_grad()):
-        codes = get_code(lambda: compile_fx_inner(copy.deepcopy(gm), example))
+        codes = torch_internals.inductor_code(copy.deepcopy(gm), example, settings)
     return "\n\n".join(codes)
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import fx
+
+from zb.core import torch_internals
 from zb.ops.attention import lower_to_cpu_kernels
 from zb.passes.plan import PIECES, PassRecord, Plan, input_keys, output_keys
 from zb.passes.runner import dump_plan
@@ -78,9 +80,9 @@ def boundary_layouts(gm: fx.GraphModule) -> list[tuple[int, tuple[int, ...] | _S
         if all(isinstance(s, int) for s in value.stride()):
             found.append((position, tuple(value.stride())))
             continue
-        strides = tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in value.stride())
-        dims = {d.node.expr: i for i, d in enumerate(value.shape)
-                if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
+        strides = tuple(torch_internals.sym_expr(s) if isinstance(s, torch.SymInt) else s for s in value.stride())
+        dims = {torch_internals.sym_expr(d): i for i, d in enumerate(value.shape)
+                if isinstance(d, torch.SymInt) and torch_internals.sym_expr(d).is_Symbol}
         found.append((position, _SymbolicStrides(strides, dims)))
     return found
 
@@ -127,14 +129,10 @@ def compile_piece(gm: fx.GraphModule, name: str, stage: int, compiler: str) -> C
     layouts = boundary_layouts(gm)
     if compiler == "eager":
         return CompiledPiece(name, stage, inputs, outputs, lambda args: target(*args), layouts)
-    from torch._inductor.compile_fx import compile_fx_inner
-
     example = [n.meta["val"] for n in gm.graph.find_nodes(op="placeholder")]
-    import torch._functorch.config as functorch_config
-
     # zb's Triton operators stay opaque calls (on CPU Inductor cannot trace into Triton kernels: no driver).
-    with torch.no_grad(), functorch_config.patch(decompose_custom_triton_ops=False):
-        output_code = compile_fx_inner(target, example)
+    with torch.no_grad(), torch_internals.custom_triton_ops_opaque():
+        output_code = torch_internals.inductor_compile(target, example)
     return CompiledPiece(name, stage, inputs, outputs, lambda args: output_code(list(args)), layouts,
                          source_code=getattr(output_code, "source_code", None))
 

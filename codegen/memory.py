@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from zb.core import torch_internals
 from zb.passes.plan import nbytes, output_values
 
 
@@ -96,8 +97,9 @@ def _alias_source(node: fx.Node) -> fx.Node | None:
     target = node.target
     if target is operator.getitem:
         return node.args[0]
-    if isinstance(target, torch._ops.OpOverload):
-        returns = target._schema.returns
+    schema = torch_internals.op_schema(target)
+    if schema is not None:
+        returns = schema.returns
         if returns and returns[0].alias_info is not None:
             return node.args[0]
     return None

@@ -23,6 +23,7 @@ from torch import fx
 
 from zb.codegen.inductor import CompiledPiece, compile_piece
 from zb.codegen.memory import PieceMemory, piece_memory
+from zb.core import torch_internals
 from zb.core.options import Options
 from zb.passes.plan import (
     PIECES, InputSpec, Plan, Stage, concrete, concrete_shape, input_keys, nbytes, output_keys, output_values,
@@ -305,7 +306,7 @@ def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], Com
 
 def _draws_random(node: fx.Node) -> bool:
     target = node.target
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+    return isinstance(target, torch_internals.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
 def _route(key: str | None, plan: Plan, held: set[str]) -> Route:

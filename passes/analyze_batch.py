@@ -42,8 +42,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from zb.core import torch_internals
 from zb.passes import batch_rules
 from zb.passes.batch_facts import NONE, Layout, Value, tensors
 from zb.passes.plan import Plan
@@ -158,7 +158,7 @@ class _Run(fx.Interpreter):
         self.result.mixing.append(Mixing(name, op, why, kind, source_line(node)))
 
 
-class _Dispatch(TorchDispatchMode):
+class _Dispatch(torch_internals.TorchDispatchMode):
     def __init__(self, run: _Run):
         super().__init__()
         self.run = run
@@ -166,7 +166,7 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if isinstance(func, torch._ops.OpOverload):
+        if isinstance(func, torch_internals.OpOverload):
             batch_rules.apply(self.run, func, args, kwargs, out)
         return out
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from zb.core import torch_internals
 from zb.core.errors import ZbUnsupportedError
 from zb.passes.plan import Plan
 
@@ -45,8 +46,7 @@ def autocast_regions(plan: Plan) -> Plan:
 
 
 def _enters(gm: fx.GraphModule) -> list[fx.Node]:
-    enter = torch.amp.autocast_mode._enter_autocast
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is enter]
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch_internals.ENTER_AUTOCAST]
 
 
 def _annotated(original: fx.GraphModule, ambient: dict[str, tuple[bool, torch.dtype]]) -> fx.GraphModule:
@@ -58,11 +58,11 @@ def _annotated(original: fx.GraphModule, ambient: dict[str, tuple[bool, torch.dt
     annotated = []
     for node in original.graph.nodes:
         target = node.target if node.op == "call_function" else None
-        if target is torch.amp.autocast_mode._enter_autocast:
+        if target is torch_internals.ENTER_AUTOCAST:
             entered[node] = len(states)
             states.append(_entered(states[-1], node))
             continue
-        if target is torch.amp.autocast_mode._exit_autocast:
+        if target is torch_internals.EXIT_AUTOCAST:
             depth = entered.get(node.args[0])
             if depth is None or depth != len(states) - 1:
                 raise ZbUnsupportedError("torch.autocast regions in the compiled function do not nest as zb "
@@ -103,8 +103,9 @@ def _entered(state: dict, node: fx.Node) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         region = torch.autocast(device, dtype=dtype if dtype is not None else current, enabled=enabled)
+    on = torch_internals.autocast_enabled(region)
     # float32 asks for what a disabled region runs; autocast("cuda") without CUDA cannot touch this model's ops
-    if enabled and not region._enabled and dtype != torch.float32 and (device != "cuda" or torch.cuda.is_available()):
+    if enabled and not on and dtype != torch.float32 and (device != "cuda" or torch.cuda.is_available()):
         said = f" (torch: {caught[0].message})" if caught else ""
         raise ZbUnsupportedError(
             f"torch.autocast({device!r}, dtype={dtype}) in the compiled function is not supported on this machine"
@@ -112,7 +113,7 @@ def _entered(state: dict, node: fx.Node) -> dict:
             "(CPU: torch.bfloat16 or torch.float16; CUDA: torch.float16, or torch.bfloat16 where the GPU has it), "
             "or remove the region")
     new = dict(state)
-    new[device] = (bool(region._enabled), region.fast_dtype)
+    new[device] = (on, region.fast_dtype)
     return new
 
 
@@ -126,9 +127,9 @@ def _annotate_body(body: fx.GraphModule, state: dict) -> None:
     states = [state]
     for node in body.graph.nodes:
         target = node.target if node.op == "call_function" else None
-        if target is torch.amp.autocast_mode._enter_autocast:
+        if target is torch_internals.ENTER_AUTOCAST:
             states.append(_entered(states[-1], node))
-        elif target is torch.amp.autocast_mode._exit_autocast and len(states) > 1:
+        elif target is torch_internals.EXIT_AUTOCAST and len(states) > 1:
             states.pop()
         elif node.op in ("call_function", "call_method", "call_module") and _pairs(states[-1]):
             node.meta[KEY] = _pairs(states[-1])

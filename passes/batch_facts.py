@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from zb.core import torch_internals
+
 # A batch dim's layout: an int e (position r belongs to sample r // e), ("tiled", repeat, block) (sample
 # (r % repeat) // block: the batch repeats along the dim), or None (unknown).
 Layout = int | tuple | None
@@ -44,10 +46,7 @@ NONE = Value()
 
 def fake_mode():
     """A fake-tensor mode whose shape environment allows data-dependent output shapes (nonzero, unique)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    return FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    return torch_internals.fake_mode_with_shape_env()
 
 
 def tensors(x: Any) -> list[torch.Tensor]:
@@ -69,9 +68,14 @@ class Ctx:
         return self.run.get(t) if isinstance(t, torch.Tensor) else NONE
 
     @property
+    def schema(self) -> torch.FunctionSchema:
+        """The operator's schema: its arguments (with their aliasing), returns and overload name."""
+        return torch_internals.op_schema(self.func)
+
+    @property
     def bound(self) -> dict[str, Any]:
         found = {}
-        for i, arg in enumerate(self.func._schema.arguments):
+        for i, arg in enumerate(self.schema.arguments):
             if i < len(self.args):
                 found[arg.name] = self.args[i]
             elif arg.name in self.kwargs:

@@ -45,7 +45,7 @@ def apply(run, func, args, kwargs, out) -> None:
             results = fallback(ctx)
     for t, value in zip(ctx.outs, results):
         run.set(t, value)
-    for i, arg in enumerate(func._schema.arguments):  # in-place: the mutated argument now holds the result
+    for i, arg in enumerate(ctx.schema.arguments):  # in-place: the mutated argument now holds the result
         if arg.alias_info is not None and arg.alias_info.is_write and i < len(args) and results:
             if isinstance(args[i], torch.Tensor):
                 run.set(args[i], results[0])

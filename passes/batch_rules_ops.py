@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from zb.core import torch_internals
 from zb.passes.batch_facts import NONE, Ctx, Value, tensors
 from zb.passes.batch_rules_shape import pointwise, remap, tiling
 
@@ -393,7 +394,7 @@ def index_add(ctx: Ctx) -> list[Value]:
 def repeat_interleave(ctx: Ctx) -> list[Value]:
     b = ctx.bound
     src = b.get("self", b.get("input"))
-    if not isinstance(src, torch.Tensor) or ctx.func._overloadname == "Tensor":
+    if not isinstance(src, torch.Tensor) or ctx.schema.overload_name == "Tensor":
         return ctx.mix("repeats positions by per-position counts (repeat_interleave with tensor repeats)")
     v = ctx.v(src)
     dim = b.get("dim")
@@ -487,11 +488,9 @@ def _same_layout(ctx: Ctx, out: torch.Tensor, dim: int) -> Any:
 def _empirical(ctx: Ctx) -> list[Value] | None:
     """Run the op on random data: two microbatches joined along their batch dims, and each alone; per sample when
     the joined result is the two results joined along one output dim."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     shard = _single_batch_dims(ctx)
     if shard is None or ctx.func.is_view or any(a.alias_info is not None and a.alias_info.is_write
-                                                  for a in ctx.func._schema.arguments):
+                                                  for a in ctx.schema.arguments):
         return None
     if any(not (t.dtype.is_floating_point or t.dtype == torch.bool) and id(t) in shard for t in ctx.inputs()):
         return None
@@ -505,7 +504,7 @@ def _empirical(ctx: Ctx) -> list[Value] | None:
             return torch.rand(shape, generator=generator) > 0.5
         return torch.zeros(shape, dtype=t.dtype)
 
-    with unset_fake_temporarily():
+    with torch_internals.unset_fake_temporarily():
         try:
             one = fx.node.map_aggregate((ctx.args, ctx.kwargs), lambda a: real(a) if isinstance(a, torch.Tensor) else a)
             two = fx.node.map_aggregate((ctx.args, ctx.kwargs), lambda a: real(a) if isinstance(a, torch.Tensor) else a)

@@ -22,11 +22,9 @@ import collections
 import contextlib
 
 import torch
-import torch._inductor.decomposition  # noqa: F401  (select_decomp_table lives here)
 import torch.fx as fx
-from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput, PlainAOTOutput, TangentAOTInput
-from torch._functorch.aot_autograd import aot_export_joint_with_descriptors, aot_export_module
 
+from zb.core import torch_internals
 from zb.core.errors import ZbUnsupportedError
 from zb.passes.autocast_regions import KEY
 from zb.passes.plan import Plan, grad_key, input_keys, output_keys, tangent_key
@@ -34,7 +32,7 @@ from zb.passes.plan import Plan, grad_key, input_keys, output_keys, tangent_key
 
 def capture_joint(plan: Plan) -> Plan:
     _check_outputs(plan)
-    decompositions = torch._inductor.decomposition.select_decomp_table()
+    decompositions = torch_internals.inductor_decompositions()
     last = len(plan.stages) - 1
     for stage in plan.stages:
         module = _LossFirst(stage.graph) if stage.index == last else _AsTuple(stage.graph)
@@ -42,18 +40,20 @@ def capture_joint(plan: Plan) -> Plan:
         keys_in, keys_out = input_keys(stage.graph), output_keys(stage.graph)
         if plan.training:
             with contextlib.ExitStack() as stack:
-                stack.enter_context(_custom_ops_opaque())
-                joint = aot_export_joint_with_descriptors(stack, module, args, decompositions=decompositions)
+                # zb's triton_op operators (flash attention) stay single nodes, so the B/W split and the dumps see
+                # one call and its backward; codegen hands them to Inductor as such.
+                stack.enter_context(torch_internals.custom_triton_ops_opaque())
+                joint = torch_internals.export_joint(stack, module, args, decompositions)
             _reject_extra_state(joint.params_spec, joint.buffers_spec)
             gm = joint.graph_module
-            gm.graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs, no pytrees
+            gm.graph.set_codegen(fx.graph.CodeGen())  # flat inputs and outputs, no pytrees
             gm.recompile()
             _label_joint(gm, keys_in, keys_out)
             stage.joint = gm
             plan.counters["capture_joint.joint_nodes"] += sum(n.op == "call_function" for n in gm.graph.nodes)
         else:
-            with torch.no_grad(), _custom_ops_opaque():
-                gm, signature = aot_export_module(module, args, trace_joint=False, decompositions=decompositions)
+            with torch.no_grad(), torch_internals.custom_triton_ops_opaque():
+                gm, signature = torch_internals.export_forward(module, args, decompositions)
             _reject_extra_state(signature.parameters, signature.buffers)
             for key, node in zip(keys_in, gm.graph.find_nodes(op="placeholder")):
                 node.meta["zb_key"] = key
@@ -62,14 +62,6 @@ def capture_joint(plan: Plan) -> Plan:
         for node in gm.graph.nodes:
             node.meta["zb_stage"] = stage.index
     return plan
-
-
-def _custom_ops_opaque():
-    """Keep zb's triton_op operators (flash attention) as single nodes in the traced graphs, so the B/W split and
-    the dumps see one call and its backward; codegen hands them to Inductor as such."""
-    import torch._functorch.config as functorch_config
-
-    return functorch_config.patch(decompose_custom_triton_ops=False)
 
 
 class _AsTuple(torch.nn.Module):
@@ -138,7 +130,7 @@ def _independent(outs: tuple, inputs: tuple, differentiated) -> tuple:
         if not (isinstance(o, torch.Tensor) and o.is_floating_point()):
             continue
         key = storage(o)
-        if key in inputs_storages or (shared[key] > 1 and o._base is not None):
+        if key in inputs_storages or (shared[key] > 1 and torch_internals.is_view(o)):
             result[i] = o.clone()
     return tuple(result)
 
@@ -176,25 +168,24 @@ def _reject_extra_state(params, buffers) -> None:
 def _label_joint(gm: fx.GraphModule, keys_in: list[str], keys_out: list[str]) -> None:
     for node in gm.graph.find_nodes(op="placeholder"):
         desc = node.meta.get("desc")
-        if isinstance(desc, PlainAOTInput):
-            node.meta["zb_key"] = keys_in[desc.idx]
-        elif isinstance(desc, TangentAOTInput) and isinstance(desc.output, PlainAOTOutput):
-            node.meta["zb_key"] = tangent_key(keys_out[desc.output.idx])
-        else:
+        role = torch_internals.joint_input_role(desc)
+        if role is None:
             raise ZbUnsupportedError(f"unexpected joint graph input {node.name} ({desc}); zb cannot run it")
+        kind, index = role
+        node.meta["zb_key"] = keys_in[index] if kind == "input" else tangent_key(keys_out[index])
     (out,) = gm.graph.find_nodes(op="output")
     keys = []
     for desc in out.meta["desc"]:
         if desc is None:
             keys.append(None)
-        elif isinstance(desc, PlainAOTOutput):
-            keys.append(keys_out[desc.idx])
-        elif isinstance(desc, GradAOTOutput) and isinstance(desc.grad_of, PlainAOTInput):
-            keys.append(grad_key(keys_in[desc.grad_of.idx]))
-        else:
+            continue
+        role = torch_internals.joint_output_role(desc)
+        if role is None:
             raise ZbUnsupportedError(
                 f"the model's graph has an output zb cannot run yet: {desc}. In-place updates of buffers or "
                 "inputs (for example BatchNorm running statistics in training mode) are not supported; use "
                 "LayerNorm/GroupNorm or put the module in eval mode."
             )
+        kind, index = role
+        keys.append(keys_out[index] if kind == "output" else grad_key(keys_in[index]))
     gm.meta["zb_output_keys"] = keys

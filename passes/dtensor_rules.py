@@ -10,52 +10,30 @@ upsampling, layer norm, ...) but not `unfold`, `embedding_bag` or data-dependent
 cache keys an `OpSchema` by its tensor specs plus only the arguments its `schema_info` declares static, so the
 schema must carry `op_to_schema_info[op]` (without it, softmax over dim 1 returns the cached answer for dim 0);
 and it asks to redistribute a flatten of `Shard(0)` that needs none, so zb's own view rule comes first. Private
-API: `DTensor._op_dispatcher.sharding_propagator`, `DTensorSpec`, `TensorMeta`, `OpSchema`.
+API behind the question: zb.core.torch_internals.dtensor_sharding.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
-import torch.fx as fx
 
-
-@functools.cache
-def _mesh():
-    from torch.distributed.device_mesh import DeviceMesh
-
-    return DeviceMesh("cpu", torch.arange(2), _init_backend=False, _rank=0)
+from zb.core import torch_internals
 
 
 def propagate(func, args, kwargs, shard: dict[int, int]) -> Any:
     """For an op whose tensor inputs are split along `shard[id(tensor)]` (absent: not split): a list with each
     output's batch dim (None: not batched), "redistribute" or "partial" when the op needs the whole batch, or
     None when DTensor has no rule for it."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-    from torch.distributed.tensor._op_schema import OpSchema
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.placement_types import Partial
 
-    def spec(a: Any) -> Any:
-        if not isinstance(a, torch.Tensor):
-            return a
-        placement = Shard(shard[id(a)]) if id(a) in shard else Replicate()
-        return DTensorSpec(_mesh(), (placement,), tensor_meta=TensorMeta(a.shape, a.stride(), a.dtype))
+    def place(a: torch.Tensor) -> Any:
+        return Shard(shard[id(a)]) if id(a) in shard else Replicate()
 
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    with unset_fake_temporarily():  # the mesh and the propagator's own tensors are real
-        return _propagate(func, args, kwargs, spec, DTensor, OpSchema, Partial, Shard)
-
-
-def _propagate(func, args, kwargs, spec, DTensor, OpSchema, Partial, Shard) -> Any:
-    propagator = DTensor._op_dispatcher.sharding_propagator
-    schema = OpSchema(func, fx.node.map_aggregate(tuple(args), spec), fx.node.map_aggregate(dict(kwargs), spec),
-                      schema_info=propagator.op_to_schema_info.get(func))
     try:
-        answer = propagator.propagate_op_sharding(schema)
+        answer = torch_internals.dtensor_sharding(func, args, kwargs, place)
     except Exception:  # no strategy registered, or one that cannot handle these arguments
         return None
     if answer.needs_redistribute:

@@ -37,7 +37,7 @@ from zb.passes.autocast_regions import KEY as AUTOCAST
 from zb.passes.plan import Plan, copy_module, run_fake
 
 # (functions, Tensor method names) for each step of the pattern, as Dynamo records them.
-SDPA = ((torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention), ())
+SDPA = ((F.scaled_dot_product_attention,), ())  # (the builtin itself, which is what Dynamo records)
 SOFTMAX = ((F.softmax, torch.softmax), ("softmax",))
 CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 MATMUL = ((operator.matmul, torch.matmul, torch.bmm), ("matmul", "bmm"))

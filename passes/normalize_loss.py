@@ -63,6 +63,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from zb.core import torch_internals
 from zb.core.errors import ZbUnsupportedError
 from zb.passes.analyze_batch import source_line
 from zb.passes.plan import InputSpec, Plan, ancestors, concrete, descendants
@@ -609,8 +610,9 @@ def _mutates(node: fx.Node) -> bool:
     """An in-place call at torch level: a Tensor method or function ending in '_', or an item assignment."""
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    schema = torch_internals.op_schema(target)
     return name.endswith("_") and not name.endswith("__") or target is operator.setitem or (
-        isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable)
+        schema is not None and schema.is_mutable)
 
 
 def _numbers(node: fx.Node) -> list[Any]:

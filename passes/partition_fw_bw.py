@@ -16,9 +16,8 @@ Contract
 from __future__ import annotations
 
 from torch import fx
-from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._guards import TracingContext, detect_fake_mode, tracing
 
+from zb.core import torch_internals
 from zb.passes.plan import Plan, output_keys
 
 
@@ -29,11 +28,11 @@ def partition_fw_bw(plan: Plan) -> Plan:
         keys = output_keys(stage.joint)
         num_fwd = sum(1 for k in keys if k is not None and k.startswith(("out:", "act:")))
         # The partitioner recognises primals and tangents by placeholder name, which the export guarantees. It
-        # makes fake RNG states when a recomputed region (activation checkpointing) draws random numbers, from
-        # the fake mode of the tracing context: the one the joint's values were traced in.
-        fake_mode = detect_fake_mode([n.meta.get("val") for n in stage.joint.graph.find_nodes(op="placeholder")])
-        with tracing(TracingContext(fake_mode)):
-            forward, backward = min_cut_rematerialization_partition(stage.joint, None, num_fwd_outputs=num_fwd)
+        # makes fake RNG states when a recomputed region (activation checkpointing) draws random numbers, in the
+        # fake mode the joint's values were traced in.
+        values = [n.meta.get("val") for n in stage.joint.graph.find_nodes(op="placeholder")]
+        fake_mode = torch_internals.detect_fake_mode(values)
+        forward, backward = torch_internals.partition_joint(stage.joint, num_fwd, fake_mode)
         _label(forward, backward, stage, keys[:num_fwd], keys[num_fwd:])
         stage.pieces["forward"] = forward
         stage.backward = backward

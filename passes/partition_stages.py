@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from zb.core import torch_internals
 from zb.core.errors import ZbOptionError, ZbUnsupportedError
 from zb.passes.plan import Plan, Stage, concrete, fake_like, nbytes, size_symbols
 
@@ -159,14 +160,14 @@ def _uncuttable(compute: list[fx.Node]) -> set[int]:
     blocked: set[int] = set()
     disabled_at = None  # inside `with torch.no_grad():` (each stage's graph is traced with grad enabled)
     for i, node in enumerate(compute):
-        if node.target is torch._C._set_grad_enabled:
+        if node.target is torch_internals.SET_GRAD_ENABLED:
             if not node.args[0] and disabled_at is None:
                 disabled_at = i
             elif node.args[0] and disabled_at is not None:
                 blocked.update(range(disabled_at + 1, i + 1))
                 disabled_at = None
     for node in compute:
-        if node.target is torch._C._set_grad_enabled or (
+        if node.target is torch_internals.SET_GRAD_ENABLED or (
                 node.op != "get_attr" and isinstance(node.meta.get("example_value"), torch.Tensor)):
             continue
         last = max((position.get(u, position[node]) for u in node.users), default=position[node])
@@ -201,10 +202,8 @@ def _attribute(module: torch.nn.Module, path: str):
 
 def _estimate_costs(plan: Plan, compute: list[fx.Node]) -> list[float]:
     """FLOPs of each node, run on the fake tensors Dynamo recorded; nodes without FLOPs cost a little memory."""
-    from torch._guards import detect_fake_mode
-
     values = [n.meta.get("example_value") for n in compute]
-    fake_mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    fake_mode = torch_internals.detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
     env: dict[fx.Node, object] = {}
     for node in plan.graph.graph.find_nodes(op="placeholder"):
         env[node] = node.meta.get("example_value")

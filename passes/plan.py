@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import fx
 
+from zb.core import torch_internals
 from zb.core.options import Options
 
 PIECES = ("forward", "backward_input", "backward_weight")
@@ -269,12 +270,12 @@ def concrete(size: Any, sizes: dict | None = None) -> int:
     expression, so the size is not specialised (no guard is added to the trace's shape environment)."""
     if not isinstance(size, torch.SymInt):
         return int(size)
-    expr = size.node.expr
+    expr = torch_internals.sym_expr(size)
     if sizes is None:
-        return int(size.node.hint)
+        return torch_internals.sym_hint(size)
     expr = expr.xreplace({k: v for k, v in sizes.items() if k in expr.free_symbols})
     if getattr(expr, "free_symbols", None):  # a size no input shows (a recomputed dropout's RNG state): as traced
-        expr = expr.xreplace(size.node.shape_env.backed_var_to_val)
+        expr = expr.xreplace(torch_internals.traced_values(size))
     return int(expr)
 
 
@@ -291,8 +292,8 @@ def size_symbols(graph: fx.GraphModule, inputs: Sequence[InputSpec]) -> list[tup
         dims = [(None, value)] if isinstance(value, torch.SymInt) else \
             list(enumerate(value.shape)) if isinstance(value, torch.Tensor) else []
         for dim, size in dims:
-            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
-                found.setdefault(size.node.expr, (spec.index, dim))
+            if isinstance(size, torch.SymInt) and torch_internals.sym_expr(size).is_Symbol:
+                found.setdefault(torch_internals.sym_expr(size), (spec.index, dim))
     return [(symbol, index, dim) for symbol, (index, dim) in found.items()]
 
 
@@ -303,8 +304,9 @@ def op_counts(gm: fx.GraphModule) -> collections.Counter:
         if node.op == "call_function":
             target = node.target
             name = getattr(target, "__name__", str(target))
-            if isinstance(target, torch._ops.OpOverload):
-                name = f"{target.namespace}.{target._schema.name.split('::')[-1]}"
+            schema = torch_internals.op_schema(target)
+            if schema is not None:
+                name = f"{target.namespace}.{schema.name.split('::')[-1]}"
             counts[name] += 1
     return counts
 
@@ -337,9 +339,7 @@ def run_fake(fn, *values, mode=None):
     nodes. Give the graph's mode for a node that may read no tensor (torch.arange), which would run for real."""
     import contextlib
 
-    from torch._guards import detect_fake_mode
-
     if mode is None:
-        mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+        mode = torch_internals.detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
     with mode if mode is not None else contextlib.nullcontext():
         return fn()

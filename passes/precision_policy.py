@@ -24,8 +24,8 @@ import functools
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
 
+from zb.core import torch_internals
 from zb.core.errors import ZbUnsupportedError
 from zb.passes.autocast_regions import KEY as AUTOCAST
 from zb.passes.plan import Plan, copy_module, run_fake
@@ -117,7 +117,7 @@ def _propagate(gm: fx.GraphModule) -> None:
     import contextlib
 
     placeholders = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
-    mode = detect_fake_mode([v for v in placeholders if isinstance(v, torch.Tensor)])
+    mode = torch_internals.detect_fake_mode([v for v in placeholders if isinstance(v, torch.Tensor)])
 
     def value(a):
         if isinstance(a, fx.Node) and a.op == "get_attr":

@@ -28,6 +28,8 @@ import operator
 
 import torch
 from torch import fx
+
+from zb.core import torch_internals
 from zb.passes.plan import Plan, ancestors, grad_key, output_keys, output_values, size_symbols
 
 
@@ -79,9 +81,10 @@ def _expose_sizes(gm: fx.GraphModule, plan: Plan) -> int:
             dims, strides = list(value.shape), list(value.stride())
         else:
             continue
-        symbolic = [d.node.expr for d in dims + strides if isinstance(d, torch.SymInt)]
-        needed.update(*(expr.free_symbols for expr in symbolic))
-        shown |= {d.node.expr for d in dims if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
+        dim_exprs = [torch_internals.sym_expr(d) for d in dims if isinstance(d, torch.SymInt)]
+        stride_exprs = [torch_internals.sym_expr(s) for s in strides if isinstance(s, torch.SymInt)]
+        needed.update(*(expr.free_symbols for expr in dim_exprs + stride_exprs))
+        shown |= {expr for expr in dim_exprs if expr.is_Symbol}
     missing = needed - shown
     if not missing:
         return 0
@@ -104,9 +107,10 @@ def _expose_sizes(gm: fx.GraphModule, plan: Plan) -> int:
 
 
 def _output_mask_index(node: fx.Node) -> int | None:
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+    schema = torch_internals.op_schema(node.target) if node.op == "call_function" else None
+    if schema is None:
         return None
-    names = [a.name for a in node.target._schema.arguments]
+    names = [a.name for a in schema.arguments]
     return names.index("output_mask") if "output_mask" in names else None
 
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import operator
 
-import torch
 from torch import fx
+
+from zb.core import torch_internals
 from zb.passes.plan import Plan, grad_key, input_keys, output_keys, output_values
+
+# Calls without a value: a grad-mode switch (torch.no_grad()), an item assignment (x[i] = v), a usage log.
+_VALUELESS = (torch_internals.SET_GRAD_ENABLED, operator.setitem, torch_internals.LOG_API_USAGE_ONCE)
 
 
 class InvariantError(AssertionError):
@@ -43,17 +47,17 @@ def verify_graph(gm: fx.GraphModule, stage_index: int) -> None:
     for node in gm.graph.nodes:
         # Aten-level graphs carry meta["val"]; a stage's torch-level graph carries Dynamo's meta["example_value"].
         if node.op in ("placeholder", "call_function") and "val" not in node.meta and "example_value" not in node.meta \
-                and node.target not in (torch._C._set_grad_enabled, operator.setitem, torch._C._log_api_usage_once) \
+                and node.target not in _VALUELESS \
                 and getattr(node.target, "name", lambda: "")() not in ("run_with_rng_state", "run_and_save_rng_state"):
-            # a grad-mode switch (torch.no_grad()), an item assignment (x[i] = v) and a usage log return nothing; the
-            # partitioner's replay of a recomputed random op (activation checkpointing) comes without a value
+            # _VALUELESS calls return nothing, and the partitioner's replay of a recomputed random op (activation
+            # checkpointing) comes without a value
             raise InvariantError(f"node {node.name} has no meta['val']")
         if node.op == "call_function":
             if node.meta.get("zb_stage") != stage_index:
                 raise InvariantError(f"node {node.name} is tagged zb_stage={node.meta.get('zb_stage')}")
-            target = node.target
-            if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
-                raise InvariantError(f"node {node.name} mutates its input ({target})")
+            schema = torch_internals.op_schema(node.target)
+            if schema is not None and schema.is_mutable:
+                raise InvariantError(f"node {node.name} mutates its input ({node.target})")
 
 
 def _verify_gradients_once(plan: Plan) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from zb.core import torch_internals
 from zb.core.errors import ZbError
 
 _INSIDE = [0]  # > 0 while zb's runtime handles released tensors as plain ones
@@ -25,7 +26,7 @@ _INSIDE = [0]  # > 0 while zb's runtime handles released tensors as plain ones
 # Reading metadata is fine: size, shape, dtype, device, requires_grad, grad (always None), hashing (optimizers
 # keep parameters in sets). `.data` is not: it would hand out a plain tensor over the freed storage.
 _METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride, torch.Tensor.__hash__,
-             torch.Tensor._is_view, torch.Tensor.element_size, torch.Tensor.is_floating_point,
+             torch_internals.TENSOR_IS_VIEW, torch.Tensor.element_size, torch.Tensor.is_floating_point,
              torch.Tensor.is_complex, torch.Tensor.requires_grad_, torch.Tensor.nelement, torch.Tensor.ndimension,
              torch.Tensor.storage_offset, torch.Tensor.is_contiguous}
 
@@ -34,12 +35,12 @@ class _Released:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if _INSIDE[0] or torch.compiler.is_compiling() or func in _METADATA or _is_metadata_getter(func):
-            with torch._C.DisableTorchFunctionSubclass():
+            with torch_internals.torch_function_disabled():
                 return func(*args, **(kwargs or {}))
         released = next((a for a in args if isinstance(a, _Released)), None)
         owner = getattr(released, "_zb_owner", "another rank")
         if func is torch.Tensor.detach:  # state_dict() detaches every entry: the alias stays released
-            with torch._C.DisableTorchFunctionSubclass():
+            with torch_internals.torch_function_disabled():
                 alias = func(*args, **(kwargs or {}))
             alias.__class__ = ReleasedBuffer
             alias._zb_owner = owner

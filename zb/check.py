@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from zb.core import torch_internals
 from zb.passes.plan import Plan
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -87,7 +88,7 @@ def _narrower(dtype: torch.dtype, dtypes) -> torch.dtype | None:
 def _graph_dtypes(gm) -> set:
     """The dtypes of the float values a piece's graph holds (its inputs included)."""
     values = [n.meta.get("val") for n in gm.graph.nodes]
-    return {v.dtype for v in torch.utils._pytree.tree_leaves(values)
+    return {v.dtype for v in torch_internals.tree_leaves(values)
             if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
 
@@ -99,7 +100,7 @@ def _check_step(model: torch.nn.Module, example_args: tuple, options: dict[str, 
     import copy
 
     compiled_model, reference = copy.deepcopy(model), copy.deepcopy(model).double()
-    torch._dynamo.reset()
+    torch.compiler.reset()
     loss = torch.compile(compiled_model, backend="zb", options=options)(*example_args)
     loss = loss[0] if isinstance(loss, tuple) else loss
     loss.backward()

@@ -1,21 +1,12 @@
-"""Everything zb takes from Dynamo's internals, in one place.
+"""What zb reads from Dynamo: the frame being compiled, where each graph input came from, and the re-trace of the
+frame at microbatch size.
 
-The private APIs used here, and why:
-  * `torch._dynamo.symbolic_convert.InstructionTranslator.current_tx()`: the translator of the frame being
-    compiled, seen from inside the backend: its `output.compile_subgraph_reason` says whether Dynamo broke the
-    graph (zb needs the whole step in one graph), and its `f_code`, `f_globals`, `closure` and `f_locals` are the
-    frame itself, which zb re-traces at microbatch size.
-  * `node.meta["grapharg"].source` on the placeholders of Dynamo's graph, and the source classes
-    `torch._dynamo.source.LocalSource` / `GetItemSource`: where each graph input came from (a parameter of
-    `self`, an argument, an item of an argument), to classify the inputs and to match two traces' inputs.
-  * `node.meta["example_value"]` with `torch.SymInt` sizes: whether Dynamo made the graph dynamic.
-  * `torch.compile(..., isolate_recompiles=True)` and `torch._dynamo.exc.Unsupported`: re-tracing a frame
-    without touching the caller's compile cache, and the error Dynamo raises for what it cannot trace.
-  * `torch._dynamo.pgo.get_code_state()`: Dynamo's record of the sizes it saw per code object ("automatic
-    dynamic"). A re-trace at microbatch size records another batch size for the user's frame, so Dynamo's next
-    recompile of it (after zb releases other ranks' parameters, which changes their class) would make the batch
-    dimension dynamic and zb would plan that graph again; the record is put back as it was after each re-trace.
-Everything else in zb uses Dynamo only through `torch.compile` and the backend interface.
+The Dynamo internals behind these (the translator of the frame being compiled, its graph-break reason, the
+sources of graph inputs, `maybe_mark_dynamic`, Dynamo's error types and its "automatic dynamic" size record) are
+reached through zb.core.torch_internals, which lists each one and why. `node.meta["example_value"]` with
+`torch.SymInt` sizes says whether Dynamo made the graph dynamic; `torch.compile(..., isolate_recompiles=True)`
+re-traces a frame without touching the caller's compile cache. Everything else in zb uses Dynamo only through
+`torch.compile` and the backend interface.
 
 Re-capturing the frame at microbatch size: Dynamo traces the user's function at the full batch and bakes shapes
 into the graph (a `view(8, 16, ...)` means "batch 8"), so that graph cannot run one microbatch. Dynamo's translator
@@ -27,7 +18,6 @@ sequence length Dynamo made dynamic). The resulting graph has the same inputs as
 
 from __future__ import annotations
 
-import copy
 import inspect
 import re
 import types
@@ -36,8 +26,8 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._dynamo.source import GetItemSource, LocalSource
 
+from zb.core import torch_internals
 from zb.core.errors import ZbUnsupportedError
 from zb.passes.plan import InputSpec
 
@@ -46,20 +36,22 @@ class FrameCapture:
     def __init__(self, tx, user_inputs: dict[int, Any], numbers: frozenset[int] = frozenset()):
         """`tx`: Dynamo's InstructionTranslator for the frame; `user_inputs`: graph position -> Dynamo source (of
         tensors, and of the `numbers`)."""
-        code = tx.f_code
-        self.function = types.FunctionType(code, tx.f_globals, code.co_name, None, tx.closure or None)
+        frame = torch_internals.translator_frame(tx)
+        code = frame.code
+        self.function = types.FunctionType(code, frame.globals, code.co_name, None, frame.closure or None)
         self.sources = user_inputs
         for position, source in user_inputs.items():
             _check_source(source, position in numbers)
         # Batch tensors are replaced at every call, so the frame does not keep them alive; everything else
         # (self, flags, containers) is kept as traced.
-        direct = {s.local_name for s in user_inputs.values() if isinstance(s, LocalSource)}
+        paths = [torch_internals.argument_path(s) for s in user_inputs.values()]
+        direct = {name for name, items in filter(None, paths) if not items}
         names = _arg_names(code)
         # An argument that is the same tensor as a batch argument (`model(ids, ids)`: Dynamo's graph reads it once)
         # takes that argument's microbatch too.
-        self.aliases = {k: d for k, v in tx.f_locals.items() if k in names and k not in direct
-                        for d in direct if isinstance(v, torch.Tensor) and v is tx.f_locals.get(d)}
-        self.locals = {k: (None if k in direct or k in self.aliases else v) for k, v in tx.f_locals.items()
+        self.aliases = {k: d for k, v in frame.locals.items() if k in names and k not in direct
+                        for d in direct if isinstance(v, torch.Tensor) and v is frame.locals.get(d)}
+        self.locals = {k: (None if k in direct or k in self.aliases else v) for k, v in frame.locals.items()
                        if k in names}
 
     def capture(self, args_by_position: dict[int, Any], dynamic: dict[int, list[int]] | None = None
@@ -70,7 +62,7 @@ class FrameCapture:
         for position, dims in (dynamic or {}).items():
             value = args_by_position[position] = args_by_position[position].detach().requires_grad_(
                 args_by_position[position].requires_grad)
-            torch._dynamo.maybe_mark_dynamic(value, dims)  # (a size the model needs static stays static)
+            torch_internals.maybe_mark_dynamic(value, dims)  # (a size the model needs static stays static)
         for position, source in self.sources.items():
             _assign(local, source, args_by_position[position])
         for name, same in self.aliases.items():
@@ -95,18 +87,17 @@ class FrameCapture:
         compiled = torch.compile(
             self.function, backend=capture_backend, fullgraph=True, dynamic=False, isolate_recompiles=True
         )
-        from torch._dynamo import pgo
-
-        seen = copy.deepcopy(dict(pgo.get_code_state()))  # the sizes Dynamo saw before this re-trace (docstring)
         try:
-            compiled(*positional, **keyword)
+            with torch_internals.automatic_dynamic_kept():  # the re-trace leaves Dynamo's size record as it was
+                compiled(*positional, **keyword)
         except _Captured:
             pass
-        except torch._dynamo.exc.Unsupported as e:
-            raise ZbUnsupportedError(f"zb could not re-trace the model at microbatch size: {e}") from None
-        except Exception as e:  # the model itself fails at this batch size (a buffer or index sized to the batch)
+        except Exception as e:
+            if torch_internals.is_dynamo_unsupported(e):
+                raise ZbUnsupportedError(f"zb could not re-trace the model at microbatch size: {e}") from None
+            # the model itself fails at this batch size (a buffer or index sized to the batch)
             sizes = sorted({tuple(a.shape)[:1] for a in args_by_position.values() if isinstance(a, torch.Tensor)})
-            cause = e.__cause__ if isinstance(e, torch._dynamo.exc.TorchRuntimeError) and e.__cause__ else e
+            cause = torch_internals.dynamo_error_cause(e)
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             raise ZbUnsupportedError(
                 f"zb traces the model at another batch size (dim 0 of {', '.join(str(s[0]) for s in sizes if s)}) "
@@ -114,10 +105,6 @@ class FrameCapture:
                 "at one batch size (a buffer, index or mask sized to the batch; BatchNorm on a single sample) "
                 "cannot be split into microbatches or replicas: make it work for any batch size, or use "
                 "microbatches=1 without data parallelism") from e
-        finally:
-            state = pgo.get_code_state()
-            state.clear()
-            state.update(seen)
         if len(captured) != 1:
             raise ZbUnsupportedError(f"re-tracing at microbatch size gave {len(captured)} graphs, expected one")
         return captured[0]
@@ -138,9 +125,7 @@ def _arg_names(code: types.CodeType) -> list[str]:
 
 
 def _check_source(source, number: bool = False) -> None:
-    while isinstance(source, GetItemSource):
-        source = source.base
-    if isinstance(source, LocalSource):
+    if torch_internals.argument_path(source) is not None:
         return
     if number:
         raise ZbUnsupportedError(
@@ -154,16 +139,9 @@ def _check_source(source, number: bool = False) -> None:
 
 
 def _assign(local: dict, source, value: Any) -> None:
-    """Set the value a LocalSource / GetItemSource chain names, rebuilding tuples on the way."""
-    if isinstance(source, LocalSource):
-        local[source.local_name] = value
-        return
-    path = []
-    while isinstance(source, GetItemSource):
-        path.append(source.index)
-        source = source.base
-    path.reverse()
-    local[source.local_name] = _replace(local[source.local_name], path, value)
+    """Set the value an argument source (the argument, or an item of it) names, rebuilding tuples on the way."""
+    name, path = torch_internals.argument_path(source)
+    local[name] = _replace(local[name], path, value) if path else value
 
 
 def _replace(container: Any, path: Sequence[Any], value: Any) -> Any:
@@ -183,8 +161,7 @@ def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[I
     """Classify Dynamo's graph inputs: parameters, buffers (module state), user inputs, constants."""
     specs = []
     for index, (node, value) in enumerate(zip(placeholders(gm), example_inputs)):
-        grapharg = node.meta.get("grapharg")
-        source = getattr(grapharg, "source", None)
+        source = torch_internals.graph_input_source(node)
         name = _source_path(source) if source is not None else node.name
         if isinstance(value, torch.nn.Parameter):
             kind = "parameter"
@@ -199,9 +176,7 @@ def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[I
 
 
 def _is_argument(source) -> bool:
-    while isinstance(source, GetItemSource):
-        source = source.base
-    return isinstance(source, LocalSource)
+    return torch_internals.argument_path(source) is not None
 
 
 def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
@@ -217,7 +192,7 @@ def _source_path(source) -> str:
 
 def input_source(gm: fx.GraphModule, index: int):
     """Dynamo's source of graph input `index` (L['x'], L['self']._modules['fc']._parameters['weight'], ...)."""
-    return placeholders(gm)[index].meta["grapharg"].source
+    return torch_internals.graph_input_source(placeholders(gm)[index])
 
 
 def has_symbolic_shape(node: fx.Node) -> bool:
@@ -230,9 +205,9 @@ def frame_modules(tx, tensors: Sequence[Any]) -> list[torch.nn.Module]:
     its code names) that hold any of `tensors`: the models whose parameters this graph trains."""
     if tx is None:
         return []
-    code = tx.f_code
-    candidates = list(tx.f_locals.values()) + [_contents(c) for c in (tx.closure or ())]
-    candidates += [tx.f_globals[n] for n in code.co_names if n in tx.f_globals]
+    frame = torch_internals.translator_frame(tx)
+    candidates = list(frame.locals.values()) + [_contents(c) for c in (frame.closure or ())]
+    candidates += [frame.globals[n] for n in frame.code.co_names if n in frame.globals]
     ids = {id(t) for t in tensors}
     found = []
     for value in candidates:
@@ -251,13 +226,11 @@ def _contents(cell) -> Any:
 
 def reject_graph_break(gm: fx.GraphModule):
     """Raise if Dynamo split the frame into several graphs; returns Dynamo's translator (None outside Dynamo)."""
-    from torch._dynamo.symbolic_convert import InstructionTranslator
-
-    tx = InstructionTranslator.current_tx()
+    tx = torch_internals.current_translator()
     if tx is None:  # called outside Dynamo (a test handing us a graph directly)
         return None
-    reason = getattr(tx.output, "compile_subgraph_reason", None)
-    resumed = tx.f_code.co_name.startswith("torch_dynamo_resume_in_")
+    reason = torch_internals.graph_break_reason(tx)
+    resumed = torch_internals.is_resume_function(torch_internals.translator_frame(tx).code)
     if (reason is not None and reason.graph_break) or resumed:
         where = ""
         if reason is not None and reason.user_stack:
@@ -295,8 +268,8 @@ def size_guards(plan, agree: Callable[[str | None], list[str | None]] = lambda c
         return None
     values = [node.meta.get("example_value") for node in placeholders(plan.graph)]
     users = [spec.index for spec in plan.inputs if spec.kind in ("input", "constant")]
-    shape_env = _shape_env(values)
-    texts = agree(shape_env.produce_guards_expression([values[i] for i in users], ignore_static=True))
+    shape_env = torch_internals.shape_env_of(values)
+    texts = agree(torch_internals.guards_expression(shape_env, [values[i] for i in users]))
     # Compiled once here: each call only evaluates them (evaluate_guards_expression takes the code object too).
     codes = [compile(text, "<zb shape guards>", "eval") for text in dict.fromkeys(texts) if text]
 
@@ -311,15 +284,7 @@ def size_guards(plan, agree: Callable[[str | None], list[str | None]] = lambda c
                        for t, g in list(zip(traced.shape, given.shape))[first:]):
                     return False
         given = [args[i] for i in users]
-        return all(shape_env.evaluate_guards_expression(code, given) for code in codes)
+        return all(torch_internals.guards_hold(shape_env, code, given) for code in codes)
 
     return admits
 
-
-def _shape_env(values: Sequence[Any]):
-    for value in values:
-        sizes = [value] if isinstance(value, torch.SymInt) else value.shape if isinstance(value, torch.Tensor) else []
-        for size in sizes:
-            if isinstance(size, torch.SymInt):
-                return size.node.shape_env
-    raise AssertionError("no symbolic size")

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from zb.core import torch_internals
 from zb.core.errors import ZbOptionError
 from zb.runtime.released import is_deferred, is_released, release, restore, user_code, zb_internal
 
@@ -59,13 +60,12 @@ def defer(model: torch.nn.Module, device: str | torch.device | None = None) -> t
     device = torch.device(device)
     made: dict[int, torch.Tensor] = {}
     for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, tensor in table.items():
-                if tensor is None or not tensor.is_meta:
-                    continue
-                if id(tensor) not in made:
-                    made[id(tensor)] = _placeholder(tensor, device)
-                table[name] = made[id(tensor)]
+        for name, tensor in _own(module):
+            if not tensor.is_meta:
+                continue
+            if id(tensor) not in made:
+                made[id(tensor)] = _placeholder(tensor, device)
+            setattr(module, name, made[id(tensor)])  # the same parameter or buffer slot, the new tensor
     return model
 
 
@@ -114,8 +114,8 @@ def materialize(modules: Iterable[torch.nn.Module], held: set[int], init: Any, s
 
 
 def _non_persistent(model: torch.nn.Module) -> set[int]:
-    return {id(m._buffers[n]) for m in model.modules() for n in m._non_persistent_buffers_set
-            if m._buffers.get(n) is not None}
+    return {id(t) for m in model.modules() for n, t in m.named_buffers(recurse=False, remove_duplicate=False)
+            if n in torch_internals.non_persistent_buffers(m)}
 
 
 def _compute(model: torch.nn.Module, rest: list[torch.Tensor], names: dict[torch.Tensor, list[str]],
@@ -149,7 +149,7 @@ def _names(model: torch.nn.Module) -> dict[torch.Tensor, list[str]]:
 def _run_init(model: torch.nn.Module, todo: set[int], init: Any, seed: int) -> None:
     missing = []
     for qualname, module in model.named_modules():
-        direct = [t for t in [*module._parameters.values(), *module._buffers.values()] if t is not None]
+        direct = [t for _, t in _own(module)]
         if not any(id(t) in todo for t in direct):
             continue
         function: Callable | None = init if callable(init) else getattr(module, "reset_parameters", None)
@@ -201,7 +201,13 @@ def _poison(tensor: torch.Tensor, filling: int | None) -> None:
 
 
 def _local_name(module: torch.nn.Module, tensor: torch.Tensor) -> str:
-    return next(n for n, t in [*module._parameters.items(), *module._buffers.items()] if t is tensor)
+    return next(n for n, t in _own(module) if t is tensor)
+
+
+def _own(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The module's own parameters, then its own buffers (not its children's), by name; tied ones each time."""
+    return [*module.named_parameters(recurse=False, remove_duplicate=False),
+            *module.named_buffers(recurse=False, remove_duplicate=False)]
 
 
 def _check_written(todo: list[torch.Tensor], names: dict[torch.Tensor, list[str]]) -> None:
