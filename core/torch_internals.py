@@ -29,6 +29,9 @@ torch._C, operators, tensors
   Tensor._base                               2.13.0   whether an output is a view (AOTAutograd gives such an output
                                                       no tangent of its own)
   torch._ops.OpOverload, OpOverload._schema  2.13.0   an aten call's arguments, aliasing, mutation, overload name
+  Tensor._use_count                          2.13.0   whether gloo's worker still holds a tensor zb handed it
+torch.distributed
+  distributed_c10d._get_default_store        2.13.0   the default group's store, where the failure key lives
 torch.amp, torch.nn
   torch.amp.autocast_mode._enter_autocast,   2.13.0   the calls Dynamo records for `with torch.autocast(...)`
     _exit_autocast
@@ -113,13 +116,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 # unset_fake_temporarily(), a context in which tensors are real again.
 __all__ = ["ENTER_AUTOCAST", "EXIT_AUTOCAST", "LOG_API_USAGE_ONCE", "SET_GRAD_ENABLED", "TENSOR_IS_VIEW",
            "OpOverload", "TorchDispatchMode", "argument_path", "autocast_enabled", "automatic_dynamic_kept",
-           "current_translator", "custom_triton_ops_opaque", "detect_fake_mode", "dtensor_sharding",
+           "current_translator", "custom_triton_ops_opaque", "default_store", "detect_fake_mode", "dtensor_sharding",
            "dynamo_error_cause", "export_forward", "export_joint", "fake_mode_with_shape_env", "graph_break_reason",
            "graph_input_source", "guards_expression", "guards_hold", "inductor_code", "inductor_compile",
            "inductor_decompositions", "is_dynamo_unsupported", "is_resume_function", "is_view", "joint_input_role",
            "joint_output_role", "maybe_mark_dynamic", "non_persistent_buffers", "op_schema", "partition_joint",
            "shape_env_of", "sym_expr", "sym_hint", "torch_function_disabled", "traced_values", "translator_frame",
-           "tree_leaves", "triton_hash_without_driver", "unset_fake_temporarily"]
+           "tree_leaves", "triton_hash_without_driver", "unset_fake_temporarily", "use_count"]
 
 # ---- torch._C, operators, tensors ------------------------------------------------------------------------------
 
@@ -142,6 +145,22 @@ def op_schema(target: Any) -> torch.FunctionSchema | None:
 def is_view(tensor: torch.Tensor) -> bool:
     """Whether `tensor` is a view of another tensor's storage."""
     return tensor._base is not None
+
+
+def use_count(tensor: torch.Tensor) -> int:
+    """How many references the C++ side holds to `tensor`'s impl: 1 once gloo's worker no longer holds a tensor
+    zb handed it (runtime/comm_threads.py)."""
+    return tensor._use_count()
+
+
+# ---- torch.distributed -------------------------------------------------------------------------------------------
+
+def default_store() -> Any:
+    """The key-value store the default process group started with (no public getter): the failure key every rank
+    polls lives there (runtime/comm.py)."""
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
 
 
 # ---- torch.amp, torch.nn -----------------------------------------------------------------------------------------

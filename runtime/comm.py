@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from zb.core import torch_internals
 from zb.core.errors import ZbError, ZbPeerError
 from zb.runtime.comm_threads import Waiter, aside, hand
 from zb.schedules.p2p import SEND, NcclModel, Op
@@ -138,7 +139,7 @@ class Failures:
             return None
         # Private, and the one place zb reads it: the store torch.distributed was initialised with (torchrun's
         # rendezvous store, or the user's), which every process of the job can reach without communication.
-        store = dist.distributed_c10d._get_default_store()
+        store = torch_internals.default_store()
         if store is None:
             return None
         if id(store) not in _FAILURES:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from zb.core import torch_internals
+
 
 def aside(work, seconds: float) -> threading.Thread:
     """Run `work` on a daemon thread and wait for it at most `seconds` (a store call can block for its own,
@@ -101,7 +103,7 @@ def hand(*tensors: torch.Tensor) -> None:
 
 def _held() -> bool:
     """Drop the handed tensors held by nothing else any more; whether any is left."""
-    for key in [k for k, t in _HANDED.items() if t._use_count() == 1]:
+    for key in [k for k, t in _HANDED.items() if torch_internals.use_count(t) == 1]:
         del _HANDED[key]
     return bool(_HANDED)
 

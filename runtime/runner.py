@@ -175,7 +175,7 @@ class PipelineRunner:
             outputs, grads = self.run(args)
             self.optimizer.finish(grads)
         loss = outputs[0].detach()
-        return (torch.Tensor._make_subclass(StepLoss, loss), *outputs[1:])
+        return (loss.as_subclass(StepLoss), *outputs[1:])
 
     def run(self, args: Sequence[Any]) -> tuple[list[Any], list[torch.Tensor | None]]:
         """One step on `args`: (the outputs, one gradient per input, None where this process has none)."""

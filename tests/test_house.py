@@ -36,11 +36,7 @@ INTERNALS = "core/torch_internals.py"
 
 # Product files (relative to the repository root) that still touch private torch APIs, for their owners to route
 # through zb.core.torch_internals.
-_NOT_YET = {
-    "runtime/comm.py",  # torch.distributed.distributed_c10d._get_default_store
-    "runtime/comm_threads.py",  # tensor._use_count()
-    "runtime/runner.py",  # torch.Tensor._make_subclass
-}
+_NOT_YET: set[str] = set()
 
 # Operators called as torch.<name>: ATen operator functions, not internals.
 _OPERATORS = re.compile(r"_foreach_\w+|_fused_\w+|_grouped_mm")

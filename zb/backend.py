@@ -21,6 +21,7 @@ from torch import fx
 
 from zb import adapt, plan_cache
 from zb.autocast import no_autocast
+from zb.core import torch_internals
 from zb.core.errors import ZbError, ZbPeerError, ZbUnsupportedError
 from zb.core.options import Options
 from zb.dynamo import describe_inputs, frame_modules, reject_graph_break, size_guards
@@ -97,7 +98,8 @@ class CompiledGraph:
         self.modules = frame_modules(tx, example_inputs)
         # Planning only (codegen=False, zb.explain) keeps its plans to itself: they have nothing to run.
         # The graph as a computation (graph_identity: a released parameter changes how Dynamo spells some of it).
-        identity = (tx.f_code, plan_cache.graph_identity(gm)) if tx is not None and codegen else None
+        identity = ((torch_internals.translator_frame(tx).code, plan_cache.graph_identity(gm))
+                    if tx is not None and codegen else None)
         self.cache = plan_cache.shared(identity, options, self.modules)
         self.signatures = Signatures(gm, self.inputs, options, self.cache)
         self.planner = Planner(gm, self.inputs, options, self.pipeline, tx)
