@@ -186,6 +186,18 @@ def _token_mean_and_extras(o, y):
     return ce, ce.detach() * 2, o.pow(2).mean(), (y != -100).sum(), o
 
 
+def _token_step(x, y, microbatches, replicas):
+    """TokenNet's token-mean step through zb (2 stages, `microbatches` x `replicas` in one process) and in eager,
+    from the same weights: (zb's model, eager's model, zb's outputs, eager's outputs)."""
+    torch.manual_seed(0)
+    model = TokenNet()
+    reference = copy.deepcopy(model)
+    options = {"stages": 2, "microbatches": microbatches, "compiler": "eager"}
+    backend = zb.ZbBackend(options if replicas == 1 else {**options, "data_parallel": replicas})
+    got = torch.compile(lambda x, y: _token_mean_and_extras(model(x), y), backend=backend)(x, y)
+    return model, reference, got, _token_mean_and_extras(reference(x), y)
+
+
 @pytest.mark.parametrize("empty_rows", [2, 4])
 @pytest.mark.parametrize("microbatches, replicas", [(4, 1), (2, 2), (1, 4), (1, 2)])
 def test_a_part_with_no_tokens_adds_nothing_as_a_microbatch_or_a_replica(microbatches, replicas, empty_rows):
@@ -195,13 +207,7 @@ def test_a_part_with_no_tokens_adds_nothing_as_a_microbatch_or_a_replica(microba
     split: microbatches and replicas combine their outputs by the same rules."""
     x, y = padded_batch()
     y[:empty_rows] = -100
-    torch.manual_seed(0)
-    model = TokenNet()
-    reference = copy.deepcopy(model)
-    options = {"stages": 2, "microbatches": microbatches, "compiler": "eager"}
-    backend = zb.ZbBackend(options if replicas == 1 else {**options, "data_parallel": replicas})
-    got = torch.compile(lambda x, y: _token_mean_and_extras(model(x), y), backend=backend)(x, y)
-    want = _token_mean_and_extras(reference(x), y)
+    model, reference, got, want = _token_step(x, y, microbatches, replicas)
     got[0].backward()
     want[0].backward()
     assert all(bool(torch.isfinite(v).all()) for v in want[:3])
@@ -214,12 +220,6 @@ def test_a_batch_with_no_tokens_at_all_is_nan_as_in_eager(microbatches, replicas
     """No part has a token: eager's token mean is 0/0, NaN, and so is the step's (not 0 from one way of splitting)."""
     x, y = padded_batch()
     y[:] = -100
-    torch.manual_seed(0)
-    model = TokenNet()
-    reference = copy.deepcopy(model)
-    options = {"stages": 2, "microbatches": microbatches, "compiler": "eager"}
-    backend = zb.ZbBackend(options if replicas == 1 else {**options, "data_parallel": replicas})
-    got = torch.compile(lambda x, y: _token_mean_and_extras(model(x), y), backend=backend)(x, y)
-    want = _token_mean_and_extras(reference(x), y)
+    _, _, got, want = _token_step(x, y, microbatches, replicas)
     for j in (0, 1):
         assert bool(torch.isnan(want[j])) and bool(torch.isnan(got[j])), (j, got[j], want[j])
