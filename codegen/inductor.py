@@ -20,6 +20,7 @@ from torch import fx
 
 from zb.core import torch_internals
 from zb.ops.attention import lower_to_cpu_kernels
+from zb.passes.keys import Key, Kind, PieceName, Role
 from zb.passes.plan import PIECES, PassRecord, Plan, input_keys, output_keys
 from zb.passes.runner import dump_plan
 
@@ -32,8 +33,8 @@ class CompiledPiece:
 
     name: str
     stage: int
-    inputs: list[str]
-    outputs: list[str | None]
+    inputs: list[Key]
+    outputs: list[Key | None]
     run: Callable[[list[Any]], Any]
     # (position, strides) of the inputs that cross a stage boundary (act:, tangent:), as the graph was traced:
     # the same value arrives with other strides by another path (a contiguous receive buffer, or the previous
@@ -75,7 +76,9 @@ def boundary_layouts(gm: fx.GraphModule) -> list[tuple[int, tuple[int, ...] | _S
     found = []
     for position, node in enumerate(gm.graph.find_nodes(op="placeholder")):
         value = node.meta.get("val")
-        if not (node.meta.get("zb_key", "").startswith(("act:", "tangent:")) and isinstance(value, torch.Tensor)):
+        key = node.meta.get("zb_key")
+        crosses = key is not None and (key.is_(Kind.ACT) or key.role is Role.TANGENT)
+        if not (crosses and isinstance(value, torch.Tensor)):
             continue
         if all(isinstance(s, int) for s in value.stride()):
             found.append((position, tuple(value.stride())))
@@ -96,7 +99,7 @@ def _in_layout(value: Any, strides: tuple[int, ...]) -> Any:
 
 
 def compile_plan(plan: Plan, dump_dir: str | None = None, stages: set[int] | None = None
-                 ) -> dict[tuple[int, str], CompiledPiece]:
+                 ) -> dict[tuple[int, PieceName], CompiledPiece]:
     """Compile every piece of the given stages (default: all); returns {(stage index, piece name): piece}."""
     start = time.perf_counter()
     compiled = {}
@@ -120,7 +123,7 @@ def compile_plan(plan: Plan, dump_dir: str | None = None, stages: set[int] | Non
     return compiled
 
 
-def compile_piece(gm: fx.GraphModule, name: str, stage: int, compiler: str) -> CompiledPiece:
+def compile_piece(gm: fx.GraphModule, name: PieceName, stage: int, compiler: str) -> CompiledPiece:
     inputs, outputs = input_keys(gm), output_keys(gm)
     # The plan keeps the graph the passes produced; what runs is a copy (Inductor's post-grad passes rewrite the
     # graph in place) with the fused attention calling PyTorch's CPU kernels directly where it runs on CPU.

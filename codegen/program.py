@@ -25,6 +25,10 @@ from zb.codegen.inductor import CompiledPiece, compile_piece
 from zb.codegen.memory import PieceMemory, piece_memory
 from zb.core import torch_internals
 from zb.core.options import Options
+# (The runtime never imports zb.passes: the names it needs, Key, Kind, PieceName and LOSS_TANGENT, come through
+# here.)
+from zb.passes.keys import LOSS_TANGENT as LOSS_TANGENT
+from zb.passes.keys import Key, Kind, PieceName, Role, input_key, output_key
 from zb.passes.plan import (
     PIECES, InputSpec, Plan, Stage, concrete, concrete_shape, input_keys, nbytes, output_keys, output_values,
     size_symbols,
@@ -44,7 +48,7 @@ GRAD_SUM = "grad_sum"  # the gradient of an unbatched input (a parameter): summe
 class TensorSpec:
     """A tensor known before the step runs: the key it travels under, its shape, dtype and device."""
 
-    key: str
+    key: Key
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
@@ -66,7 +70,7 @@ class Route:
     (-1 if none), and whether its bytes count as activation memory."""
 
     kind: str
-    key: str
+    key: Key | None
     index: int
     counted: bool
 
@@ -75,11 +79,11 @@ class Route:
 class Piece:
     """One F, B or W of a stage: its calling convention, and `run` where this process runs it (else None)."""
 
-    name: str
+    name: PieceName
     stage: int
-    inputs: list[str]
+    inputs: list[Key]
     routes: list[Route]
-    drops: list[tuple[str, bool]]  # (key, counted) of the values no later piece of the microbatch reads
+    drops: list[tuple[Key, bool]]  # (key, counted) of the values no later piece of the microbatch reads
     memory: PieceMemory  # bytes it holds while running; which outputs are new tensors (codegen/memory.py)
     run: CompiledPiece | None = None
 
@@ -88,7 +92,7 @@ class Piece:
 class StageProgram:
     index: int
     device: torch.device  # where its parameters, inputs and boundary tensors live
-    pieces: dict[str, Piece]
+    pieces: dict[PieceName, Piece]
     receives_forward: list[TensorSpec]  # the activations F receives from the stage before, in sending order
     receives_backward: list[TensorSpec]  # the activations whose gradients B receives from the stage after
     reads: frozenset[int]  # plan inputs (parameters, buffers, user inputs) this stage's pieces read
@@ -203,7 +207,7 @@ class Program:
         return found
 
 
-def build_program(plan: Plan, compiled: dict[tuple[int, str], CompiledPiece], sizes: dict | None = None
+def build_program(plan: Plan, compiled: dict[tuple[int, PieceName], CompiledPiece], sizes: dict | None = None
                   ) -> Program:
     """The runtime's view of `plan`, with the compiled pieces of the stages this process runs. A plan traced with
     symbolic sizes (a sequence length) gives a program whose shapes and bytes are those at `sizes` (symbol ->
@@ -247,12 +251,13 @@ def _specs(plan: Plan, sizes: dict | None) -> tuple[list, list, list[tuple[list,
     """The tensor shapes of a program at `sizes` (its input specs, output specs, and each stage's boundaries, as
     received going forward and backward): what Program.bind evaluates per call, without walking the graphs."""
     last = plan.stages[-1].forward
-    outs = {key: value for key, value in zip(output_keys(last), _output_meta(last)) if key and key.startswith("out:")}
+    outs = {key: value for key, value in zip(output_keys(last), _output_meta(last))
+            if key is not None and key.is_(Kind.OUT)}
     boundaries = [([_boundary(k, shape, dtype, stage.forward, sizes) for k, shape, dtype in stage.receives_forward],
                    [_boundary(k, shape, dtype, stage.forward, sizes) for k, shape, dtype in stage.receives_backward])
                   for stage in plan.stages]
-    return ([_spec(f"in:{i}", value, sizes) for i, value in enumerate(_traced_inputs(plan))],
-            [_spec(f"out:{j}", outs.get(f"out:{j}"), sizes) for j in range(plan.num_outputs)], boundaries)
+    return ([_spec(input_key(i), value, sizes) for i, value in enumerate(_traced_inputs(plan))],
+            [_spec(output_key(j), outs.get(output_key(j)), sizes) for j in range(plan.num_outputs)], boundaries)
 
 
 def _traced_inputs(plan: Plan) -> list[Any]:
@@ -267,11 +272,11 @@ def _loss_program(plan: Plan) -> LossProgram | None:
     if loss is None:
         return None
     # The denominator graph is a few operations on the targets, once per microbatch: it runs as it is.
-    denominator = compile_piece(loss.denominator, "denominator", -1, "eager") if loss.denominator else None
+    denominator = compile_piece(loss.denominator, PieceName.DENOMINATOR, -1, "eager") if loss.denominator else None
     return LossProgram(loss.mode, list(loss.weights), list(loss.outputs), list(loss.learned), denominator)
 
 
-def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], CompiledPiece], sizes: dict | None,
+def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, PieceName], CompiledPiece], sizes: dict | None,
                    receives_forward: list[TensorSpec], receives_backward: list[TensorSpec]) -> StageProgram:
     graphs = [(name, stage.pieces[name]) for name in PIECES if stage.pieces.get(name) is not None]
     held = _held_keys([gm for _, gm in graphs])
@@ -279,7 +284,7 @@ def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], Com
     for position, (name, gm) in enumerate(graphs):
         later = {k for _, other in graphs[position + 1:] for k in input_keys(other)}
         keys = output_keys(gm)
-        drops = sorted(k for k in set(input_keys(gm)) | {k for k in keys if k} if k not in later)
+        drops = sorted((k for k in set(input_keys(gm)) | {k for k in keys if k} if k not in later), key=str)
         pieces[name] = Piece(name, stage.index, input_keys(gm), [_route(k, plan, held) for k in keys],
                              [(k, k in held) for k in drops], piece_memory(gm, sizes),
                              compiled.get((stage.index, name)))
@@ -290,7 +295,7 @@ def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, str], Com
     memory_w = sum(nbytes(n.meta.get("val"), sizes) for n in saved if n.meta["zb_key"] in held)
     keys = [k for gm in ([stage.graph] if stage.graph is not None else []) + [gm for _, gm in graphs]
             for k in input_keys(gm)]
-    reads = {int(k[3:]) for k in keys if k.startswith("in:")}
+    reads = {k.index for k in keys if k.is_(Kind.IN)}
     return StageProgram(
         index=stage.index,
         device=_device(forward),
@@ -309,33 +314,32 @@ def _draws_random(node: fx.Node) -> bool:
     return isinstance(target, torch_internals.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
 
 
-def _route(key: str | None, plan: Plan, held: set[str]) -> Route:
+def _route(key: Key | None, plan: Plan, held: set[Key]) -> Route:
     if key is None:
-        return Route(DISCARD, "", -1, False)
-    if key.startswith("out:"):
-        return Route(OUT, key, int(key[4:]), key in held)
-    if key.startswith("act:"):
+        return Route(DISCARD, None, -1, False)
+    if key.is_(Kind.OUT):
+        return Route(OUT, key, key.index, key in held)
+    if key.is_(Kind.ACT):
         return Route(ACT, key, -1, key in held)
-    if key.startswith("grad:act:"):
+    if key.is_(Kind.ACT, Role.GRAD):
         return Route(GRAD_ACT, key, -1, key in held)
-    if key.startswith("grad:in:"):
-        index = int(key[len("grad:in:"):])
-        return Route(GRAD_SLICE if plan.inputs[index].batched else GRAD_SUM, key, index, key in held)
+    if key.is_(Kind.IN, Role.GRAD):
+        return Route(GRAD_SLICE if plan.inputs[key.index].batched else GRAD_SUM, key, key.index, key in held)
     return Route(ENV, key, -1, key in held)
 
 
-def _held_keys(pieces: list[fx.GraphModule]) -> set[str]:
+def _held_keys(pieces: list[fx.GraphModule]) -> set[Key]:
     """The saved:/stash: keys whose bytes are activation memory (not a parameter or input passed along)."""
     aliases = set()
     for gm in pieces:
         for key, node in zip(output_keys(gm), output_values(gm)):
-            if key and isinstance(node, fx.Node) and node.op == "placeholder" and node.meta["zb_key"].startswith("in:"):
+            if key and isinstance(node, fx.Node) and node.op == "placeholder" and node.meta["zb_key"].is_(Kind.IN):
                 aliases.add(key)
-    keys = {k for gm in pieces for k in output_keys(gm) if k and k.startswith(("saved:", "stash:"))}
+    keys = {k for gm in pieces for k in output_keys(gm) if k is not None and k.kind in (Kind.SAVED, Kind.STASH)}
     return keys - aliases
 
 
-def _boundary(key: str, shape: tuple, dtype: torch.dtype, forward: fx.GraphModule, sizes: dict | None
+def _boundary(key: Key, shape: tuple, dtype: torch.dtype, forward: fx.GraphModule, sizes: dict | None
               ) -> TensorSpec:
     return TensorSpec(key, concrete_shape(shape, sizes), dtype, _device(forward))
 
@@ -353,7 +357,7 @@ def _output_meta(gm: fx.GraphModule) -> list[Any]:
     return [node.meta.get("val") if isinstance(node, fx.Node) else node for node in output_values(gm)]
 
 
-def _spec(key: str, value: Any, sizes: dict | None) -> TensorSpec | None:
+def _spec(key: Key, value: Any, sizes: dict | None) -> TensorSpec | None:
     if not isinstance(value, torch.Tensor):
         return None
     return TensorSpec(key, concrete_shape(value.shape, sizes), value.dtype, value.device)

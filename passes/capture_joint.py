@@ -7,7 +7,7 @@ Contract
   output: training  -> `stage.joint`: the stage's inputs, then tangent:<key> for every differentiable output;
                        outputs: the stage's outputs, then grad:<key> for each input (None where it gets none).
                        Aten-level, functional, Inductor's decompositions.
-          inference -> `stage.pieces["forward"]` directly (the stage's inputs -> its outputs).
+          inference -> `stage.forward` directly (the stage's inputs -> its outputs).
   On the last stage, outputs other than the loss are detached before tracing: only the loss is differentiated.
   A differentiable output that aliases a stage input or another output (a view of the stage's input, `h` and `h.T`
   both sent on) is cloned before tracing, so every output gets a tangent of its own (see `_independent`).
@@ -27,7 +27,8 @@ import torch.fx as fx
 from zb.core import torch_internals
 from zb.core.errors import ZbUnsupportedError
 from zb.passes.autocast_regions import KEY
-from zb.passes.plan import Plan, grad_key, input_keys, output_keys, tangent_key
+from zb.passes.keys import Key, PieceName
+from zb.passes.plan import Plan, input_keys, output_keys
 
 
 def capture_joint(plan: Plan) -> Plan:
@@ -58,7 +59,7 @@ def capture_joint(plan: Plan) -> Plan:
             for key, node in zip(keys_in, gm.graph.find_nodes(op="placeholder")):
                 node.meta["zb_key"] = key
             gm.meta["zb_output_keys"] = list(keys_out)
-            stage.pieces["forward"] = gm
+            stage.pieces[PieceName.FORWARD] = gm
         for node in gm.graph.nodes:
             node.meta["zb_stage"] = stage.index
     return plan
@@ -165,14 +166,14 @@ def _reject_extra_state(params, buffers) -> None:
         )
 
 
-def _label_joint(gm: fx.GraphModule, keys_in: list[str], keys_out: list[str]) -> None:
+def _label_joint(gm: fx.GraphModule, keys_in: list[Key], keys_out: list[Key]) -> None:
     for node in gm.graph.find_nodes(op="placeholder"):
         desc = node.meta.get("desc")
         role = torch_internals.joint_input_role(desc)
         if role is None:
             raise ZbUnsupportedError(f"unexpected joint graph input {node.name} ({desc}); zb cannot run it")
         kind, index = role
-        node.meta["zb_key"] = keys_in[index] if kind == "input" else tangent_key(keys_out[index])
+        node.meta["zb_key"] = keys_in[index] if kind == "input" else keys_out[index].tangent()
     (out,) = gm.graph.find_nodes(op="output")
     keys = []
     for desc in out.meta["desc"]:
@@ -187,5 +188,5 @@ def _label_joint(gm: fx.GraphModule, keys_in: list[str], keys_out: list[str]) ->
                 "LayerNorm/GroupNorm or put the module in eval mode."
             )
         kind, index = role
-        keys.append(keys_out[index] if kind == "output" else grad_key(keys_in[index]))
+        keys.append(keys_out[index] if kind == "output" else keys_in[index].grad())
     gm.meta["zb_output_keys"] = keys

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from zb.core import torch_internals
 from zb.core.errors import ZbUnsupportedError
 from zb.passes.analyze_batch import source_line
+from zb.passes.keys import denominator_key, input_key
 from zb.passes.plan import InputSpec, Plan, ancestors, concrete, descendants
 
 # F.*_loss functions whose `reduction` says how they normalise: (mean of elements) or (sum).
@@ -504,7 +505,7 @@ class _Analysis:
                 continue
             if node in self.placeholders:
                 env[node] = new.placeholder(node.name)
-                env[node].meta = {"zb_key": f"in:{self.placeholders[node]}"}
+                env[node].meta = {"zb_key": input_key(self.placeholders[node])}
             else:
                 env[node] = new.node_copy(node, lambda a: env[a])
         results = []
@@ -518,7 +519,7 @@ class _Analysis:
                                                                   weight)))
         new.output(tuple(results))
         gm = fx.GraphModule(self.plan.graph, new)
-        gm.meta["zb_output_keys"] = [f"denominator:{i}" for i in range(len(results))]
+        gm.meta["zb_output_keys"] = [denominator_key(i) for i in range(len(results))]
         return gm
 
 

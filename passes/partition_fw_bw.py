@@ -3,7 +3,7 @@
 Contract
   input:  `stage.joint` as capture_joint leaves it (placeholders in:/act:, tangent:<key>; outputs out:/act:,
           then grad:<key>).
-  output: `stage.pieces["forward"]`: the stage's inputs -> its outputs, then saved:<name> for each activation the
+  output: `stage.forward`: the stage's inputs -> its outputs, then saved:<name> for each activation the
           backward needs. `stage.backward`: placeholders saved:<name> and tangent:<key>; outputs grad:<key>.
   Which activations are saved and which are recomputed is decided by the same min-cut rematerialisation
   partitioner Inductor uses, so `compiler="eager"` and `compiler="inductor"` run the same graphs.
@@ -18,6 +18,7 @@ from __future__ import annotations
 from torch import fx
 
 from zb.core import torch_internals
+from zb.passes.keys import Kind, PieceName, Role, saved_key
 from zb.passes.plan import Plan, output_keys
 
 
@@ -26,7 +27,7 @@ def partition_fw_bw(plan: Plan) -> Plan:
         if stage.joint is None:
             continue
         keys = output_keys(stage.joint)
-        num_fwd = sum(1 for k in keys if k is not None and k.startswith(("out:", "act:")))
+        num_fwd = sum(1 for k in keys if k is not None and k.role is Role.VALUE and k.kind in (Kind.OUT, Kind.ACT))
         # The partitioner recognises primals and tangents by placeholder name, which the export guarantees. It
         # makes fake RNG states when a recomputed region (activation checkpointing) draws random numbers, in the
         # fake mode the joint's values were traced in.
@@ -34,7 +35,7 @@ def partition_fw_bw(plan: Plan) -> Plan:
         fake_mode = torch_internals.detect_fake_mode(values)
         forward, backward = torch_internals.partition_joint(stage.joint, num_fwd, fake_mode)
         _label(forward, backward, stage, keys[:num_fwd], keys[num_fwd:])
-        stage.pieces["forward"] = forward
+        stage.pieces[PieceName.FORWARD] = forward
         stage.backward = backward
         plan.counters["partition_fw_bw.saved_values"] += len(output_keys(forward)) - num_fwd
     return plan
@@ -46,12 +47,12 @@ def _label(forward: fx.GraphModule, backward: fx.GraphModule, stage, fwd_keys, g
         node.meta["zb_key"] = by_name[node.name]
     (fw_out,) = forward.graph.find_nodes(op="output")
     saved = fw_out.args[0][len(fwd_keys):]
-    forward.meta["zb_output_keys"] = list(fwd_keys) + [f"saved:{n.name}" for n in saved]
+    forward.meta["zb_output_keys"] = list(fwd_keys) + [saved_key(n.name) for n in saved]
     # A saved value's placeholder in the backward is named after it, but not always (the RNG state of a recomputed
     # random op arrives as rng_state_output_<k>), and the order differs where sizes are symbolic (the backward
     # takes the saved sizes first, the forward returns them last): matched by name, the others by position.
     inputs = backward.graph.find_nodes(op="placeholder")
-    received = [n for n in inputs if not by_name.get(n.name, "").startswith("tangent:")]
+    received = [n for n in inputs if getattr(by_name.get(n.name), "role", None) is not Role.TANGENT]
     if len(received) != len(saved):
         raise AssertionError(f"stage {stage.index}: the backward takes {len(received)} saved values, the forward "
                              f"returns {len(saved)}")
@@ -59,10 +60,10 @@ def _label(forward: fx.GraphModule, backward: fx.GraphModule, stage, fwd_keys, g
     received_names = {node.name for node in received}
     for node in received:
         if node.name in saved_names:
-            node.meta["zb_key"] = f"saved:{node.name}"
+            node.meta["zb_key"] = saved_key(node.name)
     rest = [node for node in received if node.name not in saved_names]
     for node, value in zip(rest, [value for value in saved if value.name not in received_names]):
-        node.meta["zb_key"] = f"saved:{value.name}"
+        node.meta["zb_key"] = saved_key(value.name)
     for node in inputs:
         node.meta.setdefault("zb_key", by_name.get(node.name))
     backward.meta["zb_output_keys"] = list(grad_keys)

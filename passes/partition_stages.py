@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from zb.core import torch_internals
 from zb.core.errors import ZbOptionError, ZbUnsupportedError
-from zb.passes.plan import Plan, Stage, concrete, fake_like, nbytes, size_symbols
+from zb.passes.keys import Kind, act_key, input_key, output_key
+from zb.passes.plan import Plan, Stage, concrete, fake_like, nbytes, output_keys, size_symbols
 
 BALANCE_WINDOW = 0.05  # a cut may move this fraction of the total cost away from the even split to cross less
 
@@ -62,7 +63,7 @@ def partition_stages(plan: Plan) -> Plan:
         stage.graph, stage.example_inputs = _stage_graph(plan, stage.index, stage_of)
     plan.counters["partition_stages.stages"] = n
     plan.counters["partition_stages.boundary_values"] = sum(
-        sum(1 for k in s.graph.meta["zb_output_keys"] if k.startswith("act:")) for s in plan.stages[:-1]
+        sum(1 for k in output_keys(s.graph) if k.is_(Kind.ACT)) for s in plan.stages[:-1]
     )
     return plan
 
@@ -272,7 +273,7 @@ def _stage_graph(plan: Plan, s: int, stage_of: dict[fx.Node, int]) -> tuple[fx.G
     for node in graph.find_nodes(op="placeholder"):
         if any(stage_of.get(u) == s for u in node.users) or (s == last and node in outputs):
             env[node] = new.placeholder(node.name)
-            env[node].meta = {"zb_key": f"in:{placeholders[node]}", "example_value": node.meta.get("example_value")}
+            env[node].meta = {"zb_key": input_key(placeholders[node]), "example_value": node.meta.get("example_value")}
             index = placeholders[node]
             example = plan.traced_inputs.get(index, plan.example_inputs[index])
             if symbolic:
@@ -280,17 +281,17 @@ def _stage_graph(plan: Plan, s: int, stage_of: dict[fx.Node, int]) -> tuple[fx.G
             examples.append(example)
     for node in incoming:
         env[node] = new.placeholder(f"act_{node.name}")
-        env[node].meta = {"zb_key": f"act:{node.name}", "example_value": node.meta.get("example_value")}
+        env[node].meta = {"zb_key": act_key(node.name), "example_value": node.meta.get("example_value")}
         examples.append(_example(node.meta.get("example_value"), plan.training, symbolic))
     for node in mine:
         env[node] = new.node_copy(node, lambda a: env[a])
     if s < last:
         leaving = [n for n in incoming + mine if needed_after(n)]
         results = [_copy_if_passthrough(new, env[n], n in incoming) for n in leaving]
-        keys = [f"act:{n.name}" for n in leaving]
+        keys = [act_key(n.name) for n in leaving]
     else:
         results = [env[v] if isinstance(v, fx.Node) else v for v in outputs]
-        keys = [f"out:{j}" for j in range(len(outputs))]
+        keys = [output_key(j) for j in range(len(outputs))]
     new.output(tuple(results))
     for node in new.nodes:
         node.meta["zb_stage"] = s

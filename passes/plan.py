@@ -3,15 +3,9 @@
 A `Plan` holds the Dynamo graph, a description of its inputs, and one `Stage` per pipeline stage. A stage
 owns its pieces: `forward` (F), `backward_input` (B) and `backward_weight` (W), each an `fx.GraphModule`.
 
-Pieces talk to each other only through *value keys*, strings that name a tensor of one microbatch:
-
-    in:<i>         the i-th input of the Dynamo graph (parameter, buffer or user input)
-    act:<name>     an activation crossing from one pipeline stage to the next (the node's name in Dynamo's graph)
-    out:<j>        the j-th output of the model (out:0 is the loss when training)
-    tangent:<key>  the incoming gradient of an output (tangent:out:0, tangent:act:<name>)
-    saved:<name>   an activation F saves for the backward
-    stash:<name>   a value B computes that W needs
-    grad:<key>     the gradient of an input (grad:in:<i>, grad:act:<name>)
+Pieces talk to each other only through *value keys* (`zb.passes.keys.Key`), typed values that name a tensor of
+one microbatch and print as `in:<i>`, `act:<name>`, `out:<j>`, `tangent:<key>`, `saved:<name>`, `stash:<name>`,
+`grad:<key>` (see passes/keys.py).
 
 Every placeholder of a piece carries its key in `node.meta["zb_key"]`, and `gm.meta["zb_output_keys"]` lists the
 key of each output (None for an output nobody reads). So a piece describes its own calling convention, the
@@ -30,8 +24,9 @@ from torch import fx
 
 from zb.core import torch_internals
 from zb.core.options import Options
+from zb.passes.keys import Key, Kind, PieceName, Role, input_key
 
-PIECES = ("forward", "backward_input", "backward_weight")
+PIECES = (PieceName.FORWARD, PieceName.BACKWARD_INPUT, PieceName.BACKWARD_WEIGHT)
 
 InputKind = Literal["parameter", "buffer", "input", "constant", "loss_weight"]
 
@@ -48,16 +43,8 @@ class InputSpec:
     source: str = ""  # Dynamo's source, e.g. "L['self']._modules['fc']._parameters['weight']"
 
     @property
-    def key(self) -> str:
-        return f"in:{self.index}"
-
-
-def grad_key(key: str) -> str:
-    return f"grad:{key}"
-
-
-def tangent_key(key: str) -> str:
-    return f"tangent:{key}"
+    def key(self) -> Key:
+        return input_key(self.index)
 
 
 @dataclass
@@ -67,24 +54,24 @@ class Stage:
     graph: fx.GraphModule | None = None
     example_inputs: list[Any] = field(default_factory=list)
     joint: fx.GraphModule | None = None
-    pieces: dict[str, fx.GraphModule] = field(default_factory=dict)
+    pieces: dict[PieceName, fx.GraphModule] = field(default_factory=dict)
     # The unsplit backward, kept for inspection and for checking the split against it.
     backward: fx.GraphModule | None = None
     # record_boundaries: (act key, shape, dtype) this stage receives going forward / gradients coming back.
-    receives_forward: list[tuple[str, tuple, Any]] = field(default_factory=list)
-    receives_backward: list[tuple[str, tuple, Any]] = field(default_factory=list)
+    receives_forward: list[tuple[Key, tuple, Any]] = field(default_factory=list)
+    receives_backward: list[tuple[Key, tuple, Any]] = field(default_factory=list)
 
     @property
     def forward(self) -> fx.GraphModule | None:
-        return self.pieces.get("forward")
+        return self.pieces.get(PieceName.FORWARD)
 
     @property
     def backward_input(self) -> fx.GraphModule | None:
-        return self.pieces.get("backward_input")
+        return self.pieces.get(PieceName.BACKWARD_INPUT)
 
     @property
     def backward_weight(self) -> fx.GraphModule | None:
-        return self.pieces.get("backward_weight")
+        return self.pieces.get(PieceName.BACKWARD_WEIGHT)
 
     def graphs(self) -> dict[str, fx.GraphModule]:
         """Every graph this stage holds (its torch-level graph, joint, unsplit backward, pieces), by name."""
@@ -164,8 +151,8 @@ class Plan:
         for stage in self.stages if self.training else ():
             for gm in (stage.backward_input, stage.backward_weight):
                 for key in output_keys(gm) if gm is not None else ():
-                    if key and key.startswith("grad:in:"):
-                        producers.setdefault(int(key[len("grad:in:"):]), set()).add(stage.index)
+                    if key is not None and key.is_(Kind.IN, Role.GRAD):
+                        producers.setdefault(key.index, set()).add(stage.index)
         return {index: frozenset(stages) for index, stages in sorted(producers.items())}
 
     def summary(self) -> str:
@@ -218,11 +205,11 @@ class Plan:
         return "\n".join(lines)
 
 
-def input_keys(gm: fx.GraphModule) -> list[str]:
+def input_keys(gm: fx.GraphModule) -> list[Key]:
     return [n.meta["zb_key"] for n in gm.graph.find_nodes(op="placeholder")]
 
 
-def output_keys(gm: fx.GraphModule) -> list[str | None]:
+def output_keys(gm: fx.GraphModule) -> list[Key | None]:
     return gm.meta["zb_output_keys"]
 
 

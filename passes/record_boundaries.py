@@ -15,6 +15,7 @@ Contract
 
 from __future__ import annotations
 
+from zb.passes.keys import Kind, Role
 from zb.passes.plan import Plan, output_keys
 
 
@@ -23,13 +24,13 @@ def record_boundaries(plan: Plan) -> Plan:
         forward = stage.forward
         stage.receives_forward = [
             (n.meta["zb_key"], tuple(n.meta["val"].shape), n.meta["val"].dtype)
-            for n in forward.graph.find_nodes(op="placeholder") if n.meta["zb_key"].startswith("act:")
+            for n in forward.graph.find_nodes(op="placeholder") if n.meta["zb_key"].is_(Kind.ACT)
         ]
         tangents = {}
         for gm in (stage.backward_input, stage.backward_weight) if plan.training else ():
             for n in (gm.graph.find_nodes(op="placeholder") if gm is not None else []):
-                if n.meta["zb_key"].startswith("tangent:act:"):
-                    tangents[n.meta["zb_key"][len("tangent:"):]] = (tuple(n.meta["val"].shape), n.meta["val"].dtype)
+                if n.meta["zb_key"].is_(Kind.ACT, Role.TANGENT):
+                    tangents[n.meta["zb_key"].value()] = (tuple(n.meta["val"].shape), n.meta["val"].dtype)
         stage.receives_backward = [(k, *tangents[k]) for k in output_keys(forward) if k in tangents]
         plan.counters["record_boundaries.transfers"] += len(stage.receives_forward) + len(stage.receives_backward)
     return plan

@@ -63,7 +63,8 @@ def dump_plan(plan: Plan, directory: pathlib.Path) -> list[pathlib.Path]:
     for stage in plan.stages:
         for name, gm in stage.graphs().items():
             path = directory / f"stage{stage.index}_{name}.py"
-            header = f"# zb stage {stage.index} {name}\n# inputs: {input_keys(gm)}\n# outputs: {output_keys(gm)}\n"
+            header = (f"# zb stage {stage.index} {name}\n# inputs: {[str(k) for k in input_keys(gm)]}\n"
+                      f"# outputs: {[k if k is None else str(k) for k in output_keys(gm)]}\n")
             path.write_text(header + gm.print_readable(print_output=False))
             written.append(path)
     return written

@@ -3,10 +3,10 @@
 Contract
   input:  `stage.backward` as partition_fw_bw leaves it: placeholders saved:<name> / tangent:<key>, outputs
           grad:<key>, aten-level and functional.
-  output: `stage.pieces["backward_input"]` (B): outputs grad:<key> for every non-parameter input that gets a
+  output: `stage.backward_input` (B): outputs grad:<key> for every non-parameter input that gets a
           gradient (boundary activations act:<name>, user inputs), then stash:<name> for each value W needs from
           B. None when no such input exists.
-          `stage.pieces["backward_weight"]` (W): outputs grad:in:<i> for every parameter that gets a gradient.
+          `stage.backward_weight` (W): outputs grad:in:<i> for every parameter that gets a gradient.
           None when no parameter gets one.
   Guarantees: B computes no parameter gradient that W does not need from it; W computes nothing B computes
   (shared work runs once, in B, and crosses as a stash value); every parameter gradient is an output of W
@@ -30,11 +30,12 @@ import torch
 from torch import fx
 
 from zb.core import torch_internals
-from zb.passes.plan import Plan, ancestors, grad_key, output_keys, output_values, size_symbols
+from zb.passes.keys import Key, PieceName, input_key, stash_key
+from zb.passes.plan import Plan, ancestors, output_keys, output_values, size_symbols
 
 
 def split_backward(plan: Plan) -> Plan:
-    param_grads = {grad_key(s.key) for s in plan.parameters}
+    param_grads = {s.key.grad() for s in plan.parameters}
     for stage in plan.stages:
         if stage.backward is None:
             continue
@@ -51,10 +52,10 @@ def split_backward(plan: Plan) -> Plan:
         stash = [n for n in bw.graph.nodes if n in b_nodes and n.op != "placeholder"
                  and any(u in w_nodes for u in n.users)]
         stash += [v for _, v in w_results if v in b_nodes and v.op != "placeholder" and v not in stash]
-        b_outputs = b_results + [(f"stash:{n.name}", n) for n in stash]
-        stage.pieces["backward_input"] = _extract(bw, b_nodes, b_outputs, {}) if b_results else None
-        stage.pieces["backward_weight"] = (
-            _extract(bw, w_nodes, w_results, {n: f"stash:{n.name}" for n in stash}) if w_results else None
+        b_outputs = b_results + [(stash_key(n.name), n) for n in stash]
+        stage.pieces[PieceName.BACKWARD_INPUT] = _extract(bw, b_nodes, b_outputs, {}) if b_results else None
+        stage.pieces[PieceName.BACKWARD_WEIGHT] = (
+            _extract(bw, w_nodes, w_results, {n: stash_key(n.name) for n in stash}) if w_results else None
         )
         plan.counters["split_backward.b_nodes"] += sum(n.op == "call_function" for n in b_nodes) if b_results else 0
         plan.counters["split_backward.w_nodes"] += sum(n.op == "call_function" for n in w_nodes)
@@ -94,13 +95,13 @@ def _expose_sizes(gm: fx.GraphModule, plan: Plan) -> int:
     added = 0
     for symbol in sorted(missing, key=str):
         index = providers.get(symbol)
-        if index is None or f"in:{index}" in keys:
+        if index is None or input_key(index) in keys:
             continue  # (a size no plan input shows: the compiler says so)
         with gm.graph.inserting_after(placeholders[-1]):
             node = gm.graph.placeholder(f"zb_size_{index}")
-        node.meta.update(val=inputs[index].meta.get("example_value"), zb_key=f"in:{index}")
+        node.meta.update(val=inputs[index].meta.get("example_value"), zb_key=input_key(index))
         placeholders.append(node)
-        keys.add(f"in:{index}")
+        keys.add(input_key(index))
         added += 1
     gm.recompile()
     return added
@@ -151,12 +152,12 @@ def _keep_getitems_with_their_tuple(w_nodes: set[fx.Node], b_nodes: set[fx.Node]
             b_nodes.add(node)
 
 
-def _extract(bw: fx.GraphModule, nodes: set[fx.Node], outputs, stash_inputs: dict[fx.Node, str]) -> fx.GraphModule:
+def _extract(bw: fx.GraphModule, nodes: set[fx.Node], outputs, stash_inputs: dict[fx.Node, Key]) -> fx.GraphModule:
     """A new graph with `nodes` (in their original order) computing `outputs`, a list of (key, node)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
 
-    def placeholder(node: fx.Node, key: str) -> fx.Node:
+    def placeholder(node: fx.Node, key: Key) -> fx.Node:
         new = graph.placeholder(node.name)
         new.meta = {"val": node.meta.get("val"), "zb_key": key, "zb_stage": node.meta.get("zb_stage")}
         return new

@@ -11,7 +11,8 @@ import operator
 from torch import fx
 
 from zb.core import torch_internals
-from zb.passes.plan import Plan, grad_key, input_keys, output_keys, output_values
+from zb.passes.keys import Key, Role
+from zb.passes.plan import Plan, input_keys, output_keys, output_values
 
 # Calls without a value: a grad-mode switch (torch.no_grad()), an item assignment (x[i] = v), a usage log.
 _VALUELESS = (torch_internals.SET_GRAD_ENABLED, operator.setitem, torch_internals.LOG_API_USAGE_ONCE)
@@ -39,9 +40,13 @@ def verify_graph(gm: fx.GraphModule, stage_index: int) -> None:
     keys = input_keys(gm) if all("zb_key" in n.meta for n in gm.graph.find_nodes(op="placeholder")) else None
     if keys is None:
         raise InvariantError("a placeholder has no meta['zb_key']")
+    if not all(isinstance(k, Key) for k in keys):
+        raise InvariantError(f"an input key is not a Key: {keys}")
     if len(set(keys)) != len(keys):
         raise InvariantError(f"duplicate input keys {keys}")
     outs = output_keys(gm)
+    if not all(k is None or isinstance(k, Key) for k in outs):
+        raise InvariantError(f"an output key is neither a Key nor None: {outs}")
     if len(outs) != len(output_values(gm)):
         raise InvariantError(f"{len(outs)} output keys for {len(output_values(gm))} outputs")
     for node in gm.graph.nodes:
@@ -63,14 +68,15 @@ def verify_graph(gm: fx.GraphModule, stage_index: int) -> None:
 def _verify_gradients_once(plan: Plan) -> None:
     """Every parameter gradient comes from W, once per stage that reads it; B produces none; W no input
     gradient."""
-    params = {grad_key(s.key) for s in plan.parameters}
+    params = {s.key.grad() for s in plan.parameters}
     for stage in plan.stages:
         b, w = stage.backward_input, stage.backward_weight
         if b is not None and params & set(output_keys(b)):
             raise InvariantError(f"stage {stage.index} B produces parameter gradients")
         if w is not None:
-            grads = [k for k in output_keys(w) if k.startswith("grad:")]
+            grads = [k for k in output_keys(w) if k is not None and k.role is Role.GRAD]
             if set(grads) - params:
                 raise InvariantError(f"stage {stage.index} W produces input gradients {set(grads) - params}")
             if len(grads) != len(set(grads)):
-                raise InvariantError(f"stage {stage.index} W produces a parameter gradient twice: {sorted(grads)}")
+                raise InvariantError(f"stage {stage.index} W produces a parameter gradient twice: "
+                                     f"{sorted(grads, key=str)}")

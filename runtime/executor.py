@@ -19,7 +19,10 @@ from typing import Any
 
 import torch
 
-from zb.codegen.program import ACT, DISCARD, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, OUT, Program, TensorSpec, nbytes
+from zb.codegen.program import (
+    ACT, DISCARD, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, LOSS_TANGENT, OUT, Kind, PieceName, Program, TensorSpec,
+    nbytes,
+)
 from zb.core.errors import ZbError
 from zb.runtime.microbatch import split_microbatches
 from zb.runtime.profile import ActionClock, timed_runs
@@ -193,7 +196,7 @@ class StepExecutor:
         if loss is None or loss.denominator is None:
             return None
         piece = loss.denominator
-        return [list(piece([inputs[int(k[3:])] for k in piece.inputs])) for inputs in self.inputs]
+        return [list(piece([inputs[k.index] for k in piece.inputs])) for inputs in self.inputs]
 
     def _add_loss_weights(self) -> None:
         """The inputs normalize_loss added: per microbatch, the weight of each class of loss terms."""
@@ -249,7 +252,7 @@ class StepExecutor:
         if kind == SEND_F:
             self.forward_box[(s, mb)] = _checked(dict(zip((x.key for x in spec), tensors)), spec, s, s + 1)
         else:
-            self.backward_box[(s, mb)] = {f"grad:{x.key}": t for x, t in zip(spec, tensors)}
+            self.backward_box[(s, mb)] = {x.key.grad(): t for x, t in zip(spec, tensors)}
         return True
 
     def _do(self, rank: int, action: Action) -> None:
@@ -260,10 +263,10 @@ class StepExecutor:
         elif kind == B:
             self._backward_input(s, mb)
         elif kind == W:
-            self._run(s, mb, "backward_weight")
+            self._run(s, mb, PieceName.BACKWARD_WEIGHT)
         elif kind == BW:
             self._backward_input(s, mb)
-            self._run(s, mb, "backward_weight")
+            self._run(s, mb, PieceName.BACKWARD_WEIGHT)
         elif kind == REDUCE:
             if self.on_reduce is not None:
                 self.on_reduce(s, self.grads)
@@ -278,18 +281,18 @@ class StepExecutor:
     def _forward(self, s: int, mb: int) -> None:
         env = self.env[(s, mb)]
         incoming = self.forward_box.pop((s - 1, mb), {}) if s > 0 else {}
-        for key in self.program.stages[s].pieces["forward"].inputs:
-            if key.startswith("in:"):
-                env[key] = self.inputs[mb][int(key[3:])]
+        for key in self.program.stages[s].pieces[PieceName.FORWARD].inputs:
+            if key.kind is Kind.IN:
+                env[key] = self.inputs[mb][key.index]
             else:
                 env[key] = incoming[key]
         if self.seed is None or not self.program.stages[s].random:
-            self._run(s, mb, "forward")
+            self._run(s, mb, PieceName.FORWARD)
         else:
             device = self.program.stages[s].device
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed((self.seed + 1_000_003 * s + 7_919 * mb) % 2**63)
-                self._run(s, mb, "forward")
+                self._run(s, mb, PieceName.FORWARD)
         if self.program.training and s == self.program.num_stages - 1:
             # The step's loss is the mean of the microbatches' losses (each seeded with 1/m), or their sum when
             # they are weighted or meant to be added (seed 1): passes/normalize_loss.py.
@@ -298,17 +301,17 @@ class StepExecutor:
             # The loss scale first, in the loss's dtype, then the mean's 1/m: eager's scaler.scale(loss) of a
             # float16 loss overflows to inf at a scale of 65536 (and the step is skipped), so must this seed.
             seed = torch.full_like(self.outs[0][-1], self.seed_scale)
-            env["tangent:out:0"] = seed / m if loss is None or loss.mode == "mean" else seed
+            env[LOSS_TANGENT] = seed / m if loss is None or loss.mode == "mean" else seed
 
     def _backward_input(self, s: int, mb: int) -> None:
         env = self.env[(s, mb)]
         if s < self.program.num_stages - 1:
             box = self.backward_box.pop((s + 1, mb), {})
             for spec in self.backward_spec[s]:
-                env[f"tangent:{spec.key}"] = _grad_or_zeros(box, spec)
-        self._run(s, mb, "backward_input")
+                env[spec.key.tangent()] = _grad_or_zeros(box, spec)
+        self._run(s, mb, PieceName.BACKWARD_INPUT)
 
-    def _run(self, s: int, mb: int, name: str) -> None:
+    def _run(self, s: int, mb: int, name: PieceName) -> None:
         piece = self.program.stages[s].pieces.get(name)
         if piece is None:  # e.g. the first stage's B when its inputs need no gradient: W does everything
             return
@@ -317,7 +320,7 @@ class StepExecutor:
         env = self.env[(s, mb)]
         rank = self.placement[s]
         # (a plan input no earlier piece of the microbatch read: a size a symbolic B or W takes, passes/split_backward)
-        results = self._call(piece.run, [env[k] if k in env or not k.startswith("in:") else self.inputs[mb][int(k[3:])]
+        results = self._call(piece.run, [env[k] if k in env or k.kind is not Kind.IN else self.inputs[mb][k.index]
                                          for k in piece.inputs])
         summed = []  # (input index, gradient) of unbatched inputs (parameters): summed over microbatches here
         held = 0
@@ -376,7 +379,7 @@ class StepExecutor:
 
 
 def _grad_or_zeros(box: dict, spec: TensorSpec) -> torch.Tensor:
-    value = box.get(f"grad:{spec.key}")
+    value = box.get(spec.key.grad())
     return value if value is not None else spec.zeros()
 
 

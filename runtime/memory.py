@@ -28,7 +28,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from zb.codegen.program import ACT, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, OUT, Program
+from zb.codegen.program import (
+    ACT, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, LOSS_TANGENT, OUT, Key, Kind, PieceName, Program,
+)
 from zb.schedules import BW, SEND_F, Action, B, F, W
 from zb.schedules.p2p import SEND, Batch, Wait
 
@@ -163,13 +165,13 @@ class _Replay:
             box = boxes.setdefault((s, mb), {})
             for spec in specs:
                 alloc = _Alloc(spec.nbytes, "boundary")
-                box[spec.key if forward else f"grad:{spec.key}"] = alloc
+                box[spec.key if forward else spec.key.grad()] = alloc
                 self._hold(alloc)
             return []
         box = boxes.pop((s, mb), {})
         sent = []
         for spec in specs:
-            alloc = box.pop(spec.key if forward else f"grad:{spec.key}", None)
+            alloc = box.pop(spec.key if forward else spec.key.grad(), None)
             if alloc is None:
                 alloc = _Alloc(spec.nbytes, "boundary")
                 self._hold(alloc)
@@ -184,39 +186,39 @@ class _Replay:
         env = self.env[(s, mb)]
         if kind == F:
             incoming = self.forward_box.pop((s - 1, mb), {}) if s > 0 else {}
-            for key in self._piece(s, "forward").inputs if self._piece(s, "forward") else ():
-                if not key.startswith("in:"):
+            for key in self._piece(s, PieceName.FORWARD).inputs if self._piece(s, PieceName.FORWARD) else ():
+                if key.kind is not Kind.IN:
                     self._set(env, key, incoming.get(key))
             for alloc in incoming.values():
                 self._drop(alloc)
-            self._run(s, mb, "forward", str(action))
+            self._run(s, mb, PieceName.FORWARD, str(action))
             for alloc in incoming.values():  # what F kept of its input is an activation now, not a message
                 self._relabel(alloc, "activations")
             if self.program.training and s == last and self.program.outputs[0] is not None:
-                self._set(env, "tangent:out:0", _Alloc(self.program.outputs[0].nbytes, "activations"))
+                self._set(env, LOSS_TANGENT, _Alloc(self.program.outputs[0].nbytes, "activations"))
         if kind in (B, BW):
             if s < last:
                 box = self.backward_box.pop((s + 1, mb), {})
                 for spec in self.program.stages[s].receives_backward:
-                    alloc = box.get(f"grad:{spec.key}") or _Alloc(spec.nbytes, "boundary")
-                    self._set(env, f"tangent:{spec.key}", alloc)
+                    alloc = box.get(spec.key.grad()) or _Alloc(spec.nbytes, "boundary")
+                    self._set(env, spec.key.tangent(), alloc)
                 for alloc in box.values():
                     self._drop(alloc)
-            self._run(s, mb, "backward_input", str(action))
+            self._run(s, mb, PieceName.BACKWARD_INPUT, str(action))
         if kind in (W, BW):
-            self._run(s, mb, "backward_weight", str(action))
+            self._run(s, mb, PieceName.BACKWARD_WEIGHT, str(action))
         if not env:
             self.env.pop((s, mb), None)
 
-    def _piece(self, s: int, name: str):
+    def _piece(self, s: int, name: PieceName):
         return self.program.stages[s].pieces.get(name)
 
-    def _set(self, env: dict, key: str, alloc: _Alloc | None) -> None:
+    def _set(self, env: dict, key: Key, alloc: _Alloc | None) -> None:
         self._hold(alloc)
         self._drop(env.get(key))
         env[key] = alloc
 
-    def _run(self, s: int, mb: int, name: str, where: str) -> None:
+    def _run(self, s: int, mb: int, name: PieceName, where: str) -> None:
         piece = self._piece(s, name)
         if piece is None:
             return

@@ -124,7 +124,7 @@ def _aliased_boundaries(plan) -> list[int]:
               if isinstance(n.meta.get("example_value"), torch.Tensor)}
     found = []
     for stage in plan.stages[1:]:
-        sent = [storage(nodes[key.removeprefix("act:")]) for key, _, _ in stage.receives_forward]
+        sent = [storage(nodes[key.name]) for key, _, _ in stage.receives_forward]
         if len(set(sent)) < len(sent) or inputs.intersection(sent):
             found.append(stage.index)
     return found

@@ -209,3 +209,46 @@ def test_torch_internals_loads_no_compiler_at_import():
             "if m.startswith(('torch._dynamo', 'torch._inductor', 'torch._functorch.aot_autograd'))}))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+# ---- value keys are typed (passes/keys.py), never spelled or parsed as text -------------------------------------
+
+KEYS = "passes/keys.py"
+_KEY_TEXT = re.compile(r"(in|out|act|saved|stash|grad|tangent|denominator):")
+
+
+def key_text_uses(source: str) -> list[tuple[int, str]]:
+    """(line, text) of each string literal, or literal head of an f-string, spelled like a value key ("in:",
+    f"grad:{key}", `.startswith("act:")`): keys are made by passes/keys.py and read by their fields. Docstrings
+    are prose and may show keys."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings \
+                and _KEY_TEXT.match(node.value):
+            found.append((node.lineno, repr(node.value)))
+    return sorted(found)
+
+
+def test_the_key_reader_sees_spelled_keys():
+    source = '''
+"""A docstring naming in:<i> and grad:in:<i>."""
+key.startswith("grad:in:")
+f"tangent:{key}"
+k.removeprefix("act:")
+keys = ("saved:", "stash:")
+"denominator:" + str(i)
+message = f"input: {x}, output {y}"
+"inside: not a key"
+'''
+    assert [line for line, _ in key_text_uses(source)] == [3, 4, 5, 6, 6, 7], key_text_uses(source)
+
+
+def test_no_product_module_spells_or_parses_a_key():
+    wrong = [f"  {name}:{line}: {text}" for name, path in _files().items() if name != KEYS
+             for line, text in key_text_uses(path.read_text())]
+    assert not wrong, ("value keys spelled as text (make them with zb.passes.keys and read their fields):\n"
+                       + "\n".join(wrong))

@@ -10,6 +10,7 @@ import torch
 import zb
 from tests import models
 from zb.passes import PASSES, PassError, Plan, capture_joint, run_passes
+from zb.passes.keys import LOSS_TANGENT, Kind, Role, output_key
 from zb.passes.plan import input_keys, op_counts, output_keys, output_values
 from zb.passes.verify import InvariantError, verify_graph
 
@@ -91,7 +92,7 @@ def _microbatches(plan, model, args) -> list[list]:
     per_mb = [list(values) for values in zip(*[v.chunk(m) if s.batched else [v] * m
                                                 for s, v in zip(plan.inputs, full)])]
     piece = plan.loss.denominator  # each microbatch's token counts and the like
-    counts = [piece(*[mb[int(k[3:])] for k in input_keys(piece)]) for mb in per_mb] if piece is not None else []
+    counts = [piece(*[mb[k.index] for k in input_keys(piece)]) for mb in per_mb] if piece is not None else []
     for index, kind, denominator in plan.loss.weights:
         if kind == "ratio":
             weight = 1 / torch.stack([c[denominator] for c in counts]).sum().double()
@@ -114,20 +115,20 @@ def _run_microbatch(plan, inputs, seed, how) -> list[dict]:
         if stage.index > 0:
             env.update({key: envs[stage.index - 1][key] for key, _, _ in stage.receives_forward})
         if how == "joint":  # the boundary values only: this stage's tangents are not known yet
-            probe = dict(env, **{f"tangent:{key}": torch.zeros(shape, dtype=dtype)
-                                 for key, shape, dtype in stage.receives_backward})
+            probe = env | {key.tangent(): torch.zeros(shape, dtype=dtype)
+                           for key, shape, dtype in stage.receives_backward}
             if stage.index == last:
-                probe["tangent:out:0"] = seed
+                probe[LOSS_TANGENT] = seed
             _evaluate(stage.joint, probe)
-            env.update({k: v for k, v in probe.items() if k.startswith("act:")})
+            env.update({k: v for k, v in probe.items() if k.is_(Kind.ACT)})
         else:
             _evaluate(stage.forward, env)
     for stage, env in reversed(list(zip(stages, envs))):
         if stage.index == last:
-            env["tangent:out:0"] = seed
+            env[LOSS_TANGENT] = seed
         for key, shape, dtype in stage.receives_backward:
-            grad = envs[stage.index + 1].get(f"grad:{key}")
-            env[f"tangent:{key}"] = grad if grad is not None else torch.zeros(shape, dtype=dtype)
+            grad = envs[stage.index + 1].get(key.grad())
+            env[key.tangent()] = grad if grad is not None else torch.zeros(shape, dtype=dtype)
         if how == "joint":
             _evaluate(stage.joint, env)
         elif how == "forward/backward":
@@ -151,9 +152,9 @@ def _run_plan(plan, model, args, how) -> tuple[list, list]:
     for inputs in per_mb:
         envs = _run_microbatch(plan, inputs, seed, how)
         for j, values in enumerate(outs):
-            values.append(next(env[f"out:{j}"] for env in envs if f"out:{j}" in env))
+            values.append(next(env[output_key(j)] for env in envs if output_key(j) in env))
         for spec, per_input in zip(plan.inputs, grads):
-            found = [env[f"grad:{spec.key}"] for env in envs if env.get(f"grad:{spec.key}") is not None]
+            found = [env[spec.key.grad()] for env in envs if env.get(spec.key.grad()) is not None]
             if found:
                 per_input.append(sum(found[1:], found[0]))
     combined = []
@@ -197,10 +198,10 @@ def _check_against_eager(plan, model, args):
 def test_split_is_structurally_sound(name):
     plan, _ = _plan(name)
     stage = plan.stages[0]
-    params = {f"grad:{s.key}" for s in plan.parameters}
+    params = {s.key.grad() for s in plan.parameters}
     b, w = stage.backward_input, stage.backward_weight
-    b_grads = [k for k in (output_keys(b) if b else []) if k.startswith("grad:")]
-    w_grads = [k for k in output_keys(w) if k.startswith("grad:")]
+    b_grads = [k for k in (output_keys(b) if b else []) if k.role is Role.GRAD]
+    w_grads = [k for k in output_keys(w) if k.role is Role.GRAD]
     assert not set(b_grads) & params, "B computes a parameter gradient"
     assert set(w_grads) <= params, "W computes an input gradient"
     assert len(w_grads) == len(set(w_grads)), "a parameter gradient is produced twice"
@@ -211,7 +212,7 @@ def test_split_is_structurally_sound(name):
         b_ops = {n.name for n in b.graph.nodes if n.op == "call_function"}
         w_ops = {n.name for n in w.graph.nodes if n.op == "call_function"}
         assert not b_ops & w_ops, f"B and W both compute {b_ops & w_ops}"
-        crossing = [n for n in w.graph.find_nodes(op="placeholder") if n.meta["zb_key"].startswith("stash:")]
+        crossing = [n for n in w.graph.find_nodes(op="placeholder") if n.meta["zb_key"].is_(Kind.STASH)]
         assert all(isinstance(n.meta["val"], torch.Tensor) for n in crossing), "a tuple crossed the cut"
         assert {n.meta["zb_key"] for n in crossing} <= set(output_keys(b))
 
@@ -239,7 +240,7 @@ def test_tied_weight_gets_one_gradient():
     plan, (model, _) = _plan("tied_embedding")
     tied = [s for s in plan.parameters if s.name in ("emb.weight", "head.weight")]
     assert len(tied) == 1
-    assert output_keys(plan.stages[0].backward_weight).count(f"grad:{tied[0].key}") == 1
+    assert output_keys(plan.stages[0].backward_weight).count(tied[0].key.grad()) == 1
 
 
 def test_parameters_without_gradient_get_none():
@@ -247,8 +248,8 @@ def test_parameters_without_gradient_get_none():
     by_name = {s.name: s for s in plan.parameters}
     assert "unused.weight" not in by_name  # never read: Dynamo does not even lift it
     w_keys = output_keys(plan.stages[0].backward_weight)
-    assert f"grad:{by_name['frozen'].key}" not in w_keys
-    assert f"grad:{by_name['no_grad_path'].key}" not in w_keys
+    assert by_name['frozen'].key.grad() not in w_keys
+    assert by_name['no_grad_path'].key.grad() not in w_keys
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

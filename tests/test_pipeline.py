@@ -15,6 +15,7 @@ import torch
 import zb
 from tests import models
 from tests.helpers import assert_close
+from zb.passes.keys import Kind, Role, act_key
 from zb.passes.partition_stages import _module_paths, split_points_for
 from zb.codegen import TensorSpec
 from zb.runtime.executor import _checked
@@ -65,7 +66,7 @@ def test_split_points_choose_where_stages_begin():
     assert "blocks.0" in modules[0] and "blocks.1" not in modules[0]
     assert "blocks.1" in modules[1] and "blocks.0" not in modules[1]
     first, second = plan.stages
-    assert any(k.startswith("grad:act:") for k in zb.passes.plan.output_keys(second.backward_input))
+    assert any(k is not None and k.is_(Kind.ACT, Role.GRAD) for k in zb.passes.plan.output_keys(second.backward_input))
     assert first.backward_input is None  # token ids need no gradient: stage 0's W holds its whole backward
     train_three_steps(models.gpt, stages=2, split_points=["blocks.1"], schedule="zb-h1", microbatches=2)
 
@@ -84,9 +85,9 @@ def test_impossible_pipelines_fail_before_running(options, message):
 
 
 def test_boundary_mismatch_names_the_stages():
-    spec = [TensorSpec("act:h", (2, 4), torch.float32, torch.device("cpu"))]
+    spec = [TensorSpec(act_key("h"), (2, 4), torch.float32, torch.device("cpu"))]
     with pytest.raises(zb.ZbError, match=r"stage 1 sent act:h as torch.float32\[2, 3\] but stage 2 expects"):
-        _checked({"act:h": torch.zeros(2, 3)}, spec, 1, 2)
+        _checked({act_key("h"): torch.zeros(2, 3)}, spec, 1, 2)
 
 
 def _free_port() -> int:
@@ -290,7 +291,7 @@ def test_record_boundaries_describes_each_boundary():
     plan = zb.explain(model, *args, stages=3, schedule="zb-h1", microbatches=4)
     for before, after in zip(plan.stages, plan.stages[1:]):
         sent = {k: (shape, dtype) for k, shape, dtype in after.receives_forward}
-        assert sent and all(k.startswith("act:") and shape[0] == 2 for k, (shape, _) in sent.items())
+        assert sent and all(k.is_(Kind.ACT) and shape[0] == 2 for k, (shape, _) in sent.items())
         assert set(sent) <= set(zb.passes.plan.output_keys(before.forward))  # it receives what the stage sends
         assert {k for k, _, _ in before.receives_backward} <= set(sent)  # gradients come back for those
     assert "stage 0 -> 1: act:" in plan.summary()

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import fx, nn
 
+from zb.passes.keys import Kind
 import zb
 from tests import hf_models
 from tests.models import PRESETS, GPT
@@ -218,7 +219,7 @@ def test_the_policy_equals_eager_with_bf16_copies_and_float32_sums(stages):
             converted = {n.args[0].meta.get("zb_key") for n in gm.graph.nodes
                          if "convert_element_type" in str(n.target) and n.args and isinstance(n.args[0], fx.Node)
                          and n.args[0].op == "placeholder"}
-            assert not any(k and k.startswith("in:") and int(k[3:]) in plan.copies for k in converted), converted
+            assert not any(k is not None and k.is_(Kind.IN) and k.index in plan.copies for k in converted), converted
     # The plan's memory counts the copies: one bfloat16 copy of every parameter on this (only) process.
     planned = backend.runners[0].planned_memory()
     copies = sum(p.numel() * 2 for p in model.parameters())

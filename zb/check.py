@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from zb.core import torch_internals
+from zb.passes.keys import LOSS_TANGENT, Key, Kind, PieceName, Role
 from zb.passes.plan import Plan
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -139,11 +140,12 @@ def format_table(rows: list[Row]) -> str:
 
 def _check_pieces(plan: Plan, compiled) -> list[Row]:
     n = len(plan.stages)
-    order = [(s, "forward") for s in range(n)]
+    order = [(s, PieceName.FORWARD) for s in range(n)]
     if plan.training:
-        order += [(s, name) for s in reversed(range(n)) for name in ("backward_input", "backward_weight")]
-    shared: dict[str, torch.Tensor] = {}  # act:, grad:act: (crossing stages)
-    local: dict[int, dict[str, Any]] = {s: {} for s in range(n)}
+        backward = (PieceName.BACKWARD_INPUT, PieceName.BACKWARD_WEIGHT)
+        order += [(s, name) for s in reversed(range(n)) for name in backward]
+    shared: dict[Key, torch.Tensor] = {}  # act:, grad:act: (crossing stages)
+    local: dict[int, dict[Key, Any]] = {s: {} for s in range(n)}
     rows = []
     for s, name in order:
         piece = compiled.get((s, name))
@@ -161,25 +163,25 @@ def _check_pieces(plan: Plan, compiled) -> list[Row]:
         for key, value in zip(piece.outputs, reference):
             if key is None:
                 continue
-            if key.startswith(("act:", "grad:act:")):
+            if key.kind is Kind.ACT and key.role is not Role.TANGENT:
                 shared[key] = value
             else:
                 local[s][key] = value
     return rows
 
 
-_SHORT = {"forward": "F", "backward_input": "B", "backward_weight": "W"}
+_SHORT = {PieceName.FORWARD: "F", PieceName.BACKWARD_INPUT: "B", PieceName.BACKWARD_WEIGHT: "W"}
 
 
-def _input_value(plan: Plan, key: str, node, shared: dict, local: dict):
-    if key.startswith("in:"):
-        return _up(plan.example_inputs[int(key[3:])])
-    if key.startswith("act:"):
+def _input_value(plan: Plan, key: Key, node, shared: dict, local: dict):
+    if key.is_(Kind.IN):
+        return _up(plan.example_inputs[key.index])
+    if key.is_(Kind.ACT):
         return shared[key]
-    if key == "tangent:out:0":
+    if key == LOSS_TANGENT:
         return torch.ones((), dtype=torch.float64)
-    if key.startswith("tangent:act:"):
-        grad = shared.get("grad:" + key[len("tangent:"):])
+    if key.is_(Kind.ACT, Role.TANGENT):
+        grad = shared.get(key.value().grad())
         if grad is not None:
             return grad
     if key in local:
