@@ -13,13 +13,13 @@ Contract
 Splits. The batch eager sees is the global one: the concatenation of every data-parallel replica's batch. zb
 splits it n = microbatches x data_parallel ways (m microbatches in each of D replicas), and this pass reasons
 with n throughout: every split's loss is weighed so that the sum over all n splits (the runtime adds the
-microbatches of a replica, then the replicas: runtime/microbatch.py, runtime/data_parallel.py) is eager's loss
-on the global batch. So with D > 1 a token mean is weighted by the global token count even when microbatches=1;
-only n = 1 (one microbatch, one replica) has nothing to weigh. `plan.batch_graph` is accordingly the frame traced
-at the global batch, n times a split's samples (zb/backend.py: Dynamo's own graph when it is static and D = 1;
-else the frame traced again, under torchrun on D copies of this replica's batch, since only the shapes and the
-numbers baked into the graph are compared). It is None only when n = 1. Below, "m microbatches" reads as
-"n splits" with data parallelism.
+microbatches of a replica, then the replicas, by the rules of runtime/combine.py) is eager's loss
+on the global batch. So with D > 1 a token mean is weighted by the global token count even when
+microbatches=1; only n = 1 (one microbatch, one replica) has nothing to weigh. `plan.batch_graph` is accordingly
+the frame traced at the global batch, n times a split's samples (zb/planning.py `Planner._batch_graph`: Dynamo's
+own graph when it is static and D = 1; else the frame traced again, under torchrun on D copies of this replica's
+batch, since only the shapes and the numbers baked into the graph are compared). It is None only when n = 1.
+Below, "m microbatches" reads as "n splits" with data parallelism.
   output: `plan.loss` (a `LossSpec`): how the runtime seeds each microbatch's backward and combines the loss and
           each scalar extra output over microbatches. When the loss terms are not all plain means, `plan.graph`
           gets one scalar input per weighting class (`plan.inputs` kind "loss_weight") and each term is multiplied
@@ -53,62 +53,22 @@ the microbatches are equal in normalisation; "sum": add them) as the explicit wa
 
 from __future__ import annotations
 
-import inspect
 import math
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from zb.core import torch_internals
 from zb.core.errors import ZbUnsupportedError
-from zb.passes.analyze_batch import source_line
 from zb.passes.keys import denominator_key, input_key
-from zb.passes.plan import InputSpec, Plan, ancestors, concrete, descendants
-
-# F.*_loss functions whose `reduction` says how they normalise: (mean of elements) or (sum).
-ELEMENTWISE_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy,
-                      F.binary_cross_entropy_with_logits, F.kl_div, F.soft_margin_loss, F.poisson_nll_loss,
-                      F.gaussian_nll_loss, F.cross_entropy, F.nll_loss)
-ADD = (operator.add, torch.add, operator.sub, torch.sub)
-MUL = (operator.mul, torch.mul)
-DIV = (operator.truediv, torch.div, torch.true_divide)
-NEG = (operator.neg, torch.neg)
-MEAN, SUM, RATIO = "mean", "sum", "ratio"
-
-
-@dataclass(frozen=True)
-class LossTerm:
-    node: str  # the term's node in plan.graph (for a constant: the addition that adds it)
-    parent: str  # the node of the loss expression that reads it ("output" for the loss itself)
-    kind: str  # MEAN, SUM or RATIO
-    denominator: int = -1  # RATIO: index into the denominator graph's outputs
-    constant: bool = False  # a number added to the loss (node is the addition)
-
-
-@dataclass
-class LossSpec:
-    """How the runtime turns per-microbatch losses into the step's (see the module docstring)."""
-
-    mode: str  # "mean": seed 1/m, average; "sum": seed 1, add; "weighted": weights as inputs, seed 1, add
-    # "weighted": (plan input index of the weight, its kind, the denominator index for RATIO) per weighting class:
-    # a MEAN weight is 1/m, a SUM weight 1, a RATIO weight 1 / (that denominator summed over the microbatches)
-    weights: list[tuple[int, str, int]] = field(default_factory=list)
-    terms: list[LossTerm] = field(default_factory=list)
-    # For each model output: how its microbatches combine: "loss", MEAN, SUM, (RATIO, index), ("concat", dim),
-    # "first".
-    outputs: list[Any] = field(default_factory=list)
-    denominator: fx.GraphModule | None = None  # one microbatch's inputs (in:<i>) -> every RATIO denominator
-    learned: list[bool] = field(default_factory=list)  # per output: depends on a parameter (eager's requires_grad)
-
-    def describe(self) -> str:
-        if self.mode != "weighted":
-            return f"loss: {self.mode} over microbatches"
-        kinds = ", ".join(f"{t.node} ({t.kind})" for t in self.terms)
-        return f"loss: weighted per microbatch to equal the whole batch's: {kinds}"
+from zb.passes.loss_samples import SampleChecks
+from zb.passes.loss_terms import (
+    ADD, DIV, ELEMENTWISE_LOSSES, MEAN, MUL, NEG, RATIO, SUM, LossSpec, LossTerm, baked_numbers, bind_arguments,
+    erase_unused, index_targets, is_scalar, reduced_arg, uncast,
+)
+from zb.passes.plan import InputSpec, Plan, ancestors, concrete
 
 
 def normalize_loss(plan: Plan) -> Plan:
@@ -143,7 +103,7 @@ def normalize_loss(plan: Plan) -> Plan:
     return plan
 
 
-class _Analysis:
+class _Analysis(SampleChecks):
     """Reads the loss expression of `plan.graph` (and of each scalar extra output)."""
 
     def __init__(self, plan: Plan):
@@ -180,7 +140,8 @@ class _Analysis:
                 twin = self.twin(n)
                 self._batched[n] = (
                     any(self.plan.inputs[i].batched for i in self.reads(n))
-                    or (twin is not None and (_numbers(twin) != _numbers(n) or self.ratio(n) not in (None, 1)))
+                    or (twin is not None
+                        and (baked_numbers(twin) != baked_numbers(n) or self.ratio(n) not in (None, 1)))
                     or any(self._batched[a] for a in n.all_input_nodes)
                 )
         return self._batched[node]
@@ -209,75 +170,6 @@ class _Analysis:
             return None
         return concrete(theirs.numel()) / concrete(mine.numel())  # (at the traced sizes: no guard on a symbol)
 
-    def check_per_sample(self, explicit: bool = False, within: set[fx.Node] | None = None,
-                         auxiliary: bool = True) -> None:
-        """Every operation analyze_batch found mixing samples must be a reduction this analysis understood (a loss
-        term, a token count): anything else (batch statistics, comparisons between samples, one sample picked
-        out, a sort or scan over the batch) cannot be reproduced by splitting the batch. With an explicit
-        `loss_reduction` the user says how the loss combines, so a reduction over the batch is the user's to answer
-        for; a per-sample value computed from it is still refused (analyze_batch records that use separately).
-        `within`: look only at operations among these nodes (to name what made a refused loss term mix);
-        `auxiliary`: excuse what feeds only the auxiliary terms (`_check_auxiliary` decides whether they are)."""
-        batch = self.plan.batch
-        if batch is None:
-            return
-        self._check_sample_shapes(within)
-        nodes = self.nodes
-        excused = self._auxiliary_only() if auxiliary else set()
-        if auxiliary:
-            self._check_auxiliary(excused)
-        for mixing in batch.mixing:
-            if nodes.get(mixing.node) in self.verified | excused or (explicit and mixing.kind == "reduction"):
-                continue
-            if within is not None and nodes.get(mixing.node) not in within:
-                continue
-            where = f" at {mixing.source}" if mixing.source else ""
-            target = nodes[mixing.node] if mixing.node in nodes else None
-            what = _describe(target) if target is not None else mixing.op
-            raise ZbUnsupportedError(
-                f"{mixing.node} ({what}, aten.{mixing.op}){where} mixes samples across the batch: it {mixing.why}. "
-                f"zb splits the batch into {self.m} parts (microbatches x data-parallel replicas) and each would "
-                "compute it over its own samples only, so zb cannot give eager's result. Compute it per sample "
-                "(normalise over features, not over dim 0), or use microbatches=1 without data parallelism")
-
-    def _check_sample_shapes(self, within: set[fx.Node] | None) -> None:
-        """Every value that carries the batch has the same size in each other dim for one split as for the whole
-        batch. Where it does not, the batch was reshaped into another dimension (`h.reshape(L, b, d)` of a
-        [b, L, d] value): each row still holds one sample's numbers, but which of them depends on the batch size,
-        so a split computes something else for its samples than the whole batch does."""
-        for node in self.graph.nodes:
-            twin = self.twin(node)
-            dims = self.plan.batch.batch_dims(node.name)
-            if twin is None or not dims or (within is not None and node not in within):
-                continue
-            mine, theirs = node.meta.get("example_value"), twin.meta.get("example_value")
-            if not isinstance(mine, torch.Tensor) or not isinstance(theirs, torch.Tensor) or mine.dim() != theirs.dim():
-                continue
-            other = [d for d in range(mine.dim()) if d not in dims]
-            a = [concrete(mine.shape[d]) for d in other]
-            b = [concrete(theirs.shape[d]) for d in other]
-            if a != b:
-                where = source_line(node)
-                raise ZbUnsupportedError(
-                    f"{node.name} ({_describe(node)}){' at ' + where if where else ''} holds the batch in dim(s) "
-                    f"{sorted(dims)}, but its other dims {other} are {a} for one of the {self.m} splits and {b} for "
-                    "the whole batch: the batch was reshaped into another dimension, so which numbers of a sample "
-                    "end up together depends on the batch size, and each split would compute something else than "
-                    "eager. Keep the batch in a dimension of its own (reshape [b, L, d] to [b, L', d'], or use "
-                    "transpose/permute to move it), or use microbatches=1 without data parallelism")
-
-    def _auxiliary_only(self) -> set[fx.Node]:
-        """The nodes that feed the per-microbatch auxiliary terms and nothing else: not the per-sample path (the
-        router logits that also route the tokens), not another output; only the loss's own sums and scales may
-        read them."""
-        if not self.auxiliary:
-            return set()
-        mine = ancestors(self.auxiliary)
-        loss = ancestors([self.outputs[0]])
-        chain = {d for a in self.auxiliary for d in descendants(a)} & loss
-        others = [n for n in self.graph.nodes if n not in mine and n not in chain and n.op != "output"]
-        return mine - ancestors(others)
-
     # The loss as terms ---------------------------------------------------------------------------------------
     def terms(self, node: Any, parent: str) -> list[LossTerm]:
         """The additive terms of `node`'s value; `parent` is the node that reads it."""
@@ -287,13 +179,13 @@ class _Analysis:
             return [LossTerm(node.name, parent, MEAN)]  # the same in every microbatch: eager counts it once
         target, args = self._call(node)
         if target in (torch.mean, "mean", torch.sum, "sum") and len(args) == 1 and not node.kwargs \
-                and isinstance(args[0], fx.Node) and _is_scalar(args[0]):
+                and isinstance(args[0], fx.Node) and is_scalar(args[0]):
             return self.terms(args[0], node.name)  # the mean or sum of one number is that number
         if target in ADD and len(args) == 2 and not node.kwargs:
             # A number added to the loss counts once over the batch: a term weighted like a mean.
             return [t for a in args for t in (self.terms(a, node.name) if isinstance(a, fx.Node)
                                               else [LossTerm(node.name, node.name, MEAN, constant=True)])]
-        if target in NEG or _uncast(node) is not node or target in ("detach", "clone", torch.clone, "contiguous"):
+        if target in NEG or uncast(node) is not node or target in ("detach", "clone", torch.clone, "contiguous"):
             return self.terms(args[0], node.name)
         if target in MUL and len(args) == 2 and any(isinstance(a, (int, float)) for a in args):
             index = 0 if isinstance(args[0], (int, float)) else 1
@@ -347,7 +239,7 @@ class _Analysis:
             raise self._unknown(node, "a division whose numerator is not a sum")
         if not self.batched(divisor):
             return LossTerm(node.name, parent, SUM)  # a fixed divisor: a scaled sum
-        count = _uncast(divisor)
+        count = uncast(divisor)
         if self._leaf_kind(count) != SUM:
             raise self._unknown(node, f"a division by {divisor.name}, which is not a sum over the batch")
         self._verify_reduction(count)
@@ -357,12 +249,12 @@ class _Analysis:
         kind = self._leaf_kind(node)
         if kind is None:
             raise self._unknown(node, "an operation zb does not know the normalisation of")
-        reduced = _reduced(node)
+        reduced = reduced_arg(node)
         if self.plan.batch is not None and isinstance(reduced, fx.Node) and reduced.name in self.plan.batch.stat:
             return self._auxiliary(node, parent, reduced)
         self._verify_reduction(node)
         if kind == RATIO:
-            return LossTerm(node.name, parent, RATIO, self._denominator(("targets", _bind(node))))
+            return LossTerm(node.name, parent, RATIO, self._denominator(("targets", bind_arguments(node))))
         return LossTerm(node.name, parent, kind)
 
     def _auxiliary(self, node: fx.Node, parent: str, reduced: fx.Node) -> LossTerm:
@@ -374,33 +266,9 @@ class _Analysis:
         self.auxiliary_reduced[node] = reduced
         return LossTerm(node.name, parent, MEAN)
 
-    def _check_auxiliary(self, auxiliary: set[fx.Node]) -> None:
-        loss = ancestors([self.outputs[0]])
-        main = [n for n in self.verified if n in loss]
-        for node in self.auxiliary:
-            reduced = self.auxiliary_reduced[node]
-            within = ancestors([reduced])
-            names = {a.name for a in within}
-            mixing = [mx for mx in self.plan.batch.mixing if mx.node in names]
-            if not main or any(self.nodes[mx.node] not in auxiliary for mx in mixing):
-                self.check_per_sample(within=within, auxiliary=False)  # not an auxiliary term: name the cause
-                raise self._unknown(node, f"a reduction of {reduced.name}, which is computed from several samples")
-            if self.plan.options.aux_loss == "per_microbatch":
-                continue
-            first = mixing[0] if mixing else None
-            cause = (f" ({first.node}{' at ' + first.source if first.source else ''}: it {first.why})"
-                     if first is not None else "")
-            raise ZbUnsupportedError(
-                f"the loss term {node.name} reduces {reduced.name}, a statistic of the whole batch{cause}: split "
-                f"into {self.m} parts each would compute it over its own samples, so zb cannot give eager's value. "
-                "If it is an auxiliary loss such as a mixture-of-experts router's load-balancing loss, "
-                "options={'aux_loss': 'per_microbatch'} computes it per microbatch and averages the microbatches' "
-                "values (Megatron's per-micro-batch semantics, not eager's whole-batch value); or leave it out "
-                "(router_aux_loss_coef=0, output_router_logits=False)")
-
     def _verify_reduction(self, node: fx.Node) -> None:
         """A reduction the analysis understood must reduce one value per sample; check_per_sample then lets it be."""
-        reduced = _reduced(node)
+        reduced = reduced_arg(node)
         batch = self.plan.batch
         if isinstance(reduced, fx.Node) and batch is not None and reduced.name in batch.stat:
             self.check_per_sample(within=ancestors([reduced]), auxiliary=False)  # name what mixed the samples
@@ -416,14 +284,14 @@ class _Analysis:
         if target in (torch.sum, "sum") and reduce_all:
             return SUM
         if target in ELEMENTWISE_LOSSES:
-            bound = _bind(node)
+            bound = bind_arguments(node)
             if bound.get("size_average") is not None or bound.get("reduce") is not None:
                 return None  # the deprecated arguments: say so rather than guess
             reduction = bound.get("reduction", "mean")
             if reduction == "sum":
                 return SUM
             if reduction == "batchmean" or (reduction == "mean" and target in (F.cross_entropy, F.nll_loss)
-                                            and not _index_targets(bound["target"])):
+                                            and not index_targets(bound["target"])):
                 return MEAN
             if reduction == "mean" and target in (F.cross_entropy, F.nll_loss):
                 return RATIO
@@ -568,7 +436,7 @@ def _weigh_terms(plan: Plan, analysis: _Analysis, terms: list[LossTerm]) -> None
             # The loss's own sum (a microbatch of padding only would make its mean 0 / 0), over the batch's total;
             # a new node, since other outputs may read the mean.
             with graph.inserting_after(node):
-                value = graph.call_function(node.target, (), {**_bind(node), "reduction": "sum"})
+                value = graph.call_function(node.target, (), {**bind_arguments(node), "reduction": "sum"})
             value.meta = dict(node.meta)
         elif term.kind == RATIO:  # numerator / count: the numerator, over the batch's total count
             value = node.args[0]
@@ -582,74 +450,6 @@ def _weigh_terms(plan: Plan, analysis: _Analysis, terms: list[LossTerm]) -> None
         else:
             nodes[term.parent].replace_input_with(node, weighted)
         replaced.append(node)
-    _erase_unused(graph, replaced)  # the divisions whose numerators now carry the weight
+    erase_unused(graph, replaced)  # the divisions whose numerators now carry the weight
     graph.lint()
     plan.graph.recompile()
-
-
-def _reduced(node: fx.Node) -> Any:
-    """What a reduction (a leaf of the loss) reduces: its first argument."""
-    return node.args[0] if node.args else next(iter(node.kwargs.values()), None)
-
-
-def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
-    """Erase `nodes` once nothing reads them, and then what only they read. Not fx's eliminate_dead_code: on a
-    torch-level graph it counts every call_method as pure, so it would erase `mask.scatter_(...)`,
-    `out.add_(bias)` or `x[i] = v`, whose results nobody reads but whose effects the model needs."""
-    todo = list(nodes)
-    while todo:
-        node = todo.pop()
-        if node.graph is not graph or node.users or node.op not in ("call_function", "call_method") \
-                or _mutates(node) or node.is_impure():
-            continue
-        inputs = node.all_input_nodes
-        graph.erase_node(node)
-        todo.extend(inputs)
-
-
-def _mutates(node: fx.Node) -> bool:
-    """An in-place call at torch level: a Tensor method or function ending in '_', or an item assignment."""
-    target = node.target
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    schema = torch_internals.op_schema(target)
-    return name.endswith("_") and not name.endswith("__") or target is operator.setitem or (
-        schema is not None and schema.is_mutable)
-
-
-def _numbers(node: fx.Node) -> list[Any]:
-    """The node's arguments that are not other nodes (the numbers a trace baked in)."""
-    found: list[Any] = []
-    fx.node.map_aggregate([*node.args, *node.kwargs.values()],
-                          lambda x: None if isinstance(x, fx.Node) else found.append(x))
-    return found
-
-
-def _is_scalar(node: fx.Node) -> bool:
-    value = node.meta.get("example_value")
-    return isinstance(value, torch.Tensor) and value.dim() == 0
-
-
-def _describe(node: fx.Node) -> str:
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
-
-
-def _uncast(node: fx.Node) -> fx.Node:
-    """The value under dtype conversions (`count.float()`, `.to(torch.float32)`), which do not change a sum."""
-    while node.op == "call_method" and node.target in ("float", "double", "half", "bfloat16", "to", "type_as") \
-            and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
-def _bind(node: fx.Node) -> dict[str, Any]:
-    try:
-        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-    except (TypeError, ValueError):
-        return {}
-    return dict(bound.arguments)
-
-
-def _index_targets(target: Any) -> bool:
-    value = target.meta.get("example_value") if isinstance(target, fx.Node) else None
-    return isinstance(value, torch.Tensor) and not value.is_floating_point()

@@ -118,7 +118,7 @@ class Plan:
     # The autocast state the call was made under (device type -> dtype of each enabled device): autocast_regions.
     autocast: dict = field(default_factory=dict)
     # Option release: (cuts, operations) of the model's first plan, whose cuts every later plan of the model keeps
-    # (another input shape, evaluation), so that each rank's stages read only what it holds (zb/backend.py).
+    # (another input shape, evaluation), so that each rank's stages read only what it holds (zb/model_state.py).
     keep_cuts: tuple[tuple[int, ...], tuple[str, ...]] | None = None
     cuts: tuple[int, ...] = ()  # where each stage after the first begins, in Dynamo's node order
     operations: tuple[str, ...] = ()  # partition_stages: the operation of each node it cuts between, in order
