@@ -90,6 +90,7 @@ class Piece:
 
 @dataclass
 class StageProgram:
+    """One stage as the runtime runs it: its device, compiled pieces, boundary specs and the inputs it reads."""
     index: int
     device: torch.device  # where its parameters, inputs and boundary tensors live
     pieces: dict[PieceName, Piece]
@@ -119,6 +120,8 @@ class LossProgram:
 
 @dataclass
 class Program:
+    """What the runtime executes: every stage's compiled pieces with their routing, inputs, outputs, loss rules and
+    gradient producers, as data (no FX graph)."""
     training: bool
     options: Options
     inputs: list[InputSpec]

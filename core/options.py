@@ -172,6 +172,8 @@ def _option(default: Any, doc: str, check: Callable[[str, Any], Any], compare: b
 
 @dataclass(frozen=True)
 class Options:
+    """Every option of the zb backend, with its default, its meaning and the check of its value
+    (`zb.ZbBackend(options)`)."""
     microbatches: int = _option(
         1, "number of microbatches; every tensor input is split along dim 0 into this many pieces", _positive_int
     )

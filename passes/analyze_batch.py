@@ -159,6 +159,8 @@ class _Run(fx.Interpreter):
 
 
 class _Dispatch(torch_internals.TorchDispatchMode):
+    """Sees every aten op the batch analysis' run dispatches, and hands it to the run's rules."""
+
     def __init__(self, run: _Run):
         super().__init__()
         self.run = run

@@ -62,11 +62,12 @@ class AttentionSite:
 
 
 class _LeftAlone(Exception):
-    pass
+    """An attention candidate the pass leaves unfused (the reason is its message)."""
 
 
 @dataclass
 class _Match:
+    """One recognised attention: the nodes it reads and the one whose value the fused call replaces."""
     end: fx.Node  # the node whose value the fused call replaces
     q: fx.Node
     k: fx.Node | None  # None: keys given transposed, as kt

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 
 class PieceName(enum.StrEnum):
+    """The compiled pieces: a stage's F, B and W, and the graph of a microbatch's loss denominators; the value is
+    the piece's name in dumps and files."""
     FORWARD = "forward"  # F
     BACKWARD_INPUT = "backward_input"  # B
     BACKWARD_WEIGHT = "backward_weight"  # W
@@ -32,6 +34,8 @@ class PieceName(enum.StrEnum):
 
 
 class Kind(enum.Enum):
+    """What a value key names: a plan input or output, a boundary activation, a saved or stashed value, a loss
+    denominator."""
     IN = "in"
     OUT = "out"
     ACT = "act"
@@ -41,6 +45,7 @@ class Kind(enum.Enum):
 
 
 class Role(enum.Enum):
+    """Whether a key is the value itself, its gradient (an output of B or W), or its incoming gradient (a tangent)."""
     VALUE = ""
     GRAD = "grad"
     TANGENT = "tangent"

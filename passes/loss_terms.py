@@ -27,6 +27,7 @@ MEAN, SUM, RATIO = "mean", "sum", "ratio"
 
 @dataclass(frozen=True)
 class LossTerm:
+    """One additive term of the loss and how the microbatches' values of it combine into eager's (MEAN, SUM, RATIO)."""
     node: str  # the term's node in plan.graph (for a constant: the addition that adds it)
     parent: str  # the node of the loss expression that reads it ("output" for the loss itself)
     kind: str  # MEAN, SUM or RATIO

@@ -49,6 +49,8 @@ class InputSpec:
 
 @dataclass
 class Stage:
+    """One pipeline stage of a plan: its torch-level graph, its joint graph and its pieces (F, B, W), and what crosses
+    its boundaries."""
     index: int
     # The stage's torch-level graph (partition_stages): placeholders in:<i> / act:<name>, outputs act: / out:.
     graph: fx.GraphModule | None = None
@@ -81,6 +83,7 @@ class Stage:
 
 @dataclass
 class PassRecord:
+    """A pass that ran on the plan and how long it took."""
     name: str
     seconds: float
 

@@ -23,7 +23,7 @@ Pass = Callable[[Plan], Plan]
 
 
 class PassError(ZbError):
-    pass
+    """A pass failed; the message names it and the passes that ran before it."""
 
 
 def run_passes(plan: Plan, passes: list[Pass], dump_dir: str | None = None) -> Plan:

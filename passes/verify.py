@@ -19,7 +19,7 @@ _VALUELESS = (torch_internals.SET_GRAD_ENABLED, operator.setitem, torch_internal
 
 
 class InvariantError(AssertionError):
-    pass
+    """A graph broke one of the invariants passes/README.md lists."""
 
 
 def verify_plan(plan: Plan) -> None:

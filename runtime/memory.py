@@ -51,6 +51,7 @@ class RankMemory:
 
 
 class _Alloc:
+    """One planned buffer of the memory replay: its bytes, its kind and how many values still refer to it."""
     __slots__ = ("bytes", "kind", "refs")
 
     def __init__(self, size: int, kind: str):
@@ -64,6 +65,8 @@ def planned_memory(program: Program, items: Sequence[Sequence], ranks: Sequence[
 
 
 class _Replay:
+    """Replays a step's actions on planned buffers (no tensors) to give each rank's peak memory."""
+
     def __init__(self, program: Program):
         self.program = program
         self.level = 0

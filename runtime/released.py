@@ -32,6 +32,8 @@ _METADATA = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tens
 
 
 class _Released:
+    """The behaviour of a released parameter or buffer: metadata reads pass, any read of its values raises."""
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if _INSIDE[0] or torch.compiler.is_compiling() or func in _METADATA or _is_metadata_getter(func):

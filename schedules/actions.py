@@ -30,6 +30,7 @@ class ScheduleError(ValueError):
 
 
 class Action(NamedTuple):
+    """One action of a schedule (`1W3`: stage 1's W of microbatch 3), printed and parsed in that form."""
     stage: int
     kind: str
     microbatch: int

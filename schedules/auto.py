@@ -66,6 +66,7 @@ WORK_BUDGET = 50_000
 
 
 class Decision(NamedTuple):
+    """zb-auto's choice of placement: stages per rank, the placement, why, and its schedule."""
     chunks: int  # stages per rank
     placement: str  # a key of PLACEMENTS
     reason: str  # one line: the winner's span and candidate, and what the other placements reached

@@ -16,6 +16,7 @@ from zb.schedules.actions import BW, B, F, ScheduleError, W
 
 @dataclass(frozen=True)
 class Costs:
+    """Per-stage times of F, B and W, the time of a message, and the activation memory B and W hold and free."""
     f: tuple[float, ...]
     b: tuple[float, ...]
     w: tuple[float, ...]

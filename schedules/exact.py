@@ -53,6 +53,7 @@ MAX_DECIMALS = 6
 
 @dataclass(frozen=True)
 class Solution:
+    """The exact solver's schedule with its step time, its proven lower bound and whether it is optimal."""
     schedule: Schedule
     status: str  # "optimal" (proven) or "feasible" (the best found within the time limit)
     value: float  # step time of `schedule` (longest rank span under `simulate`)

@@ -22,6 +22,7 @@ new = tuple.__new__  # new(Action, (s, kind, mb)) skips Action's Python-level co
 
 @dataclass(frozen=True)
 class Policy:
+    """The rules the greedy scheduler follows: B/W split, in-flight and memory limits, and when a pending W runs."""
     split: bool = True  # B and W as separate actions (else one BW)
     inflight: tuple[int, ...] | None = None  # per rank: microbatch activations held at most (F done, B not)
     memory_limit: float | None = None  # per rank, in the units of costs.mem_b (counts pending W's M_W too)

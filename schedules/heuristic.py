@@ -70,7 +70,7 @@ def zb_heuristic(ranks: int, microbatches: int, costs: Costs, memory_limit: str 
 
 
 class _DoesNotFit(Exception):
-    pass
+    """The heuristic's schedule would exceed the memory limit."""
 
 
 KINDS = (F, B, W)  # indices 0, 1, 2 below: the run keeps plain lists (it is most of zb-auto's planning time)

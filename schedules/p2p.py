@@ -129,6 +129,7 @@ def program(lowered: Schedule) -> tuple[tuple[Item, ...], ...]:
 
 @dataclass
 class _Pending:
+    """A communication op an actor of the NCCL model has issued and not yet matched."""
     op: Op | None  # None: a collective
     number: int  # send/recv: its position among the actor's ops of the same kind and peer; reduce: the stage
     payload: Any = None

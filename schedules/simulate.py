@@ -44,6 +44,7 @@ def dependencies(action: Action, num_stages: int, split: bool) -> list[Action]:
 
 @dataclass
 class Timeline:
+    """When each action of a schedule starts and ends under given costs, with the bubble and memory that follow."""
     schedule: Schedule
     costs: Costs
     start: dict[Action, float] = field(default_factory=dict)

@@ -252,3 +252,17 @@ def test_no_product_module_spells_or_parses_a_key():
              for line, text in key_text_uses(path.read_text())]
     assert not wrong, ("value keys spelled as text (make them with zb.passes.keys and read their fields):\n"
                        + "\n".join(wrong))
+
+
+# ---- small files, classes that say their job --------------------------------------------------------------------
+
+def test_no_product_file_is_over_500_lines():
+    long = {name: n for name, path in _files().items() if (n := len(path.read_text().splitlines())) > 500}
+    assert not long, f"product files over 500 lines (split them along their jobs): {long}"
+
+
+def test_every_product_class_says_its_job():
+    silent = [f"{name}:{node.lineno} {node.name}" for name, path in _files().items()
+              for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.ClassDef) and not ast.get_docstring(node)]
+    assert not silent, "classes without a docstring saying their job:\n" + "\n".join(silent)

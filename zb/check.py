@@ -38,6 +38,7 @@ OPTIMIZERS = {"sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_deca
 
 @dataclass
 class Row:
+    """One line of `zb check`'s table: a compiled piece against its reference, and how far apart they are."""
     piece: str
     dtype: torch.dtype
     reference: str  # what the compiled piece was compared with

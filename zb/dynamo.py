@@ -33,6 +33,9 @@ from zb.passes.plan import InputSpec
 
 
 class FrameCapture:
+    """Re-traces the frame Dynamo compiled (its function, globals, closure and arguments) at another batch size, and
+    matches the new graph's inputs to Dynamo's by source."""
+
     def __init__(self, tx, user_inputs: dict[int, Any], numbers: frozenset[int] = frozenset()):
         """`tx`: Dynamo's InstructionTranslator for the frame; `user_inputs`: graph position -> Dynamo source (of
         tensors, and of the `numbers`)."""
