@@ -213,7 +213,8 @@ def triton_hash_without_driver(placeholder: str) -> Iterator[None]:
 def _has_triton_driver(triton_utils) -> bool:
     try:
         triton_utils.triton_hash_with_backend()
-    except (RuntimeError, ImportError):  # "0 active drivers" (or no triton: Inductor then says so itself)
+    except (RuntimeError, ImportError, OSError):  # "0 active drivers"; no triton (Inductor then says so); a driver
+        # library that fails to load
         return False
     return True
 
@@ -451,7 +452,9 @@ def inductor_code(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: d
 def dtensor_sharding(func: Any, args: Sequence[Any], kwargs: dict[str, Any], placement: Callable[[Any], Any]) -> Any:
     """DTensor's sharding propagation for `func` with each tensor argument `t` placed as `placement(t)` (Shard(d),
     Replicate()) on a 2-device CPU mesh: its answer (`.needs_redistribute`, `.output_spec` with `.placements`).
-    Raises where DTensor has no rule (or one that cannot take these arguments).
+    None where DTensor has no rule (or one that cannot take these arguments); building the question itself (the
+    specs, the schema, the mesh) raises, so that a torch release that moves one of them is seen, not taken for
+    "no rule".
 
     The mesh has no process group, so the question needs no torch.distributed set-up and touches no user group.
     The propagator's cache keys an OpSchema by its tensor specs plus only the arguments its `schema_info` declares
@@ -471,7 +474,10 @@ def dtensor_sharding(func: Any, args: Sequence[Any], kwargs: dict[str, Any], pla
         schema = OpSchema(func, fx.node.map_aggregate(tuple(args), spec),
                           fx.node.map_aggregate(dict(kwargs), spec),
                           schema_info=propagator.op_to_schema_info.get(func))
-        return propagator.propagate_op_sharding(schema)
+        try:
+            return propagator.propagate_op_sharding(schema)
+        except Exception:  # no strategy registered, or one that cannot handle these arguments
+            return None
 
 
 @functools.cache

@@ -32,9 +32,8 @@ def propagate(func, args, kwargs, shard: dict[int, int]) -> Any:
     def place(a: torch.Tensor) -> Any:
         return Shard(shard[id(a)]) if id(a) in shard else Replicate()
 
-    try:
-        answer = torch_internals.dtensor_sharding(func, args, kwargs, place)
-    except Exception:  # no strategy registered, or one that cannot handle these arguments
+    answer = torch_internals.dtensor_sharding(func, args, kwargs, place)
+    if answer is None:  # no strategy registered, or one that cannot handle these arguments
         return None
     if answer.needs_redistribute:
         return "redistribute"

@@ -62,6 +62,7 @@ def _combine(values: list[Any], rule: Rule, counts: Sequence[Sequence[Any]] | No
     if not isinstance(first, torch.Tensor) or len(values) == 1 or rule == "first":
         return first
     if rule == "mean":
+        assert first.is_floating_point() or first.is_complex(), f"a mean of {first.dtype} values"
         return (torch.stack(values).sum() / len(values)).to(first.dtype)
     if rule == "sum":
         return torch.stack(values).sum().to(first.dtype)
@@ -69,6 +70,6 @@ def _combine(values: list[Any], rule: Rule, counts: Sequence[Sequence[Any]] | No
         return torch.cat(values, dim=rule[1])
     # ("ratio", d): sum over parts of value * count, over the counts' sum, in float32 at least
     dtype = torch.promote_types(first.dtype, torch.float32)
-    weights = torch.stack([torch.as_tensor(c[rule[1]]).to(first.device, dtype) for c in counts])
+    weights = torch.stack([torch.as_tensor(c[rule[1]], dtype=torch.float64).to(first.device, dtype) for c in counts])
     stacked = torch.stack(values).to(dtype)
     return (torch.where(weights == 0, 0, stacked * weights).sum() / weights.sum()).to(first.dtype)

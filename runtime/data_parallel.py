@@ -170,11 +170,12 @@ class LocalReduction:
             self.done.append(stage)
 
     def _add(self, i: int, g: torch.Tensor) -> torch.Tensor | None:
-        """Add this replica's gradient of input `i`: the sum over every replica from the last one, else None."""
-        total = self.partial[i] + g if i in self.partial else g
+        """Add this replica's gradient of input `i`: the sum over every replica from the last one (which forgets the
+        partial sum: nothing is held between steps), else None."""
         if self.last:
-            return total
-        self.partial[i] = total
+            earlier = self.partial.pop(i, None)
+            return g if earlier is None else earlier + g
+        self.partial[i] = self.partial[i] + g if i in self.partial else g
         return None
 
     def poll(self, grads, block: bool = False) -> list[int]:

@@ -282,7 +282,7 @@ class StepExecutor:
         env = self.env[(s, mb)]
         incoming = self.forward_box.pop((s - 1, mb), {}) if s > 0 else {}
         for key in self.program.stages[s].pieces[PieceName.FORWARD].inputs:
-            if key.kind is Kind.IN:
+            if key.is_(Kind.IN):
                 env[key] = self.inputs[mb][key.index]
             else:
                 env[key] = incoming[key]
@@ -320,7 +320,7 @@ class StepExecutor:
         env = self.env[(s, mb)]
         rank = self.placement[s]
         # (a plan input no earlier piece of the microbatch read: a size a symbolic B or W takes, passes/split_backward)
-        results = self._call(piece.run, [env[k] if k in env or k.kind is not Kind.IN else self.inputs[mb][k.index]
+        results = self._call(piece.run, [env[k] if k in env or not k.is_(Kind.IN) else self.inputs[mb][k.index]
                                          for k in piece.inputs])
         summed = []  # (input index, gradient) of unbatched inputs (parameters): summed over microbatches here
         held = 0

@@ -190,7 +190,7 @@ class _Replay:
         if kind == F:
             incoming = self.forward_box.pop((s - 1, mb), {}) if s > 0 else {}
             for key in self._piece(s, PieceName.FORWARD).inputs if self._piece(s, PieceName.FORWARD) else ():
-                if key.kind is not Kind.IN:
+                if not key.is_(Kind.IN):
                     self._set(env, key, incoming.get(key))
             for alloc in incoming.values():
                 self._drop(alloc)

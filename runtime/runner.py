@@ -303,6 +303,9 @@ class PipelineRunner:
     # Re-scheduling ------------------------------------------------------------------------------------------------
     def install(self, schedule: Schedule) -> None:
         """Run `schedule` from the next step on (the same stages and placement, another order)."""
+        if tuple(schedule.placement) != tuple(self.schedule.placement):  # what each rank holds follows the placement
+            raise ZbError(f"a new schedule must keep the stages' placement {tuple(self.schedule.placement)}; got "
+                          f"{tuple(schedule.placement)} (a re-cut builds a new runner instead)")
         self.schedule = schedule
         self.executor.schedule = self._lower(schedule)
         if self.optimizer is not None:

@@ -160,3 +160,10 @@ def test_between_steps_the_runner_holds_no_gradient_activation_or_batch(schedule
     held = [t for t in _tensors_in(runner.executor) + _tensors_in(runner.last_grads) if id(t) not in params]
     assert runner.last_grads is None
     assert sum(t.numel() for t in held if t.numel() > 1) == 0, [tuple(t.shape) for t in held]
+
+
+def test_between_steps_replicas_in_one_process_hold_no_partial_gradient_sum():
+    runner = _runner("zb-h1", steps=2, data_parallel=2, microbatches=4)
+    held = _tensors_in(runner.data_parallel.reduction) + _tensors_in(runner.executor)
+    params = {id(p) for p in runner.state.values()}
+    assert sum(t.numel() for t in held if id(t) not in params and t.numel() > 1) == 0
