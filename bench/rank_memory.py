@@ -1,7 +1,7 @@
 """What each pipeline rank holds: a Hugging Face Llama trained with zb on 2 and 4 ranks, next to
 torch.distributed.pipelining with each rank building only its own stage.
 
-    .venv/bin/python bench/rank_memory.py [--ranks 2,4] [--layers 8] [--compiler eager]
+    .venv/bin/python bench/rank_memory.py [--ranks 2,4] [--layers 8] [--compiler eager] [--schedule zb-h1]
 
 The model: LlamaForCausalLM, hidden 256, 8 layers, vocabulary 32000 (random weights, nothing downloaded). Every
 configuration trains it for 2 steps under torchrun with gloo (2 x ranks microbatches of 2 samples x 64 tokens,
