@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from zb.codegen.program import (
-    ACT, DISCARD, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, LOSS_TANGENT, OUT, Kind, PieceName, Program, TensorSpec,
-    nbytes,
+    ACT, DISCARD, ENV, GRAD_ACT, GRAD_SLICE, GRAD_SUM, LOSS_TANGENT, OUT, Key, Kind, PieceName, Program,
+    TensorSpec, nbytes,
 )
 from zb.core.errors import ZbError
 from zb.runtime.microbatch import split_microbatches
@@ -109,16 +109,8 @@ class StepExecutor:
         if program.loss is not None and program.loss.mode == "weighted":
             self._add_loss_weights()
         self.on_reduce = on_reduce
-        self.env: dict[tuple[int, int], dict[str, Any]] = defaultdict(dict)
-        self.forward_box: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        self.backward_box: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        self.outs: list[list[Any]] = [[] for _ in range(program.num_outputs)]
-        self.grads: dict[int, list[torch.Tensor]] = defaultdict(list)
-        self.owned: set[int] = set()  # unbatched inputs whose gradient sum this step allocated
-        # Batched inputs: the gradient of each microbatch's slice, summed over the stages that read the input.
-        self.slices: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)
+        self._step_values(program.num_outputs)
         self.quickest = {}
-        self.receiving: dict[Action, Any] = {}  # message -> the handle of the receive posted for it
         self._make_copies()
         self.clock.begin(self.timed)
         self.held = {r: 0 for r in self.ranks}
@@ -160,9 +152,20 @@ class StepExecutor:
     def end_step(self) -> None:
         """Forget the step's values once the runner has combined them: between steps the executor holds no
         gradient, activation or batch slice (the gradients live on in what the step returned, until backward)."""
-        self.env, self.forward_box, self.backward_box, self.receiving = defaultdict(dict), {}, {}, {}
-        self.outs, self.grads, self.slices, self.owned = [], defaultdict(list), defaultdict(dict), set()
+        self._step_values(0)
         self.inputs = []
+
+    def _step_values(self, outputs: int) -> None:
+        """Empty holders for one step's values (`outputs`: how many model outputs it collects)."""
+        self.env: dict[tuple[int, int], dict[Key, Any]] = defaultdict(dict)
+        self.forward_box: dict[tuple[int, int], dict[Key, torch.Tensor]] = {}
+        self.backward_box: dict[tuple[int, int], dict[Key, torch.Tensor]] = {}
+        self.outs: list[list[Any]] = [[] for _ in range(outputs)]
+        self.grads: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.owned: set[int] = set()  # unbatched inputs whose gradient sum this step allocated
+        # Batched inputs: the gradient of each microbatch's slice, summed over the stages that read the input.
+        self.slices: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)
+        self.receiving: dict[Action, Any] = {}  # message -> the handle of the receive posted for it
 
     def _make_copies(self) -> None:
         """Mixed precision (option param_dtype): each parameter a stage of this process reads, copied once for the

@@ -72,9 +72,9 @@ class _Replay:
         self.level = 0
         self.by_kind: dict[str, int] = defaultdict(int)
         self.memory = RankMemory()
-        self.env: dict[tuple[int, int], dict[str, _Alloc | None]] = defaultdict(dict)
-        self.forward_box: dict[tuple[int, int], dict[str, _Alloc]] = {}
-        self.backward_box: dict[tuple[int, int], dict[str, _Alloc]] = {}
+        self.env: dict[tuple[int, int], dict[Key, _Alloc | None]] = defaultdict(dict)
+        self.forward_box: dict[tuple[int, int], dict[Key, _Alloc]] = {}
+        self.backward_box: dict[tuple[int, int], dict[Key, _Alloc]] = {}
         # Posted batches not yet dropped: their sent tensors, and the messages they receive not yet waited for.
         self.sending: list[tuple[list[_Alloc], set]] = []
         self.kept: list[_Alloc] = []  # until the step ends: outputs, gradient slices

@@ -29,9 +29,9 @@ import pathlib
 import re
 import subprocess
 import sys
-import tomllib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.product import ROOT, product_modules
+
 INTERNALS = "core/torch_internals.py"
 
 # Product files (relative to the repository root) that still touch private torch APIs, for their owners to route
@@ -69,13 +69,7 @@ def _private_path(path: str) -> bool:
 
 def _files() -> dict[str, pathlib.Path]:
     """Every .py of every product package, by its path relative to the repository root."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = config.get("package-dir", {})
-    found = {}
-    for package in config["packages"]:
-        for path in sorted((ROOT / folders.get(package, package.replace(".", "/"))).glob("*.py")):
-            found[str(path.relative_to(ROOT))] = path
-    return found
+    return {str(path.relative_to(ROOT)): path for path in product_modules().values()}
 
 
 def _bound(tree: ast.AST) -> dict[str, str]:

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import ast
 import pathlib
-import tomllib
 
 import networkx as nx
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.product import ROOT, product_modules
 
 # Layer of each package, bottom first: a module may import its own layer and those below it. zb.schedules
 # stands apart (see SCHEDULES); every other zb.* module is the front.
@@ -32,22 +31,6 @@ NO_TORCH = ("torch", "triton", "numpy")  # what zb.schedules may not import, eve
 
 # (importer, imported) -> why it is allowed for now; each one is a cycle or upward import to remove.
 _KNOWN: dict[tuple[str, str], str] = {}
-
-
-def _packages() -> dict[str, pathlib.Path]:
-    """Package name -> its folder, from pyproject.toml."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = config.get("package-dir", {})
-    return {name: ROOT / folders.get(name, name.replace(".", "/")) for name in config["packages"]}
-
-
-def _modules() -> dict[str, pathlib.Path]:
-    """Module name -> file, for every .py of every product package."""
-    modules = {}
-    for package, folder in _packages().items():
-        for path in sorted(folder.glob("*.py")):
-            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
-    return modules
 
 
 def _imports(module: str, path: pathlib.Path, known: set[str]) -> list[tuple[int, str]]:
@@ -78,7 +61,7 @@ def _imports(module: str, path: pathlib.Path, known: set[str]) -> list[tuple[int
 
 def _graph() -> tuple[nx.DiGraph, dict[str, list[tuple[int, str]]]]:
     """The product modules and their imports among themselves; and every module's imports (outside ones too)."""
-    modules = _modules()
+    modules = product_modules()
     graph = nx.DiGraph()
     graph.add_nodes_from(modules)
     imports = {}
@@ -124,7 +107,7 @@ def test_the_reader_sees_every_kind_of_import(tmp_path):
         "def lazy():\n"
         "    from zb.codegen.program import Program\n"
         "    return importlib.import_module('zb.backend')\n")
-    found = {name for _, name in _imports("zb.passes.example", path, set(_modules()))}
+    found = {name for _, name in _imports("zb.passes.example", path, set(product_modules()))}
     assert {"zb.core.options", "zb.passes.plan", "zb.passes.verify", "zb.adapt", "zb", "zb.runtime",
             "zb.codegen.program", "zb.backend"} <= found, found
     graph, _ = _graph()
