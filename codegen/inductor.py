@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from zb.codegen.accumulate import runnable
 from zb.core import torch_internals
 from zb.ops.attention import lower_to_cpu_kernels
 from zb.passes.keys import Key, Kind, PieceName, Role
@@ -109,7 +110,8 @@ def compile_plan(plan: Plan, dump_dir: str | None = None, stages: set[int] | Non
         for name in PIECES:
             gm = stage.pieces.get(name)
             if gm is not None:
-                compiled[(stage.index, name)] = compile_piece(gm, name, stage.index, plan.options.compiler)
+                compiled[(stage.index, name)] = compile_piece(runnable(gm, plan), name, stage.index,
+                                                              plan.options.compiler)
     seconds = time.perf_counter() - start
     plan.history.append(PassRecord("codegen", seconds))
     log.info("codegen (%s): %d pieces in %.1f s", plan.options.compiler, len(compiled), seconds)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from zb.codegen.accumulate import runnable
 from zb.codegen.inductor import CompiledPiece, compile_piece
 from zb.codegen.memory import PieceMemory, piece_memory
 from zb.core import torch_internals
@@ -86,6 +87,8 @@ class Piece:
     drops: list[tuple[Key, bool]]  # (key, counted) of the values no later piece of the microbatch reads
     memory: PieceMemory  # bytes it holds while running; which outputs are new tensors (codegen/memory.py)
     run: CompiledPiece | None = None
+    # The step's gradient sums it adds into, in place (grad:in:<i> inputs; codegen/accumulate.py).
+    sums: list[TensorSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -281,7 +284,7 @@ def _loss_program(plan: Plan) -> LossProgram | None:
 
 def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, PieceName], CompiledPiece], sizes: dict | None,
                    receives_forward: list[TensorSpec], receives_backward: list[TensorSpec]) -> StageProgram:
-    graphs = [(name, stage.pieces[name]) for name in PIECES if stage.pieces.get(name) is not None]
+    graphs = [(name, runnable(stage.pieces[name], plan)) for name in PIECES if stage.pieces.get(name) is not None]
     held = _held_keys([gm for _, gm in graphs])
     pieces = {}
     for position, (name, gm) in enumerate(graphs):
@@ -290,7 +293,7 @@ def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, PieceName
         drops = sorted((k for k in set(input_keys(gm)) | {k for k in keys if k} if k not in later), key=str)
         pieces[name] = Piece(name, stage.index, input_keys(gm), [_route(k, plan, held) for k in keys],
                              [(k, k in held) for k in drops], piece_memory(gm, sizes),
-                             compiled.get((stage.index, name)))
+                             compiled.get((stage.index, name)), _sums(gm))
     forward = stage.forward
     memory_b = sum(nbytes(v, sizes) for k, v in zip(output_keys(forward), _output_meta(forward)) if k in held)
     weight = stage.backward_weight
@@ -310,6 +313,12 @@ def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, PieceName
         memory_w=float(min(memory_w, memory_b)),
         random=any(_draws_random(n) for n in forward.graph.nodes),
     )
+
+
+def _sums(gm: fx.GraphModule) -> list[TensorSpec]:
+    """The gradient sums a piece adds into: its grad:in:<i> placeholders (static shapes: codegen/accumulate.py)."""
+    return [TensorSpec(n.meta["zb_key"], tuple(n.meta["val"].shape), n.meta["val"].dtype, n.meta["val"].device)
+            for n in gm.graph.find_nodes(op="placeholder") if n.meta["zb_key"].is_(Kind.IN, Role.GRAD)]
 
 
 def _draws_random(node: fx.Node) -> bool:

@@ -323,8 +323,9 @@ class StepExecutor:
         env = self.env[(s, mb)]
         rank = self.placement[s]
         # (a plan input no earlier piece of the microbatch read: a size a symbolic B or W takes, passes/split_backward)
-        results = self._call(piece.run, [env[k] if k in env or not k.is_(Kind.IN) else self.inputs[mb][k.index]
-                                         for k in piece.inputs])
+        sums = {spec.key: self._sum(spec) for spec in piece.sums}  # added into in place (codegen/accumulate.py)
+        results = self._call(piece.run, [sums[k] if k in sums else env[k] if k in env or not k.is_(Kind.IN)
+                                         else self.inputs[mb][k.index] for k in piece.inputs])
         summed = []  # (input index, gradient) of unbatched inputs (parameters): summed over microbatches here
         held = 0
         for route, value in zip(piece.routes, results):
@@ -357,6 +358,14 @@ class StepExecutor:
         self.peak_memory[rank] = max(self.peak_memory[rank], self.held[rank])
         if not env:
             self.env.pop((s, mb), None)
+
+    def _sum(self, spec: TensorSpec) -> torch.Tensor:
+        """The step's gradient sum of input `spec.key.index` that a piece adds into: zeros at its first use."""
+        index = spec.key.index
+        if index not in self.grads:
+            self.grads[index] = [spec.zeros()]
+            self.owned.add(index)
+        return self.grads[index][0]
 
     def _accumulate(self, grads: list[tuple[int, torch.Tensor]]) -> None:
         """Add one piece's parameter gradients to the step's sums (`grads[index]` = [sum]) as they come: no

@@ -226,6 +226,11 @@ class _Replay:
         if piece is None:
             return
         env = self.env[(s, mb)]
+        for spec in piece.sums:  # a gradient sum the piece adds into: zeros from its first use to the step's end
+            if spec.key.index not in self.grads:
+                self.grads[spec.key.index] = _Alloc(spec.nbytes, "gradients")
+                self._hold(self.grads[spec.key.index])
+                self.summed.add(spec.key.index)
         self._peak(piece.memory.peak, where)
         inputs = [env.get(k) for k in piece.inputs]
         made: dict[int, _Alloc] = {}
