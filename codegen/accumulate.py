@@ -74,9 +74,11 @@ def accumulating(gm: fx.GraphModule, summed: set[int], reduce_dtype: torch.dtype
                 added = graph.call_function(aten.add_.Tensor, (total, grad))
             else:
                 added = graph.call_function(aten.add.Tensor, (total, grad))
-                stored = graph.call_function(aten.copy_.default, (total, added))
-                stored.meta["val"] = total.meta["val"]
         added.meta["val"] = total.meta["val"] if in_place else total.meta["val"] + value
+        if not in_place:
+            with graph.inserting_after(added):
+                stored = graph.call_function(aten.copy_.default, (total, added))
+            stored.meta["val"] = total.meta["val"]
         results[j] = None
     out.args = (tuple(results),)
     new.meta["zb_output_keys"] = [None if j in chosen else key for j, key in enumerate(keys)]

@@ -274,10 +274,10 @@ class StepExecutor:
             if self.on_reduce is not None:
                 self.on_reduce(s, self.grads)
 
-    def _call(self, piece, args: list) -> tuple:
+    def _call(self, piece, args: list, written: Sequence[int] = ()) -> tuple:
         if self.repeat <= 1:
             return piece(args)
-        results, seconds = timed_runs(piece, args, self.repeat, self.clock)
+        results, seconds = timed_runs(piece, args, self.repeat, self.clock, written)
         self._seconds += seconds
         return results
 
@@ -325,7 +325,8 @@ class StepExecutor:
         # (a plan input no earlier piece of the microbatch read: a size a symbolic B or W takes, passes/split_backward)
         sums = {spec.key: self._sum(spec) for spec in piece.sums}  # added into in place (codegen/accumulate.py)
         results = self._call(piece.run, [sums[k] if k in sums else env[k] if k in env or not k.is_(Kind.IN)
-                                         else self.inputs[mb][k.index] for k in piece.inputs])
+                                         else self.inputs[mb][k.index] for k in piece.inputs],
+                             [i for i, k in enumerate(piece.inputs) if k in sums])
         summed = []  # (input index, gradient) of unbatched inputs (parameters): summed over microbatches here
         held = 0
         for route, value in zip(piece.routes, results):

@@ -10,6 +10,8 @@ simulated one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import statistics
 import time
 from collections import defaultdict
@@ -61,9 +63,12 @@ class ActionClock:
         return time.perf_counter()
 
 
-def timed_runs(piece, args: list, repeat: int, clock: ActionClock) -> tuple[tuple, float]:
+def timed_runs(piece, args: list, repeat: int, clock: ActionClock, written: Sequence[int] = ()
+               ) -> tuple[tuple, float]:
     """The results of the first run and the quickest of `repeat` runs' seconds; later runs replay the random
-    state the first one started from, and the state after the first run is restored."""
+    state the first one started from, and the state after the first run is restored. `written`: positions of
+    arguments the piece adds into (the step's gradient sums, codegen/accumulate.py): later runs add into copies,
+    so that the step's sums get each gradient once."""
     before = torch.random.get_rng_state()
     start = clock.now()
     results = piece(list(args))
@@ -71,8 +76,11 @@ def timed_runs(piece, args: list, repeat: int, clock: ActionClock) -> tuple[tupl
     after = torch.random.get_rng_state()
     for _ in range(repeat - 1):
         torch.random.set_rng_state(before)
+        again = list(args)
+        for i in written:
+            again[i] = again[i].clone()
         start = clock.now()
-        piece(list(args))
+        piece(again)
         quickest = min(quickest, clock.now() - start)
     torch.random.set_rng_state(after)
     return results, quickest

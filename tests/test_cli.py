@@ -96,8 +96,10 @@ def test_check_fails_on_a_wrong_pass_through_the_whole_step_row(monkeypatch, cap
 
 
 def miscompile(monkeypatch, stage: int, name: str, factor: float) -> None:
-    """Make zb compile piece `name` of `stage` wrong: its float outputs scaled by `factor`."""
+    """Make zb compile piece `name` of `stage` wrong: its float outputs, and the gradient sums it adds into
+    (codegen/accumulate.py), scaled by `factor`."""
     from zb.codegen import inductor
+    from zb.passes.keys import Role
 
     real = inductor.compile_piece
 
@@ -105,8 +107,15 @@ def miscompile(monkeypatch, stage: int, name: str, factor: float) -> None:
         piece = real(gm, piece_name, piece_stage, compiler)
         if (piece_stage, piece_name) == (stage, name):
             run = piece.run
-            piece.run = lambda args: [o * factor if hasattr(o, "dtype") and o.is_floating_point() else o
-                                      for o in run(args)]
+
+            def wrong(args):
+                out = [o * factor if hasattr(o, "dtype") and o.is_floating_point() else o for o in run(args)]
+                for key, value in zip(piece.inputs, args):
+                    if key.role is Role.GRAD:
+                        value.mul_(factor)
+                return out
+
+            piece.run = wrong
         return piece
 
     monkeypatch.setattr(inductor, "compile_piece", compile_piece)
