@@ -1,9 +1,11 @@
 """What each pipeline rank holds: a Hugging Face Llama trained with zb on 2 and 4 ranks, next to
 torch.distributed.pipelining with each rank building only its own stage.
 
-    .venv/bin/python bench/rank_memory.py [--ranks 2,4] [--layers 8] [--compiler eager] [--schedule zb-h1]
+    .venv/bin/python bench/rank_memory.py [--ranks 2,4] [--layers 8] [--hidden 256] [--compiler eager]
+        [--schedule zb-h1] [--zero-grad none|keep] [--allocator fixed|glibc] [--modes ...]
 
-The model: LlamaForCausalLM, hidden 256, 8 layers, vocabulary 32000 (random weights, nothing downloaded). Every
+The model: LlamaForCausalLM, hidden 256 (--hidden), 8 layers, vocabulary 32000 (random weights, nothing
+downloaded). Every
 configuration trains it for 2 steps under torchrun with gloo (2 x ranks microbatches of 2 samples x 64 tokens,
 cross-entropy loss, torch.optim.SGD with momentum 0.9, so the optimizer state is one momentum buffer per trained
 parameter). The zb runs (schedule zb-h1, compiler="eager" by default, as torch.distributed.pipelining runs eager
@@ -20,6 +22,13 @@ Schedule1F1B. Each rank holds the modules zb's stages hold on the same rank (rea
 embedding, each decoder layer, the norm and the head go to the rank holding most of their bytes, as zb may cut
 inside a layer), so the two hold nearly the same parameters; a rank whose zb stage holds no parameter (only the
 loss) gets an empty torch stage and no optimizer.
+
+Between steps the loop calls `optimizer.zero_grad()` (PyTorch's default, set_to_none=True: gradients exist from
+the step to the optimizer's update, as in torchtitan); `--zero-grad keep` keeps them (set_to_none=False) in both
+runs. `--allocator fixed` (the default) starts every process with MALLOC_MMAP_THRESHOLD_=131072, so that glibc
+maps each large tensor on its own and returns it when freed: RSS then follows the bytes the process holds. With
+`--allocator glibc` (glibc's dynamic threshold) freed heap stays in RSS in patterns that differ from run to run
+(up to 0.1x of the ratio between two runs of the same configuration, measured).
 
 Per rank (MiB): the bytes of parameters and buffers the process holds after training ("held"), the bytes its own
 stages read (what it must hold), their ratio, the bytes of gradients and of optimizer state; then the process's
@@ -50,12 +59,13 @@ def maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def llama_config(layers: int, vocab: int = VOCAB):
-    """The benchmarks' Llama: hidden 256, `layers` decoder layers, SDPA attention, no KV cache (also
-    bench/compile_time.py's)."""
+def llama_config(layers: int, vocab: int = VOCAB, hidden: int = 256):
+    """The benchmarks' Llama: `hidden` wide (MLP 2.6875 x hidden, 4 heads), `layers` decoder layers, SDPA
+    attention, no KV cache (also bench/compile_time.py's)."""
     import transformers
 
-    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 688 // 256,
+                                      num_hidden_layers=layers,
                                       num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab,
                                       max_position_embeddings=128)
     config._attn_implementation = "sdpa"
@@ -91,7 +101,7 @@ def report(result: dict) -> None:
     dist.destroy_process_group()
 
 
-def zb_worker(mode: str, layers: int, compiler: str, schedule: str) -> None:
+def zb_worker(mode: str, layers: int, hidden: int, compiler: str, schedule: str, keep: bool) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -107,7 +117,7 @@ def zb_worker(mode: str, layers: int, compiler: str, schedule: str) -> None:
     dist.init_process_group("gloo")
     imports = maxrss()
     rank, world = dist.get_rank(), dist.get_world_size()
-    config = llama_config(layers)
+    config = llama_config(layers, hidden=hidden)
     options = {"schedule": schedule, "microbatches": 2 * world, "compiler": compiler,
                "timeout": float(os.environ.get("ZB_BENCH_TIMEOUT", "600"))}
     torch.manual_seed(0)
@@ -137,7 +147,8 @@ def zb_worker(mode: str, layers: int, compiler: str, schedule: str) -> None:
     for ids in batches(world):
         step(ids, torch.roll(ids, -1, 1)).backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=False)  # keep the gradient buffers: they are part of what a rank holds
+        grads = nbytes(p.grad for p in model.parameters() if p.grad is not None)  # (before zero_grad)
+        optimizer.zero_grad(set_to_none=not keep)
         steps.append(maxrss())
     tensors = [*model.parameters(), *model.buffers()]
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if not is_released(t)}
@@ -147,7 +158,7 @@ def zb_worker(mode: str, layers: int, compiler: str, schedule: str) -> None:
     names = {id(p): n for n, p in model.named_parameters()}
     report({"rank": rank, "held": sum(held.values()), "own": nbytes(t for i, t in runner.state.items()
                                                                      if id(t) in mine),
-            "whole": nbytes(tensors), "grads": nbytes(p.grad for p in model.parameters() if p.grad is not None),
+            "whole": nbytes(tensors), "grads": grads,
             "state": state_bytes(optimizer), "imports": imports, "rss": maxrss(), "planned": planned[0],
             "steps": steps,
             "owned_bytes": {names[i]: t.numel() * t.element_size() for i, t in
@@ -156,7 +167,7 @@ def zb_worker(mode: str, layers: int, compiler: str, schedule: str) -> None:
 
 
 
-def torch_worker(layers: int, parts: list[dict]) -> None:
+def torch_worker(layers: int, hidden: int, parts: list[dict], keep: bool) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn as nn
@@ -185,7 +196,7 @@ def torch_worker(layers: int, parts: list[dict]) -> None:
 
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(llama_config(layers))
+        model = transformers.LlamaForCausalLM(llama_config(layers, hidden=hidden))
     model.model.layers = nn.ModuleList(model.model.layers[lo:hi])  # forward iterates layers[:num_hidden_layers]
     if not part["embed"]:
         model.model.embed_tokens = None
@@ -212,12 +223,13 @@ def torch_worker(layers: int, parts: list[dict]) -> None:
             schedule.step()
         if optimizer is not None:
             optimizer.step()
-            optimizer.zero_grad(set_to_none=False)
+            grads = nbytes(p.grad for p in parameters if p.grad is not None)  # (before zero_grad)
+            optimizer.zero_grad(set_to_none=not keep)
         steps.append(maxrss())
     tensors = [*parameters, *model.buffers()]
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     report({"rank": rank, "held": sum(held.values()), "own": nbytes(parameters), "whole": None,
-            "grads": nbytes(p.grad for p in parameters if p.grad is not None),
+            "grads": grads if optimizer is not None else 0,
             "state": state_bytes(optimizer) if optimizer is not None else 0, "imports": imports, "rss": maxrss(),
             "planned": None, "steps": steps})
 
@@ -240,13 +252,16 @@ def stage_parts(zb_rows: list[dict], layers: int) -> list[dict]:
              "norm": norm == r, "head": head == r} for r in range(len(zb_rows))]
 
 
-def run(args: list[str], ranks: int, what: str) -> list[dict]:
+def run(args: list[str], ranks: int, what: str, allocator: str) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if allocator == "fixed":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                           "--master-port", str(port), __file__, *args],
-                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, check=False)
+                         env=env, capture_output=True, text=True, check=False)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"{what} on {ranks} ranks failed:\n{out.stderr[-4000:]}")
@@ -265,35 +280,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", default="2,4")
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--zero-grad", default="none", choices=["none", "keep"],
+                        help="between steps: zero_grad() (none) or zero_grad(set_to_none=False) (keep)")
+    parser.add_argument("--allocator", default="fixed", choices=["fixed", "glibc"],
+                        help="fixed: MALLOC_MMAP_THRESHOLD_=131072 (RSS follows the bytes held); glibc: its default")
+    parser.add_argument("--modes", default=",".join(MODES), help="the zb starts to run, comma-separated "
+                        "('meta + init' always runs: it tells torch's stages what to hold)")
     parser.add_argument("--compiler", default="eager", choices=["eager", "inductor"], help="zb's compiler")
     parser.add_argument("--schedule", default="zb-h1", help="zb's schedule (the torch baseline runs Schedule1F1B)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--parts", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    keep = args.zero_grad == "keep"
     if args.worker == TORCH:
-        torch_worker(args.layers, json.loads(args.parts))
+        torch_worker(args.layers, args.hidden, json.loads(args.parts), keep)
         return
     if args.worker:
-        zb_worker(args.worker, args.layers, args.compiler, args.schedule)
+        zb_worker(args.worker, args.layers, args.hidden, args.compiler, args.schedule, keep)
         return
+    modes = [m for m in MODES if m in args.modes.split(",") or m == "meta + init"]
     import torch
 
     mib = 2**20
-    print(f"Llama hidden 256, {args.layers} layers, vocabulary {VOCAB}; 2 x ranks microbatches of 2 x 64 tokens, "
-          f"SGD momentum 0.9, 2 steps; zb compiler={args.compiler}, schedule {args.schedule}; "
-          f"torch {torch.__version__}, {os.cpu_count()} cores; MiB")
+    print(f"Llama hidden {args.hidden}, {args.layers} layers, vocabulary {VOCAB}; 2 x ranks microbatches of 2 x 64 "
+          f"tokens, SGD momentum 0.9, 2 steps, zero_grad(set_to_none={not keep}); zb compiler={args.compiler}, "
+          f"schedule {args.schedule}; allocator {args.allocator}; torch {torch.__version__}, {os.cpu_count()} "
+          f"cores; MiB")
     notes = []
     for ranks in [int(r) for r in args.ranks.split(",")]:
         print("\n| ranks | start | rank | held | own stages | held / own | grads | optimizer state | "
               "held + grads + state | RSS after imports | RSS peak by planned | by step 1 | peak RSS | "
               "peak - imports | peak RSS zb / torch |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        worker = ["--layers", str(args.layers), "--compiler", args.compiler, "--schedule", args.schedule]
-        results = {mode: run(["--worker", mode, *worker], ranks, mode) for mode in MODES}
+        worker = ["--layers", str(args.layers), "--hidden", str(args.hidden), "--zero-grad", args.zero_grad,
+                  "--compiler", args.compiler, "--schedule", args.schedule]
+        results = {mode: run(["--worker", mode, *worker], ranks, mode, args.allocator) for mode in modes}
         parts = stage_parts(results["meta + init"], args.layers)
-        results[TORCH] = run(["--worker", TORCH, "--layers", str(args.layers), "--parts", json.dumps(parts)],
-                             ranks, TORCH)
-        for mode in [TORCH, *MODES]:
+        results[TORCH] = run(["--worker", TORCH, *worker, "--parts", json.dumps(parts)], ranks, TORCH, args.allocator)
+        for mode in [TORCH, *modes]:
             for r, base in zip(results[mode], results[TORCH]):
                 total = r["held"] + r["grads"] + r["state"]
                 versus = "" if mode == TORCH else f"{r['rss'] / base['rss']:.2f}x"

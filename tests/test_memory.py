@@ -167,3 +167,35 @@ def test_between_steps_replicas_in_one_process_hold_no_partial_gradient_sum():
     held = _tensors_in(runner.data_parallel.reduction) + _tensors_in(runner.executor)
     params = {id(p) for p in runner.state.values()}
     assert sum(t.numel() for t in held if id(t) not in params and t.numel() > 1) == 0
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_a_step_holds_one_copy_of_the_gradients(compiler):
+    """Each W adds its parameters' gradients into the step's sums as it makes them (codegen/accumulate.py), so a
+    step with microbatches holds the sums and at most one parameter's fresh gradient beside them. Returned from W,
+    every microbatch after the first held a second copy of all its stage's gradients (here 2x the sums)."""
+    from tests.distributed.memory_check import allocator_peak
+    from zb.passes.keys import PieceName
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512, bias=False) for _ in range(4)])
+    reference = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(8, 512)
+    backend = zb.ZbBackend({"stages": 1, "microbatches": 4, "compiler": compiler})
+    step = torch.compile(lambda x: model(x).square().mean(), backend=backend)
+    step(x).backward()  # compiles
+    model.zero_grad(set_to_none=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = step(x)
+    (runner,) = backend.runners
+    weight = runner.program.stages[0].pieces[PieceName.BACKWARD_WEIGHT]
+    assert [spec.key.index for spec in weight.sums] == [runner.program.inputs.index(s) for s in runner.program.inputs
+                                                        if not s.batched and s.requires_grad]
+    sums = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert allocator_peak(prof) < 1.5 * sums, (allocator_peak(prof), sums)
+    loss.backward()
+    eager = torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()],
+                                                       [r.requires_grad_() for r in reference])), (x,))
+    grads = torch.autograd.grad(eager.square().mean(), reference)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
