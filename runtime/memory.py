@@ -9,7 +9,8 @@ instead of tensors, over each rank's communication program (schedules/p2p.py `co
     the rank that reads it;
   * a piece's outputs live where the executor puts them (saved and stashed values until their last reader, an
     activation or gradient for the next stage until its send completes, parameter gradients summed over the
-    microbatches until the step ends, a batched input's gradient slices and the outputs until the step ends);
+    microbatches until the step ends (the sums a piece adds into, codegen/accumulate.py, from its first use), a
+    batched input's gradient slices and the outputs until the step ends);
     while a piece runs, the rank holds its peak (codegen/memory.py) on top;
   * a sent tensor lives until its batch is dropped: the executor drops a batch after an action once all of it has
     completed; its receives complete by their `Wait`, and its sends are assumed to by the end of the next action
