@@ -60,21 +60,23 @@ def accumulating(gm: fx.GraphModule, summed: set[int], reduce_dtype: torch.dtype
     (out,) = graph.find_nodes(op="output")
     results = list(output_values(new))
     last = graph.find_nodes(op="placeholder")[-1]
-    aten = torch.ops.aten
-    for j in chosen:
-        grad, key = results[j], keys[j]
-        value = grad.meta["val"]
+    totals = {}
+    for j in chosen:  # the sums' placeholders first, after the piece's own
+        value, key = results[j].meta["val"], keys[j]
         dtype = reduce_dtype if reduce_dtype is not None and value.dtype.is_floating_point else value.dtype
         with graph.inserting_after(last):
-            total = graph.placeholder(f"grad_total_{key.index}")
-        total.meta.update(val=value.new_empty(value.shape, dtype=dtype), zb_key=key)
-        last = total
-        with graph.inserting_after(grad):
+            last = totals[j] = graph.placeholder(f"grad_total_{key.index}")
+        last.meta.update(val=value.new_empty(value.shape, dtype=dtype), zb_key=key)
+    aten = torch.ops.aten
+    for j in chosen:
+        grad, total = results[j], totals[j]
+        # right after the gradient is made (after the last placeholder when it is one of the piece's inputs)
+        with graph.inserting_after(last if grad.op == "placeholder" else grad):
             if in_place:
                 added = graph.call_function(aten.add_.Tensor, (total, grad))
             else:
                 added = graph.call_function(aten.add.Tensor, (total, grad))
-        added.meta["val"] = total.meta["val"] if in_place else total.meta["val"] + value
+        added.meta["val"] = total.meta["val"] if in_place else total.meta["val"] + grad.meta["val"]
         if not in_place:
             with graph.inserting_after(added):
                 stored = graph.call_function(aten.copy_.default, (total, added))

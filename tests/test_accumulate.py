@@ -1,0 +1,49 @@
+"""codegen/accumulate.py: the piece as it runs adds parameter gradients into the step's sums."""
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from zb.codegen.accumulate import accumulating
+from zb.passes.keys import Kind, Role, act_key, input_key
+from zb.passes.plan import input_keys, output_keys
+
+
+def _piece():
+    """A W-like piece: grad:in:0 is one of its inputs passed through, grad:in:1 a product, grad:in:2 (a batched
+    input's) and the activation gradient stay outputs."""
+    def w(tangent, saved):
+        return tangent, saved.t() @ tangent, saved * 2, tangent.sum(0)
+
+    gm = make_fx(w, tracing_mode="fake")(torch.randn(4, 3), torch.randn(4, 3))
+    keys = [act_key("h").tangent(), act_key("x")]
+    for node, key in zip(gm.graph.find_nodes(op="placeholder"), keys):
+        node.meta["zb_key"] = key
+    gm.meta["zb_output_keys"] = [input_key(0).grad(), input_key(1).grad(), input_key(2).grad(), act_key("y").grad()]
+    return gm, w
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("reduce_dtype", [None, torch.float64])
+def test_gradients_are_added_into_sums_and_not_returned(in_place, reduce_dtype):
+    gm, w = _piece()
+    new = accumulating(gm, {0, 1}, reduce_dtype, in_place)
+    new.graph.lint()
+    sums = [k for k in input_keys(new) if k.is_(Kind.IN, Role.GRAD)]
+    assert [k.index for k in sums] == [0, 1]
+    assert output_keys(new) == [None, None, input_key(2).grad(), act_key("y").grad()]
+    tangent, saved = torch.randn(4, 3), torch.randn(4, 3)
+    dtype = reduce_dtype or torch.float32
+    total0, total1 = torch.ones(4, 3, dtype=dtype), torch.full((3, 3), 2.0, dtype=dtype)
+    got = new(tangent, saved, total0, total1)
+    want = w(tangent, saved)
+    assert got[0] is None and got[1] is None
+    torch.testing.assert_close(got[2], want[2])
+    torch.testing.assert_close(total0, 1 + want[0].to(dtype))
+    torch.testing.assert_close(total1, 2 + want[1].to(dtype))
+    assert gm.graph.find_nodes(op="placeholder")[-1].meta["zb_key"] == act_key("x")  # the plan's piece unchanged
+
+
+def test_nothing_to_add_leaves_the_piece_as_it_is():
+    gm, _ = _piece()
+    assert accumulating(gm, set(), None, True) is gm
