@@ -2,7 +2,7 @@
 torch.distributed.pipelining with each rank building only its own stage.
 
     .venv/bin/python bench/rank_memory.py [--ranks 2,4] [--layers 8] [--hidden 256] [--compiler eager]
-        [--schedule zb-h1] [--zero-grad none|keep] [--allocator fixed|glibc] [--modes ...]
+        [--schedule zb-h1] [--zero-grad none|keep] [--allocator fixed|glibc] [--modes kept,released,meta]
 
 The model: LlamaForCausalLM, hidden 256 (--hidden), 8 layers, vocabulary 32000 (random weights, nothing
 downloaded). Every
@@ -285,8 +285,9 @@ def main() -> None:
                         help="between steps: zero_grad() (none) or zero_grad(set_to_none=False) (keep)")
     parser.add_argument("--allocator", default="fixed", choices=["fixed", "glibc"],
                         help="fixed: MALLOC_MMAP_THRESHOLD_=131072 (RSS follows the bytes held); glibc: its default")
-    parser.add_argument("--modes", default=",".join(MODES), help="the zb starts to run, comma-separated "
-                        "('meta + init' always runs: it tells torch's stages what to hold)")
+    parser.add_argument("--modes", default="kept,released,meta", help="the zb starts to run, comma-separated: "
+                        "kept (materialised, release=False), released (materialised, released), meta (meta + init; "
+                        "always runs: it tells torch's stages what to hold)")
     parser.add_argument("--compiler", default="eager", choices=["eager", "inductor"], help="zb's compiler")
     parser.add_argument("--schedule", default="zb-h1", help="zb's schedule (the torch baseline runs Schedule1F1B)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -299,7 +300,11 @@ def main() -> None:
     if args.worker:
         zb_worker(args.worker, args.layers, args.hidden, args.compiler, args.schedule, keep)
         return
-    modes = [m for m in MODES if m in args.modes.split(",") or m == "meta + init"]
+    short = dict(zip(["kept", "released", "meta"], MODES))
+    unknown = set(args.modes.split(",")) - set(short)
+    if unknown:
+        parser.error(f"--modes: unknown {sorted(unknown)}; choose from {list(short)}")
+    modes = [short[m] for m in short if m in args.modes.split(",") or m == "meta"]
     import torch
 
     mib = 2**20

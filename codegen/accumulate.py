@@ -70,6 +70,10 @@ def accumulating(gm: fx.GraphModule, summed: set[int], reduce_dtype: torch.dtype
     aten = torch.ops.aten
     for j in chosen:
         grad, total = results[j], totals[j]
+        if in_place and _scatter_into_zeros(grad, total):
+            _scatter_into(graph, grad, total)
+            results[j] = None
+            continue
         # right after the gradient is made (after the last placeholder when it is one of the piece's inputs)
         with graph.inserting_after(last if grad.op == "placeholder" else grad):
             if in_place:
@@ -86,6 +90,42 @@ def accumulating(gm: fx.GraphModule, summed: set[int], reduce_dtype: torch.dtype
     new.meta["zb_output_keys"] = [None if j in chosen else key for j, key in enumerate(keys)]
     new.recompile()
     return new
+
+
+def _scatter_into_zeros(grad: fx.Node, total: fx.Node) -> bool:
+    """Whether `grad` is an embedding's weight gradient as decomposed (rows added into a zero table that nothing
+    else reads: torch._decomp's embedding_dense_backward), in the sum's dtype."""
+    if grad.target is not torch.ops.aten._unsafe_masked_index_put_accumulate.default or len(grad.users) != 1:
+        return False
+    table = grad.args[0]
+    return (isinstance(table, fx.Node) and table.target is torch.ops.aten.full.default and table.args[1] == 0
+            and len(table.users) == 1 and grad.meta["val"].dtype == total.meta["val"].dtype)
+
+
+def _scatter_into(graph: fx.Graph, grad: fx.Node, total: fx.Node) -> None:
+    """Add the rows into the sum itself, as the decomposition adds them into its zero table (indices clamped,
+    masked rows zero): eager's embedding backward holds one table, and so does this, with no second one beside
+    the sum."""
+    aten = torch.ops.aten
+    table, mask, indices, values = grad.args
+    anchor = grad
+
+    def after(target, args, val):
+        nonlocal anchor
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(target, args)
+        anchor.meta["val"] = val
+        return anchor
+
+    keep = after(aten.bitwise_not.default, (mask,), ~mask.meta["val"])
+    masked = after(aten.masked_fill.Scalar, (values, keep, 0), values.meta["val"].masked_fill(keep.meta["val"], 0))
+    clamped = [None if index is None else
+               after(aten.clamp.default, (index, -size, size - 1), index.meta["val"].clamp(-size, size - 1))
+               for index, size in zip(indices, table.meta["val"].shape)]
+    put = after(aten.index_put_.default, (total, clamped, masked, True), total.meta["val"])
+    grad.replace_all_uses_with(put)  # (only the output slot, set to None by the caller)
+    graph.erase_node(grad)
+    graph.erase_node(table)
 
 
 def _static_tensor(value) -> bool:

@@ -47,3 +47,31 @@ def test_gradients_are_added_into_sums_and_not_returned(in_place, reduce_dtype):
 def test_nothing_to_add_leaves_the_piece_as_it_is():
     gm, _ = _piece()
     assert accumulating(gm, set(), None, True) is gm
+
+
+def test_an_embeddings_rows_are_added_into_its_sum_without_a_second_table():
+    """The decomposed embedding backward adds rows into a zero table; the piece as it runs adds them into the
+    step's sum instead (padding rows masked as the decomposition masks them), with eager's gradient."""
+    import copy
+
+    import zb
+    from zb.codegen.accumulate import runnable
+    from zb.codegen.memory import piece_memory
+    from zb.passes.keys import PieceName
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(5000, 32, padding_idx=0), torch.nn.Linear(32, 8))
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 5000, (8, 6))
+    ids[0, :3] = 0  # padding rows get no gradient
+    backend = zb.ZbBackend({"stages": 1, "microbatches": 4, "compiler": "eager"})
+    torch.compile(lambda x: model(x).square().mean(), backend=backend)(ids).backward()
+    reference(ids).square().mean().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    (plan,) = backend.plans
+    weight = plan.stages[0].pieces[PieceName.BACKWARD_WEIGHT]
+    running = runnable(weight, plan)
+    assert any(n.target is torch.ops.aten.index_put_.default for n in running.graph.nodes)
+    table = 5000 * 32 * 4
+    assert piece_memory(weight).peak >= table > piece_memory(running).peak
