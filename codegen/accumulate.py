@@ -39,8 +39,9 @@ def runnable(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
         return gm
     if gm not in _made:
         summed = {i for i, spec in enumerate(plan.inputs) if not spec.batched}
-        _made[gm] = accumulating(gm, summed, plan.options.reduce_dtype, plan.options.compiler == "eager")
-    return _made[gm]
+        new = accumulating(gm, summed, plan.options.reduce_dtype, plan.options.compiler == "eager")
+        _made[gm] = None if new is gm else new  # (a value holding `gm` itself would keep it alive for good)
+    return _made[gm] or gm
 
 
 def accumulating(gm: fx.GraphModule, summed: set[int], reduce_dtype: torch.dtype | None, in_place: bool
@@ -70,7 +71,7 @@ def accumulating(gm: fx.GraphModule, summed: set[int], reduce_dtype: torch.dtype
     aten = torch.ops.aten
     for j in chosen:
         grad, total = results[j], totals[j]
-        if in_place and _scatter_into_zeros(grad, total):
+        if in_place and results.count(grad) == 1 and _scatter_into_zeros(grad, total):
             _scatter_into(graph, grad, total)
             results[j] = None
             continue

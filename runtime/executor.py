@@ -365,7 +365,9 @@ class StepExecutor:
         index = spec.key.index
         if index not in self.grads:
             self.grads[index] = [spec.zeros()]
-            self.owned.add(index)
+        elif index not in self.owned:  # a gradient another piece returned, kept as it is: it may alias a value
+            self.grads[index] = [spec.zeros().add_(self.grads[index][0])]  # and have other strides than the sum's
+        self.owned.add(index)
         return self.grads[index][0]
 
     def _accumulate(self, grads: list[tuple[int, torch.Tensor]]) -> None:

@@ -75,3 +75,24 @@ def test_an_embeddings_rows_are_added_into_its_sum_without_a_second_table():
     assert any(n.target is torch.ops.aten.index_put_.default for n in running.graph.nodes)
     table = 5000 * 32 * 4
     assert piece_memory(weight).peak >= table > piece_memory(running).peak
+
+
+def test_the_runnable_cache_does_not_keep_a_plans_pieces_alive():
+    """A plan evicted from the cache (or replaced by a re-cut) frees its graphs: the memo of runnable copies
+    holds its keys weakly and never holds a piece that needed no rewrite."""
+    import gc
+    import types
+    import weakref
+
+    from zb.codegen.accumulate import runnable
+
+    options = types.SimpleNamespace(microbatches=2, reduce_dtype=None, compiler="eager")
+    plan = types.SimpleNamespace(training=True, options=options,
+                                 inputs=[types.SimpleNamespace(batched=False) for _ in range(3)])
+    rewritten, untouched = _piece()[0], _piece()[0]
+    untouched.meta["zb_output_keys"] = [None, None, None, act_key("y").grad()]
+    assert runnable(rewritten, plan) is not rewritten and runnable(untouched, plan) is untouched
+    refs = [weakref.ref(rewritten), weakref.ref(untouched)]
+    del rewritten, untouched
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
