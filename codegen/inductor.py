@@ -120,6 +120,9 @@ def compile_plan(plan: Plan, dump_dir: str | None = None, stages: set[int] | Non
         final = pathlib.Path(dump_dir) / "final"
         dump_plan(plan, final)
         for (index, name), piece in compiled.items():
+            running = runnable(plan.stages[index].pieces[name], plan)
+            if running is not plan.stages[index].pieces[name]:  # what runs: gradients added into the step's sums
+                (final / f"stage{index}_{name}.running.py").write_text(running.code)
             if piece.source_code:
                 (final / f"stage{index}_{name}.inductor.py").write_text(piece.source_code)
     return compiled

@@ -334,6 +334,14 @@ def test_dump_dir_writes_every_pass_and_the_final_pieces(tmp_path, monkeypatch):
     assert "# inputs: [" in text and "tangent:out:0" in text
 
 
+def test_dump_dir_writes_the_piece_that_runs_where_it_adds_into_the_gradient_sums(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZB_DUMP_DIR", str(tmp_path))
+    model, args = models.mlp(x_requires_grad=True)
+    torch.compile(model, backend="zb", options={"compiler": "eager", "microbatches": 2})(*args).backward()
+    text = (tmp_path / "final" / "stage0_backward_weight.running.py").read_text()
+    assert "grad_total_" in text and "add_" in text
+
+
 def test_dump_dir_writes_the_schedule_in_a_form_that_parses_back(tmp_path, monkeypatch):
     from zb.schedules import Schedule, generate
 
