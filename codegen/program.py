@@ -293,7 +293,7 @@ def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, PieceName
         drops = sorted((k for k in set(input_keys(gm)) | {k for k in keys if k} if k not in later), key=str)
         pieces[name] = Piece(name, stage.index, input_keys(gm), [_route(k, plan, held) for k in keys],
                              [(k, k in held) for k in drops], piece_memory(gm, sizes),
-                             compiled.get((stage.index, name)), _sums(gm))
+                             compiled.get((stage.index, name)), sum_specs(gm))
     forward = stage.forward
     memory_b = sum(nbytes(v, sizes) for k, v in zip(output_keys(forward), _output_meta(forward)) if k in held)
     weight = stage.backward_weight
@@ -315,8 +315,9 @@ def _stage_program(plan: Plan, stage: Stage, compiled: dict[tuple[int, PieceName
     )
 
 
-def _sums(gm: fx.GraphModule) -> list[TensorSpec]:
-    """The gradient sums a piece adds into: its grad:in:<i> placeholders (static shapes: codegen/accumulate.py)."""
+def sum_specs(gm: fx.GraphModule) -> list[TensorSpec]:
+    """The gradient sums a piece as it runs adds into: its grad:in:<i> placeholders, in order (static shapes:
+    codegen/accumulate.py)."""
     return [TensorSpec(n.meta["zb_key"], tuple(n.meta["val"].shape), n.meta["val"].dtype, n.meta["val"].device)
             for n in gm.graph.find_nodes(op="placeholder") if n.meta["zb_key"].is_(Kind.IN, Role.GRAD)]
 

@@ -10,11 +10,10 @@ simulated one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from zb.codegen.accumulate import runnable
+from zb.codegen.program import sum_specs
 from zb.core import torch_internals
 from zb.passes.keys import LOSS_TANGENT, Key, Kind, PieceName, Role
 from zb.passes.plan import Plan, output_keys
@@ -175,10 +176,7 @@ def _check_pieces(plan: Plan, compiled) -> list[Row]:
 def _run_piece(piece, native: list, gm, plan: Plan) -> list:
     """The compiled piece's outputs in the plan piece's order. A piece that adds parameter gradients into the
     step's sums (codegen/accumulate.py) gets zero sums, and the sums stand for the gradients it returned None for."""
-    sums = {n.meta["zb_key"]: n.meta["val"] for n in runnable(gm, plan).graph.find_nodes(op="placeholder")
-            if n.meta["zb_key"].is_(Kind.IN, Role.GRAD)}
-    device = next((v.device for v in native if isinstance(v, torch.Tensor)), None)
-    totals = {key: torch.zeros(v.shape, dtype=v.dtype, device=device) for key, v in sums.items()}
+    totals = {spec.key: spec.zeros() for spec in sum_specs(runnable(gm, plan))}
     got = list(piece([*native, *totals.values()]))
     return [totals[key] if value is None and key in totals else value for key, value in zip(output_keys(gm), got)]
 
